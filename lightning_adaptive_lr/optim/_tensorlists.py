@@ -1,0 +1,86 @@
+"""Operations over lists of tensors: grouping for ``torch._foreach_*`` kernels and global reductions.
+
+The adaptive methods need a few *global* scalars per step (inner products and squared norms over
+every parameter of every group).  They are computed here once, as 0-d tensors on the parameters'
+device, so that nothing leaves the device until the optimizer decides it must.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "accumulation_dtype",
+    "add_scaled_",
+    "dot",
+    "group_by_device_and_dtype",
+    "sqnorm",
+]
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """The dtype global reductions are summed in: float64, except where the device has none (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def group_by_device_and_dtype(*lists: Sequence[Tensor]) -> list[tuple[list[Tensor], ...]]:
+    """Split parallel lists into buckets whose first-list tensors share device and dtype.
+
+    ``torch._foreach_*`` kernels need every tensor of one call on one device with one dtype; the
+    order inside a bucket follows the input order, so results do not depend on the grouping.
+    """
+    buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] = {}
+    for items in zip(*lists, strict=True):
+        key = (items[0].device, items[0].dtype)
+        bucket = buckets.setdefault(key, tuple([] for _ in lists))
+        for column, tensor in zip(bucket, items):
+            column.append(tensor)
+    return list(buckets.values())
+
+
+def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Global inner product ``sum_i <xs[i], ys[i]>`` as a 0-d tensor on ``device``.
+
+    Each pair is reduced by one BLAS dot in the tensors' own precision (half precision is promoted
+    to float32 first); the per-tensor partial sums are added in :func:`accumulation_dtype`.
+    """
+    acc = accumulation_dtype(device)
+    parts = []
+    for x, y in zip(xs, ys, strict=True):
+        work = torch.promote_types(x.dtype, torch.float32)
+        x = x.reshape(-1).to(work)
+        y = y.reshape(-1).to(device=x.device, dtype=work)
+        parts.append(torch.dot(x, y).to(device=device, dtype=acc))
+    if not parts:
+        return torch.zeros((), device=device, dtype=acc)
+    return torch.stack(parts).sum()
+
+
+def sqnorm(xs: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Global squared Euclidean norm ``sum_i ||xs[i]||^2`` as a 0-d tensor on ``device``."""
+    return dot(xs, xs, device)
+
+
+def add_scaled_(xs: list[Tensor], ys: list[Tensor], alpha: float | Tensor, *, foreach: bool) -> None:
+    """``xs[i] += alpha * ys[i]`` in place.
+
+    ``alpha`` may be a 0-d tensor: on accelerators the step sizes stay on the device, so that
+    reading them does not cost a device-to-host synchronization.
+    """
+    if not xs:
+        return
+    if isinstance(alpha, Tensor):
+        alpha = alpha.to(device=xs[0].device, dtype=xs[0].dtype)
+        if foreach:
+            torch._foreach_add_(xs, torch._foreach_mul(ys, alpha))
+        else:
+            for x, y in zip(xs, ys):
+                x.add_(y * alpha)
+    elif foreach:
+        torch._foreach_add_(xs, ys, alpha=alpha)
+    else:
+        for x, y in zip(xs, ys):
+            x.add_(y, alpha=alpha)

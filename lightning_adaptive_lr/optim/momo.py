@@ -1,0 +1,387 @@
+"""MoMo and MoMo-Adam: momentum model-based adaptive learning rates.
+
+Schaipp, Ohana, Eickenberg, Defazio, Gower. "MoMo: Momentum Models for Adaptive Learning
+Rates." ICML 2024.  Implemented to the letter of the authors' update (ALGORITHMS.md §1, [exact]).
+
+Both keep exponential averages of the loss ``f̄``, of the gradient ``d`` and of ``⟨g, x⟩`` (``γ``);
+together they define a model of the loss, and the step is the truncated Polyak step on that model,
+capped at ``lr``::
+
+    τ = min(lr/ρ, [c·(f̄ − ρ·lb) + ⟨d, x⟩ − c·γ]₊ / ‖d‖²),      c = 1 + lr·weight_decay
+
+MoMo-Adam measures ``‖d‖²`` and steps in Adam's preconditioned geometry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import AdaptiveOptimizer, check_range
+from ._scalars import Scalar, safe_div, smax, smin, where
+from ._tensorlists import add_scaled_, dot, group_by_device_and_dtype
+
+__all__ = ["MoMo", "MoMoAdam"]
+
+
+def momo_step_size(
+    *,
+    lr: float,
+    weight_decay: float,
+    loss_avg: float,
+    gamma: float,
+    d_dot_x: Scalar,
+    d_sqnorm: Scalar,
+    rho: float,
+    lb: Scalar,
+    lb_floor: float,
+    estimate_lb: bool,
+) -> tuple[Scalar, Scalar]:
+    """One param group's MoMo step size τ and the (possibly updated) lower bound.
+
+    Follows ALGORITHMS.md §1 step 5: the lower-bound reset, the capped Polyak step, the online
+    lower-bound estimate (``estimate_lb``).  Works on floats and on 0-d tensors.
+    """
+    c = 1.0 + lr * weight_decay
+    if estimate_lb:
+        cap = c * loss_avg + d_dot_x - c * gamma
+        lb = where(cap < c * rho * lb, smax(cap / (2.0 * c * rho), lb_floor), lb)
+    numerator = smax(c * (loss_avg - rho * lb) + d_dot_x - c * gamma, 0.0)
+    tau = smin(lr / rho, safe_div(numerator, d_sqnorm))
+    if estimate_lb:
+        lb = smax((loss_avg + d_dot_x - gamma - 0.5 * tau * d_sqnorm) / rho, lb_floor)
+    return tau, lb
+
+
+class _MoMoBase(AdaptiveOptimizer):
+    """Shared by MoMo and MoMo-Adam: the loss-model scalars and the per-group Polyak step."""
+
+    requires_loss = True
+
+    def _model_scalars(self, loss: Tensor, params: list[Tensor], grads: list[Tensor]) -> tuple[float, float] | None:
+        """Gate on ``(f, ⟨g, x⟩)``: their finiteness decides whether the step happens."""
+        gx = dot(grads, params, loss.device)
+        values = self._gate(loss, gx)
+        return None if values is None else (values[0], values[1])
+
+    def _take_polyak_steps(
+        self,
+        groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]],
+        directions: list[list[Tensor]],
+        *,
+        loss_avg: float,
+        gamma: float,
+        d_dot_x: Scalar,
+        d_sqnorm: Scalar,
+        rho: float,
+    ) -> None:
+        st = self.global_state
+        lb = st["lb"]
+        for (group, params, _), direction in zip(groups, directions):
+            tau, lb = momo_step_size(
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                loss_avg=loss_avg,
+                gamma=gamma,
+                d_dot_x=d_dot_x,
+                d_sqnorm=d_sqnorm,
+                rho=rho,
+                lb=lb,
+                lb_floor=group["lb"],
+                estimate_lb=group["estimate_lb"],
+            )
+            shrink = group["lr"] * group["weight_decay"]
+            decoupled = group.get("decoupled_weight_decay", False)
+            foreach = group["foreach"]
+            for ps, ds in group_by_device_and_dtype(params, direction):
+                if shrink != 0 and decoupled:
+                    _multiply_(ps, 1.0 - shrink, foreach=foreach)
+                add_scaled_(ps, ds, -tau, foreach=foreach)
+                if shrink != 0 and not decoupled:
+                    _divide_(ps, 1.0 + shrink, foreach=foreach)
+            self._record(group, effective_lr=tau, tau=tau, lb=lb)
+        st["lb"] = lb
+
+
+def _multiply_(xs: list[Tensor], factor: float, *, foreach: bool) -> None:
+    """``xs *= factor`` in place."""
+    if foreach:
+        torch._foreach_mul_(xs, factor)
+    else:
+        for x in xs:
+            x.mul_(factor)
+
+
+def _divide_(xs: list[Tensor], divisor: float, *, foreach: bool) -> None:
+    """``xs /= divisor`` in place (the proximal weight-decay step, written as the paper writes it)."""
+    if foreach:
+        torch._foreach_div_(xs, divisor)
+    else:
+        for x in xs:
+            x.div_(divisor)
+
+
+class MoMo(_MoMoBase):
+    r"""MoMo: SGD with momentum whose step size is the truncated Polyak step on a momentum model.
+
+    Schaipp et al., "MoMo: Momentum Models for Adaptive Learning Rates", ICML 2024.
+
+    Needs the mini-batch loss each step (``step(loss=...)``, the closure's return value, or
+    :class:`~lightning_adaptive_lr.AdaptiveLRCallback`).  With a binding cap (``lr`` small) it is
+    exactly ``torch.optim.SGD(momentum=beta, dampening=beta)``.
+
+    Args:
+        params: parameters or param groups.  Groups may differ in ``lr`` and ``weight_decay``.
+        lr: the cap on the step size (MoMo is robust to it; the paper's default is 1).
+        beta: momentum of the loss, gradient and ``⟨g, x⟩`` averages, in [0, 1).  Shared by groups.
+        weight_decay: L2 regularization handled by the proximal (implicit) update ``x / (1 + lr·wd)``.
+        lb: lower bound of the loss (0 for most losses); with ``estimate_lb`` the starting estimate
+            and a floor.
+        bias_correction: start the averages at zero and correct by ``1 − beta^k`` (otherwise they
+            start at the first values).
+        estimate_lb: estimate the lower bound online (MoMo*), useful when the loss does not reach 0.
+        foreach: use the multi-tensor (``torch._foreach_*``) path; ``False`` updates tensor by tensor.
+        average_across_ranks: average the loss across ``torch.distributed`` ranks (one collective
+            per step) so replicas stay identical.
+
+    After each step every param group holds ``effective_lr`` (= ``tau``, the step size used) and
+    ``lb`` (the current lower bound).  ``state["global"]`` holds ``step``, ``loss_avg`` (f̄),
+    ``gamma`` (γ), ``lb`` and ``skipped_steps``; ``state[p]["grad_avg"]`` is ``d``.
+    """
+
+    shared_options = ("beta", "lb", "bias_correction", "estimate_lb")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        beta: float = 0.9,
+        weight_decay: float = 0.0,
+        lb: float = 0.0,
+        bias_correction: bool = False,
+        estimate_lb: bool = False,
+        *,
+        foreach: bool = True,
+        average_across_ranks: bool = True,
+    ) -> None:
+        name = type(self).__name__
+        check_range(name, "lr", lr, 0.0, None)
+        check_range(name, "beta", beta, 0.0, 1.0, high_open=True)
+        check_range(name, "weight_decay", weight_decay, 0.0, None)
+        check_range(name, "lb", lb)
+        for flag, value in (("bias_correction", bias_correction), ("estimate_lb", estimate_lb)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: `{flag}` must be True or False, got {value!r}")
+        defaults = dict(
+            lr=lr, beta=beta, weight_decay=weight_decay, lb=lb, bias_correction=bias_correction, estimate_lb=estimate_lb
+        )
+        super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
+
+    def _update(self, loss: Tensor | None) -> None:
+        assert loss is not None
+        groups = [(g, *self._params_and_grads(g)) for g in self.param_groups]
+        params = [p for _, ps, _ in groups for p in ps]
+        grads = [g for _, _, gs in groups for g in gs]
+        if not params:
+            return
+        gated = self._model_scalars(loss, params, grads)
+        if gated is None:
+            return
+        f, gx = gated
+        options = self.param_groups[0]
+        beta, bias_correction = options["beta"], options["bias_correction"]
+
+        st = self.global_state
+        k = st["step"] + 1
+        if k == 1:
+            st.setdefault("lb", options["lb"])
+            start = 0.0 if bias_correction else 1.0
+            st["loss_avg"], st["gamma"] = start * f, start * gx
+        st["step"] = k
+        st["loss_avg"] = beta * st["loss_avg"] + (1 - beta) * f
+        st["gamma"] = beta * st["gamma"] + (1 - beta) * gx
+
+        directions = []
+        for group, ps, gs in groups:
+            ds = []
+            for p, g in zip(ps, gs):
+                state = self.state[p]
+                if "grad_avg" not in state:
+                    # Without bias correction the first average is the first gradient.
+                    first = k == 1 and not bias_correction
+                    state["grad_avg"] = g.detach().clone() if first else torch.zeros_like(p)
+                ds.append(state["grad_avg"])
+            for d_bucket, g_bucket in group_by_device_and_dtype(ds, gs):
+                _average_(d_bucket, g_bucket, 1 - beta, foreach=group["foreach"])
+            directions.append(ds)
+
+        all_d = [d for ds in directions for d in ds]
+        device = loss.device
+        d_dot_x, d_sqnorm = self._to_host_if_free(dot(all_d, params, device), dot(all_d, all_d, device))
+        rho = 1.0 - beta**k if bias_correction else 1.0
+        self._take_polyak_steps(
+            groups,
+            directions,
+            loss_avg=st["loss_avg"],
+            gamma=st["gamma"],
+            d_dot_x=d_dot_x,
+            d_sqnorm=d_sqnorm,
+            rho=rho,
+        )
+
+
+def _average_(avgs: list[Tensor], values: list[Tensor], weight: float, *, foreach: bool) -> None:
+    """Exponential average in place: ``avg ← (1 − weight)·avg + weight·value``."""
+    if foreach:
+        torch._foreach_lerp_(avgs, values, weight)
+    else:
+        for a, v in zip(avgs, values):
+            a.lerp_(v, weight)
+
+
+def _average_sq_(avgs: list[Tensor], values: list[Tensor], weight: float, *, foreach: bool) -> None:
+    """Exponential average of squares in place: ``avg ← (1 − weight)·avg + weight·value²``."""
+    if foreach:
+        torch._foreach_mul_(avgs, 1 - weight)
+        torch._foreach_addcmul_(avgs, values, values, weight)
+    else:
+        for a, v in zip(avgs, values):
+            a.mul_(1 - weight).addcmul_(v, v, value=weight)
+
+
+def _adam_directions(
+    avgs: list[Tensor], sq_avgs: list[Tensor], bias_correction2: float, eps: float, *, foreach: bool
+) -> list[Tensor]:
+    """New tensors ``d / (sqrt(v / (1 − β2^k)) + eps)``: Adam's preconditioned direction."""
+    if foreach:
+        out = torch._foreach_div(sq_avgs, bias_correction2)
+        torch._foreach_sqrt_(out)
+        torch._foreach_add_(out, eps)
+        torch._foreach_reciprocal_(out)
+        torch._foreach_mul_(out, avgs)
+        return list(out)
+    return [d / (v.div(bias_correction2).sqrt_().add_(eps)) for d, v in zip(avgs, sq_avgs)]
+
+
+class MoMoAdam(_MoMoBase):
+    r"""MoMo-Adam: the MoMo step size in Adam's preconditioned geometry.
+
+    Schaipp et al., "MoMo: Momentum Models for Adaptive Learning Rates", ICML 2024.
+
+    Always bias-corrected (all averages start at 0).  With ``D = sqrt(v / (1 − β2^k)) + eps`` the
+    step is ``x ← (x − τ·d/D) / (1 + lr·wd)`` with ``τ = min(lr/ρ, [...]₊ / Σ d²/D)``.
+
+    Args:
+        params: parameters or param groups.  Groups may differ in ``lr``, ``weight_decay``, ``eps``.
+        lr: the cap on the step size (default 1e-2, as in the paper).
+        betas: ``(β1, β2)``: β1 averages the loss, gradient and ``⟨g, x⟩``; β2 the squared gradient.
+            Shared by groups.
+        eps: added to the square root of the second moment (outside the root, as Adam).
+        weight_decay: weight decay; proximal ``x / (1 + lr·wd)`` by default.
+        lb: lower bound of the loss; with ``estimate_lb`` the starting estimate and a floor.
+        estimate_lb: estimate the lower bound online.
+        decoupled_weight_decay: shrink ``x ← x·(1 − lr·wd)`` before the step (AdamW style) instead
+            of the proximal division.  ``τ`` keeps ``c = 1 + lr·wd`` in both modes, as the authors do.
+        foreach: use the multi-tensor path.
+        average_across_ranks: average the loss across ``torch.distributed`` ranks.
+
+    After each step every param group holds ``effective_lr`` (= ``tau``) and ``lb``;
+    ``state[p]`` holds ``grad_avg`` (d) and ``grad_avg_sq`` (v).
+    """
+
+    shared_options = ("betas", "lb", "estimate_lb")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        lb: float = 0.0,
+        estimate_lb: bool = False,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool = True,
+        average_across_ranks: bool = True,
+    ) -> None:
+        name = type(self).__name__
+        check_range(name, "lr", lr, 0.0, None)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"{name}: `betas` must be a pair (beta1, beta2), got {betas!r}")
+        check_range(name, "betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        check_range(name, "betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        check_range(name, "eps", eps, 0.0, None)
+        check_range(name, "weight_decay", weight_decay, 0.0, None)
+        check_range(name, "lb", lb)
+        for flag, value in (("estimate_lb", estimate_lb), ("decoupled_weight_decay", decoupled_weight_decay)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: `{flag}` must be True or False, got {value!r}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            lb=lb,
+            estimate_lb=estimate_lb,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
+
+    def _update(self, loss: Tensor | None) -> None:
+        assert loss is not None
+        groups = [(g, *self._params_and_grads(g)) for g in self.param_groups]
+        params = [p for _, ps, _ in groups for p in ps]
+        grads = [g for _, _, gs in groups for g in gs]
+        if not params:
+            return
+        gated = self._model_scalars(loss, params, grads)
+        if gated is None:
+            return
+        f, gx = gated
+        beta1, beta2 = self.param_groups[0]["betas"]
+
+        st = self.global_state
+        k = st["step"] + 1
+        if k == 1:
+            st.setdefault("lb", self.param_groups[0]["lb"])
+            st["loss_avg"], st["gamma"] = 0.0, 0.0
+        st["step"] = k
+        st["loss_avg"] = beta1 * st["loss_avg"] + (1 - beta1) * f
+        st["gamma"] = beta1 * st["gamma"] + (1 - beta1) * gx
+        bias_correction2 = 1.0 - beta2**k
+
+        all_d, directions = [], []
+        for group, ps, gs in groups:
+            ds, vs = [], []
+            for p in ps:
+                state = self.state[p]
+                if "grad_avg" not in state:
+                    state["grad_avg"] = torch.zeros_like(p)
+                    state["grad_avg_sq"] = torch.zeros_like(p)
+                ds.append(state["grad_avg"])
+                vs.append(state["grad_avg_sq"])
+            preconditioned: dict[int, Tensor] = {}
+            for d_b, v_b, g_b in group_by_device_and_dtype(ds, vs, gs):
+                _average_(d_b, g_b, 1 - beta1, foreach=group["foreach"])
+                _average_sq_(v_b, g_b, 1 - beta2, foreach=group["foreach"])
+                us = _adam_directions(d_b, v_b, bias_correction2, group["eps"], foreach=group["foreach"])
+                preconditioned.update((id(d), u) for d, u in zip(d_b, us))
+            all_d.extend(ds)
+            directions.append([preconditioned[id(d)] for d in ds])  # the group's parameter order
+
+        all_u = [u for us in directions for u in us]
+        device = loss.device
+        d_dot_x, d_sqnorm = self._to_host_if_free(dot(all_d, params, device), dot(all_d, all_u, device))
+        self._take_polyak_steps(
+            groups,
+            directions,
+            loss_avg=st["loss_avg"],
+            gamma=st["gamma"],
+            d_dot_x=d_dot_x,
+            d_sqnorm=d_sqnorm,
+            rho=1.0 - beta1**k,
+        )
