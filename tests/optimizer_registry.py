@@ -27,6 +27,8 @@ class OptimizerCase:
         invalid: keyword sets each of which must make the constructor raise ``ValueError``.
         needs_probe: the step needs ``probe=`` (a loss-only re-evaluation), as QLAB's does.
         recorded: param-group keys the optimizer must write after each step (besides effective_lr).
+        groups_interact: why splitting the parameters into groups with equal settings changes the
+            trajectory, when it does by design (empty: it must not).
     """
 
     id: str
@@ -35,6 +37,7 @@ class OptimizerCase:
     invalid: tuple[dict[str, Any], ...] = ()
     needs_probe: bool = False
     recorded: tuple[str, ...] = ()
+    groups_interact: str = ""
 
     def make(self, params: Any, **overrides: Any) -> torch.optim.Optimizer:
         return self.cls(params, **{**self.kwargs, **overrides})
@@ -54,7 +57,7 @@ def take_step(case: OptimizerCase, opt: torch.optim.Optimizer, model: nn.Module,
     if case.needs_probe:
         kwargs["probe"] = lambda: nn.functional.mse_loss(model(x), y)
     opt.step(**kwargs)
-    return float(loss)
+    return loss.item()
 
 
 _MOMO_INVALID = ({"lr": -1.0}, {"beta": 1.0}, {"beta": -0.1}, {"weight_decay": -1e-3}, {"lb": float("nan")})
@@ -69,19 +72,21 @@ _MOMO_ADAM_INVALID = (
 
 CASES: list[OptimizerCase] = [
     # --- MoMo / MoMo-Adam (ALGORITHMS.md §1)
-    OptimizerCase("MoMo", lalr.MoMo, {"lr": 1.0}, _MOMO_INVALID, recorded=("tau", "lb")),
+    OptimizerCase("MoMo", lalr.MoMo, {"lr": 1.0}, _MOMO_INVALID, recorded=("tau", "lower_bound")),
     OptimizerCase(
         "MoMo-bc-lb-wd",
         lalr.MoMo,
         {"lr": 0.5, "bias_correction": True, "estimate_lb": True, "weight_decay": 1e-2},
-        recorded=("tau", "lb"),
+        recorded=("tau", "lower_bound"),
+        groups_interact="the lower-bound estimate is updated once per group, in group order (ALGORITHMS.md §1)",
     ),
-    OptimizerCase("MoMoAdam", lalr.MoMoAdam, {"lr": 1e-2}, _MOMO_ADAM_INVALID, recorded=("tau", "lb")),
+    OptimizerCase("MoMoAdam", lalr.MoMoAdam, {"lr": 1e-2}, _MOMO_ADAM_INVALID, recorded=("tau", "lower_bound")),
     OptimizerCase(
         "MoMoAdam-decoupled-lb",
         lalr.MoMoAdam,
         {"lr": 1e-2, "weight_decay": 1e-2, "decoupled_weight_decay": True, "estimate_lb": True},
-        recorded=("tau", "lb"),
+        recorded=("tau", "lower_bound"),
+        groups_interact="the lower-bound estimate is updated once per group, in group order (ALGORITHMS.md §1)",
     ),
     # --- QLAB (§2): entries go here
     # --- HierarchicalHD (§3): entries go here

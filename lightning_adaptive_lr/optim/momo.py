@@ -102,7 +102,7 @@ class _MoMoBase(AdaptiveOptimizer):
                 add_scaled_(ps, ds, -tau, foreach=foreach)
                 if shrink != 0 and not decoupled:
                     _divide_(ps, 1.0 + shrink, foreach=foreach)
-            self._record(group, effective_lr=tau, tau=tau, lb=lb)
+            self._record(group, effective_lr=tau, tau=tau, lower_bound=lb)
         st["lb"] = lb
 
 
@@ -148,8 +148,9 @@ class MoMo(_MoMoBase):
             per step) so replicas stay identical.
 
     After each step every param group holds ``effective_lr`` (= ``tau``, the step size used) and
-    ``lb`` (the current lower bound).  ``state["global"]`` holds ``step``, ``loss_avg`` (f̄),
-    ``gamma`` (γ), ``lb`` and ``skipped_steps``; ``state[p]["grad_avg"]`` is ``d``.
+    ``lower_bound`` (the lower bound in use; ``lb`` stays the constructor's value, the floor).
+    ``state["global"]`` holds ``step``, ``loss_avg`` (f̄), ``gamma`` (γ), ``lb`` and
+    ``skipped_steps``; ``state[p]["grad_avg"]`` is ``d``.
     """
 
     shared_options = ("beta", "lb", "bias_correction", "estimate_lb")
@@ -288,7 +289,7 @@ class MoMoAdam(_MoMoBase):
         foreach: use the multi-tensor path.
         average_across_ranks: average the loss across ``torch.distributed`` ranks.
 
-    After each step every param group holds ``effective_lr`` (= ``tau``) and ``lb``;
+    After each step every param group holds ``effective_lr`` (= ``tau``) and ``lower_bound``;
     ``state[p]`` holds ``grad_avg`` (d) and ``grad_avg_sq`` (v).
     """
 

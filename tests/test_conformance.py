@@ -1,0 +1,361 @@
+"""The checks every optimizer of the package must pass (run over tests/optimizer_registry.py).
+
+Modelled on PyTorch's own optimizer tests: one list of optimizers, one list of checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_adaptive_lr.optim._base import GLOBAL
+from optimizer_registry import CASE_IDS, CASES, OptimizerCase, take_step
+
+STEPS = 20
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A small network with matrices, vectors and a nonlinearity (several tensors of several shapes)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 2)).to(dtype)
+
+
+def batches(n: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A stream of mini-batches of a fixed smooth regression problem (the same for every run)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 2, generator=gen)
+    out = []
+    for _ in range(n):
+        x = torch.randn(16, 6, generator=gen)
+        out.append((x.to(dtype), torch.tanh(x @ w).to(dtype)))
+    return out
+
+
+def run(case: OptimizerCase, model: nn.Module, opt: torch.optim.Optimizer, data) -> list[float]:
+    return [take_step(case, opt, model, batch) for batch in data]
+
+
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def flat_state(opt: torch.optim.Optimizer) -> dict:
+    """Every tensor and number of the optimizer's state, keyed by position (for exact comparison)."""
+    out = {}
+    for i, (key, value) in enumerate(opt.state_dict()["state"].items()):
+        for name, item in value.items():
+            out[(key, name)] = item.clone() if isinstance(item, torch.Tensor) else copy.deepcopy(item)
+    return out
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), key
+        else:
+            assert x == y, key
+
+
+def assert_same_params(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.fixture(params=CASES, ids=CASE_IDS)
+def case(request) -> OptimizerCase:
+    return request.param
+
+
+def test_trains(case: OptimizerCase) -> None:
+    model = make_model()
+    opt = case.make(model.parameters())
+    data = batches(STEPS)
+    before = sum(nn.functional.mse_loss(model(x), y).item() for x, y in data)
+    run(case, model, opt, data * 3)
+    after = sum(nn.functional.mse_loss(model(x), y).item() for x, y in data)
+    assert after < before
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_foreach_matches_per_tensor(case: OptimizerCase) -> None:
+    results = []
+    for foreach in (True, False):
+        model = make_model()
+        opt = case.make(model.parameters(), foreach=foreach)
+        run(case, model, opt, batches(STEPS))
+        results.append(params_of(model))
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_on_device_scalars_match_host_scalars(case: OptimizerCase, monkeypatch) -> None:
+    """The path accelerators take (step sizes kept as 0-d tensors, no sync) matches the host path."""
+    results = []
+    for on_host in (True, False):
+        monkeypatch.setattr(case.cls, "host_scalars_on_cpu", on_host, raising=False)
+        model = make_model(dtype=torch.float64)
+        opt = case.make(model.parameters())
+        run(case, model, opt, batches(STEPS, dtype=torch.float64))
+        results.append(params_of(model))
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+
+
+def test_state_dict_resume_is_bit_identical(case: OptimizerCase) -> None:
+    data = batches(2 * STEPS)
+    model = make_model()
+    opt = case.make(model.parameters())
+    run(case, model, opt, data[:STEPS])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    run(case, model, opt, data[STEPS:])
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    resumed_model = make_model(seed=123)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = case.make(resumed_model.parameters())
+    resumed.load_state_dict(saved["opt"])
+    run(case, resumed_model, resumed, data[STEPS:])
+
+    assert_same_params(params_of(model), params_of(resumed_model))
+    assert_same_state(flat_state(opt), flat_state(resumed))
+
+
+def test_deepcopy_and_pickle_continue_identically(case: OptimizerCase) -> None:
+    data = batches(2 * STEPS)
+    model = make_model()
+    opt = case.make(model.parameters())
+    run(case, model, opt, data[:STEPS])
+    for clone in (copy.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj))):
+        model_copy, opt_copy = clone((model, opt))
+        run(case, model_copy, opt_copy, data[STEPS:])
+        reference_model, reference_opt = copy.deepcopy((model, opt))
+        run(case, reference_model, reference_opt, data[STEPS:])
+        assert_same_params(params_of(model_copy), params_of(reference_model))
+
+
+def test_split_into_groups_equals_one_group(case: OptimizerCase) -> None:
+    """Global quantities must span every group: two groups with equal settings = one group.
+
+    Where the method's groups interact by design (``case.groups_interact`` says how), the split
+    must make a difference instead: the documented interaction is really there.
+    """
+    results = []
+    for split in (False, True):
+        model = make_model()
+        params = list(model.parameters())
+        groups = [{"params": params[:3]}, {"params": params[3:]}] if split else params
+        opt = case.make(groups)
+        run(case, model, opt, batches(STEPS))
+        results.append(params_of(model))
+    if case.groups_interact:
+        assert any(not torch.allclose(x, y, rtol=1e-6, atol=1e-7) for x, y in zip(*results))
+        return
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_groups_with_their_own_lr_and_weight_decay(case: OptimizerCase) -> None:
+    model = make_model()
+    params = list(model.parameters())
+    lr = case.make([torch.zeros(1, requires_grad=True)]).defaults["lr"]
+    groups = [{"params": params[:3]}, {"params": params[3:], "lr": lr * 0.5, "weight_decay": 1e-2}]
+    opt = case.make(groups)
+    assert opt.param_groups[1]["lr"] == lr * 0.5 and opt.param_groups[1]["weight_decay"] == 1e-2
+    run(case, model, opt, batches(STEPS))
+    assert all(torch.isfinite(p).all() for p in params)
+    for group in opt.param_groups:
+        assert "effective_lr" in group
+    # The group's own lr must matter: the same run with both groups at the default lr differs.
+    other = make_model()
+    other_params = list(other.parameters())
+    opt2 = case.make([{"params": other_params[:3]}, {"params": other_params[3:], "weight_decay": 1e-2}])
+    run(case, other, opt2, batches(STEPS))
+    assert any(not torch.equal(a, b) for a, b in zip(params[3:], other_params[3:]))
+
+
+def test_parameters_without_gradient_are_left_alone(case: OptimizerCase) -> None:
+    model = make_model()
+    unused = nn.Parameter(torch.randn(3, 3))
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    frozen_before = frozen.detach().clone()
+    unused_before = unused.detach().clone()
+    opt = case.make([*model.parameters(), unused])
+    run(case, model, opt, batches(5))
+    assert torch.equal(frozen, frozen_before)
+    assert torch.equal(unused, unused_before)
+    assert unused not in opt.state and frozen not in opt.state
+
+
+def test_lr_scheduler_changes_the_rate(case: OptimizerCase) -> None:
+    results = []
+    for gamma in (1.0, 0.1):
+        model = make_model()
+        opt = case.make(model.parameters())
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=gamma)
+        for batch in batches(STEPS):
+            take_step(case, opt, model, batch)
+            scheduler.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(case.make([torch.zeros(1, requires_grad=True)]).defaults["lr"] * gamma ** (STEPS // 5))
+        results.append(params_of(model))
+    assert any(not torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_records_what_it_did(case: OptimizerCase) -> None:
+    model = make_model()
+    opt = case.make(model.parameters())
+    run(case, model, opt, batches(3))
+    for group in opt.param_groups:
+        for key in ("effective_lr", *case.recorded):
+            assert key in group, key
+            value = float(group[key])
+            assert value == value  # a number, not NaN
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_non_finite_step_is_skipped(case: OptimizerCase, where: str) -> None:
+    # A loss given to a gradient-only method is checked too: a NaN loss skips its step as well.
+    model = make_model()
+    opt = case.make(model.parameters())
+    data = batches(6)
+    run(case, model, opt, data[:4])
+    params_before, state_before = params_of(model), flat_state(opt)
+    skipped_before = opt.state[GLOBAL]["skipped_steps"]
+
+    x, y = data[4]
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    if where == "loss":
+        loss = loss * float("nan")
+    else:
+        next(iter(model.parameters())).grad[0, 0] = float("inf")
+    kwargs = {"loss": loss}
+    if case.needs_probe:
+        kwargs["probe"] = lambda: nn.functional.mse_loss(model(x), y)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        opt.step(**kwargs)
+
+    assert_same_params(params_before, params_of(model))
+    after = flat_state(opt)
+    after[(GLOBAL, "skipped_steps")] = after[(GLOBAL, "skipped_steps")] - 1
+    assert_same_state(state_before, after)
+    assert opt.state[GLOBAL]["skipped_steps"] == skipped_before + 1
+    run(case, model, opt, data[5:])  # and training goes on
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_warns_once(case: OptimizerCase) -> None:
+    model = make_model()
+    opt = case.make(model.parameters())
+    x, y = batches(1)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            next(iter(model.parameters())).grad.fill_(float("nan"))
+            kwargs = {"loss": loss}
+            if case.needs_probe:
+                kwargs["probe"] = lambda: nn.functional.mse_loss(model(x), y)
+            opt.step(**kwargs)
+    assert sum("non-finite" in str(w.message) for w in caught) == 1
+    assert opt.state[GLOBAL]["skipped_steps"] == 3
+
+
+def test_missing_loss_names_the_fixes(case: OptimizerCase) -> None:
+    model = make_model()
+    opt = case.make(model.parameters())
+    x, y = batches(1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    if not case.requires_loss:
+        opt.step()  # gradient-only methods step without a loss
+        return
+    with pytest.raises(RuntimeError, match=r"loss=.*AdaptiveLRCallback"):
+        opt.step()
+
+
+def test_loss_intake_order(case: OptimizerCase) -> None:
+    """`loss=` wins over a loss handed over with set_loss, which wins over the closure's value;
+    the closure is called exactly once."""
+    if not case.requires_loss:
+        return
+    data = batches(STEPS)
+    reference_model = make_model()
+    reference = case.make(reference_model.parameters())
+    run(case, reference_model, reference, data)
+
+    model = make_model()
+    opt = case.make(model.parameters())
+    calls = 0
+    for x, y in data:
+        def closure():
+            nonlocal calls
+            calls += 1
+            opt.zero_grad()
+            out = nn.functional.mse_loss(model(x), y)
+            out.backward()
+            return out * 7.0  # a wrong value: must lose against set_loss
+        with torch.no_grad():
+            true_loss = nn.functional.mse_loss(model(x), y)
+        opt.set_loss(true_loss * 5.0)  # a wrong value: must lose against loss=
+        kwargs = {"probe": lambda: nn.functional.mse_loss(model(x), y)} if case.needs_probe else {}
+        opt.step(closure, loss=true_loss, **kwargs)
+    assert calls == len(data)
+    for a, b in zip(params_of(reference_model), params_of(model)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_closure_loss_is_used(case: OptimizerCase) -> None:
+    if not case.requires_loss:
+        return
+    data = batches(STEPS)
+    reference_model = make_model()
+    reference = case.make(reference_model.parameters())
+    run(case, reference_model, reference, data)
+    model = make_model()
+    opt = case.make(model.parameters())
+    for x, y in data:
+        def closure():
+            opt.zero_grad()
+            out = nn.functional.mse_loss(model(x), y)
+            out.backward()
+            return out
+        kwargs = {"probe": lambda: nn.functional.mse_loss(model(x), y)} if case.needs_probe else {}
+        returned = opt.step(closure, **kwargs)
+        assert isinstance(returned, torch.Tensor)
+    for a, b in zip(params_of(reference_model), params_of(model)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_invalid_arguments_raise_value_error(case: OptimizerCase) -> None:
+    params = [nn.Parameter(torch.zeros(2))]
+    for bad in case.invalid:
+        with pytest.raises(ValueError):
+            case.make(params, **bad)
+    with pytest.raises(ValueError, match="foreach"):
+        case.make(params, foreach="yes")
+
+
+def test_sparse_gradients_are_refused(case: OptimizerCase) -> None:
+    embedding = nn.Embedding(10, 3, sparse=True)
+    opt = case.make(embedding.parameters())
+    out = embedding(torch.tensor([1, 2])).pow(2).sum()
+    out.backward()
+    kwargs = {"loss": out}
+    if case.needs_probe:
+        kwargs["probe"] = lambda: embedding(torch.tensor([1, 2])).pow(2).sum()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step(**kwargs)
