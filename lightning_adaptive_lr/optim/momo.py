@@ -77,7 +77,9 @@ class _MoMoBase(AdaptiveOptimizer):
         d_dot_x: Scalar,
         d_sqnorm: Scalar,
         rho: float,
+        direction_scale: float = 1.0,
     ) -> None:
+        """Per group: τ (and lb), then ``x ← (x − τ·direction_scale·direction) / c``."""
         st = self.global_state
         lb = st["lb"]
         for (group, params, _), direction in zip(groups, directions):
@@ -99,7 +101,7 @@ class _MoMoBase(AdaptiveOptimizer):
             for ps, ds in group_by_device_and_dtype(params, direction):
                 if shrink != 0 and decoupled:
                     _multiply_(ps, 1.0 - shrink, foreach=foreach)
-                add_scaled_(ps, ds, -tau, foreach=foreach)
+                add_scaled_(ps, ds, -tau * direction_scale, foreach=foreach)
                 if shrink != 0 and not decoupled:
                     _divide_(ps, 1.0 + shrink, foreach=foreach)
             self._record(group, effective_lr=tau, tau=tau, lower_bound=lb)
@@ -255,16 +257,23 @@ def _average_sq_(avgs: list[Tensor], values: list[Tensor], weight: float, *, for
 
 def _adam_directions(
     avgs: list[Tensor], sq_avgs: list[Tensor], bias_correction2: float, eps: float, *, foreach: bool
-) -> list[Tensor]:
-    """New tensors ``d / (sqrt(v / (1 − β2^k)) + eps)``: Adam's preconditioned direction."""
+) -> tuple[list[Tensor], float]:
+    """Adam's preconditioned direction ``d / (sqrt(v / (1 − β2^k)) + eps)``, as ``(u, scale)``.
+
+    Returns new tensors ``u = d / (sqrt(v) + eps·sqrt(1 − β2^k))`` and the scalar
+    ``scale = sqrt(1 − β2^k)`` such that the direction is ``scale · u`` (the same number: multiply
+    numerator and denominator by ``sqrt(1 − β2^k)``).  Leaving the bias correction to the scalars
+    saves two passes over the parameters per step.
+    """
+    scale = bias_correction2**0.5
+    shift = eps * scale
     if foreach:
-        out = torch._foreach_div(sq_avgs, bias_correction2)
-        torch._foreach_sqrt_(out)
-        torch._foreach_add_(out, eps)
+        out = torch._foreach_sqrt(sq_avgs)
+        torch._foreach_add_(out, shift)
         torch._foreach_reciprocal_(out)
         torch._foreach_mul_(out, avgs)
-        return list(out)
-    return [d / (v.div(bias_correction2).sqrt_().add_(eps)) for d, v in zip(avgs, sq_avgs)]
+        return list(out), scale
+    return [d / v.sqrt().add_(shift) for d, v in zip(avgs, sq_avgs)], scale
 
 
 class MoMoAdam(_MoMoBase):
@@ -369,20 +378,23 @@ class MoMoAdam(_MoMoBase):
             for d_b, v_b, g_b in group_by_device_and_dtype(ds, vs, gs):
                 _average_(d_b, g_b, 1 - beta1, foreach=group["foreach"])
                 _average_sq_(v_b, g_b, 1 - beta2, foreach=group["foreach"])
-                us = _adam_directions(d_b, v_b, bias_correction2, group["eps"], foreach=group["foreach"])
+                us, _ = _adam_directions(d_b, v_b, bias_correction2, group["eps"], foreach=group["foreach"])
                 preconditioned.update((id(d), u) for d, u in zip(d_b, us))
             all_d.extend(ds)
             directions.append([preconditioned[id(d)] for d in ds])  # the group's parameter order
 
+        # The directions are scale·u with scale = sqrt(1 − β2^k) (see _adam_directions).
+        scale = bias_correction2**0.5
         all_u = [u for us in directions for u in us]
         device = loss.device
-        d_dot_x, d_sqnorm = self._to_host_if_free(dot(all_d, params, device), dot(all_d, all_u, device))
+        d_dot_x, d_dot_u = self._to_host_if_free(dot(all_d, params, device), dot(all_d, all_u, device))
         self._take_polyak_steps(
             groups,
             directions,
             loss_avg=st["loss_avg"],
             gamma=st["gamma"],
             d_dot_x=d_dot_x,
-            d_sqnorm=d_sqnorm,
+            d_sqnorm=d_dot_u * scale,
             rho=1.0 - beta1**k,
+            direction_scale=scale,
         )

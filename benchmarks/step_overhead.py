@@ -1,0 +1,158 @@
+"""Time ``optimizer.step()`` of each method against ``torch.optim`` in the same process.
+
+The parameters are those of torchvision's ResNet-18 (11.7 M, float32, no weights downloaded),
+with fixed random gradients, so only the optimizer's own work is timed.  Steps are interleaved
+(one step of every row per round) so that machine noise hits all rows alike, and each row's time
+is the median over the measured rounds after warm-up.  Ratios divide a row's median by its
+baseline's median.
+
+    python -m benchmarks.step_overhead                 # every row
+    python -m benchmarks.step_overhead --only MoMo     # rows whose name contains "MoMo" (+ baselines)
+    python -m benchmarks.step_overhead --markdown out.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor
+
+import lightning_adaptive_lr as lalr
+
+Factory = Callable[[list[Tensor]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One optimizer to time.
+
+    Attributes:
+        name: shown in the table.
+        make: builds the optimizer over a list of parameters.
+        baseline: name of the row it is compared with (empty for baselines).
+        target: the ratio the issue tracker asks for (None: no target).
+        step_kwargs: keyword arguments of each ``step()`` call (the loss, QLAB's probe).
+    """
+
+    name: str
+    make: Factory
+    baseline: str = ""
+    target: float | None = None
+    step_kwargs: Callable[[], dict[str, Any]] = field(default=lambda: {})
+
+
+def _with_loss() -> dict[str, Any]:
+    return {"loss": torch.tensor(2.3)}
+
+
+SGDM = "torch SGD momentum (foreach)"
+SGD = "torch SGD (foreach)"
+ADAM = "torch Adam (foreach)"
+ADAM_FUSED = "torch Adam (fused)"
+
+ROWS: list[Row] = [
+    # --- baselines
+    Row(SGD, lambda p: torch.optim.SGD(p, lr=0.1, foreach=True)),
+    Row(SGDM, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=True)),
+    Row(ADAM, lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True)),
+    Row(ADAM_FUSED, lambda p: torch.optim.Adam(p, lr=1e-3, fused=True)),
+    # --- MoMo
+    Row("MoMo", lambda p: lalr.MoMo(p, lr=1.0), SGDM, 2.0, _with_loss),
+    Row("MoMo (per-tensor)", lambda p: lalr.MoMo(p, lr=1.0, foreach=False), SGDM, None, _with_loss),
+    Row("MoMoAdam", lambda p: lalr.MoMoAdam(p, lr=1e-2), ADAM, 1.3, _with_loss),
+    Row("MoMoAdam (per-tensor)", lambda p: lalr.MoMoAdam(p, lr=1e-2, foreach=False), ADAM, None, _with_loss),
+    # --- QLAB
+    # --- StepTunedSGD
+    # --- HierarchicalHD
+    # --- AdaL
+]
+
+
+def resnet18_parameters(device: torch.device) -> list[Tensor]:
+    """ResNet-18's parameter shapes, freshly initialized (no download)."""
+    torch.manual_seed(0)
+    return [p.detach().to(device) for p in torchvision.models.resnet18().parameters()]
+
+
+def select(rows: list[Row], only: list[str] | None) -> list[Row]:
+    if not only:
+        return rows
+    chosen = [r for r in rows if any(o.lower() in r.name.lower() for o in only)]
+    needed = {r.baseline for r in chosen if r.baseline}
+    return [r for r in rows if r in chosen or r.name in needed]
+
+
+def measure(rows: list[Row], device: torch.device, steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per step of each row, rounds interleaved."""
+    shapes = resnet18_parameters(device)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    grads = [torch.randn(p.shape, generator=gen).mul_(1e-3).to(device) for p in shapes]
+    setups = []
+    for row in rows:
+        params = [torch.nn.Parameter(p.clone()) for p in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g  # shared, read-only for the optimizers
+        setups.append((row, row.make(params)))
+    times: dict[str, list[float]] = {row.name: [] for row in rows}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for round_ in range(warmup + steps):
+        for row, opt in setups:
+            kwargs = row.step_kwargs()
+            sync()
+            start = time.perf_counter()
+            opt.step(**kwargs)
+            sync()
+            if round_ >= warmup:
+                times[row.name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def table(rows: list[Row], medians: dict[str, float]) -> str:
+    lines = ["| optimizer | ms / step | baseline | ratio | target |", "|---|---:|---|---:|---:|"]
+    for row in rows:
+        ms = medians[row.name] * 1e3
+        if row.baseline:
+            ratio = medians[row.name] / medians[row.baseline]
+            target = f"≤ {row.target:.2f}" if row.target else ""
+            lines.append(f"| {row.name} | {ms:.2f} | {row.baseline} | {ratio:.2f} | {target} |")
+        else:
+            lines.append(f"| {row.name} | {ms:.2f} | (baseline) | 1.00 | |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", help="substrings of row names to run (their baselines come along)")
+    parser.add_argument("--steps", type=int, default=25, help="measured rounds (default 25)")
+    parser.add_argument("--warmup", type=int, default=5, help="unmeasured rounds first (default 5)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--markdown", help="also write the table to this file")
+    args = parser.parse_args(argv)
+    rows = select(ROWS, args.only)
+    medians = measure(rows, torch.device(args.device), args.steps, args.warmup)
+    text = f"ResNet-18 parameters (11.7 M), {args.device}, {machine()}; median of {args.steps} steps\n\n"
+    text += table(rows, medians)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(text + "\n")
+    return text
+
+
+if __name__ == "__main__":
+    main()
