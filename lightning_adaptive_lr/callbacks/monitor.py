@@ -1,0 +1,203 @@
+"""``AdaptiveLRMonitor``: the step sizes the adaptive methods actually took, in any Lightning logger.
+
+Lightning's ``LearningRateMonitor`` reads ``param_groups[i]["lr"]`` *before* the step: for these
+methods that is only a cap or a starting value.  After each step this package's optimizers write the
+step size they used to ``param_groups[i]["effective_lr"]`` and their internal quantities (MoMo's
+``tau`` and ``lower_bound``, QLAB's fitted rate and curvature, Step-Tuned SGD's gain, the hypergradient
+levels' rates, AdaL's gradient scale, ...) to further keys; this monitor logs them.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..optim._tensorlists import accumulation_dtype, dot
+
+__all__ = ["AdaptiveLRMonitor"]
+
+#: Param-group keys never logged: the parameters themselves and LR-scheduler bookkeeping.
+_NEVER = frozenset({"params", "initial_lr", "param_names"})
+#: Largest tensor logged element by element (per-layer rates of a small model, level weights).
+_MAX_ELEMENTS = 16
+
+
+def _flatten(key: str, value: Any) -> Iterable[tuple[str, float | Tensor]]:
+    """``(name, scalar)`` pairs for one recorded value: a number, a small tensor, a sequence or a mapping."""
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, Tensor):
+        if value.numel() == 1:
+            yield key, value.detach().reshape(())
+        elif 0 < value.numel() <= _MAX_ELEMENTS and value.is_floating_point():
+            for i, item in enumerate(value.detach().reshape(-1)):
+                yield f"{key}/{i}", item
+        return
+    if isinstance(value, numbers.Real):
+        yield key, float(value)
+    elif isinstance(value, Mapping):
+        for name, item in value.items():
+            yield from _flatten(f"{key}/{name}", item)
+    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) <= _MAX_ELEMENTS:
+        for i, item in enumerate(value):
+            yield from _flatten(f"{key}/{i}", item)
+
+
+def _as_floats(pairs: list[tuple[str, float | Tensor]]) -> dict[str, float]:
+    """Convert to floats, reading all tensors of one device in a single synchronization."""
+    out: dict[str, float] = {}
+    by_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
+    for name, value in pairs:
+        if isinstance(value, Tensor):
+            by_device.setdefault(value.device, []).append((name, value))
+        else:
+            out[name] = value
+    for device, items in by_device.items():
+        dtype = accumulation_dtype(device)
+        values = torch.stack([v.to(dtype) for _, v in items]).tolist()
+        out.update((name, v) for (name, _), v in zip(items, values))
+    return out
+
+
+class AdaptiveLRMonitor(Callback):
+    """Log the adaptive methods' step sizes and internal quantities after each optimizer step.
+
+    Every ``trainer.log_every_n_steps`` optimizer steps (or ``logging_interval``), for every optimizer
+    and param group, it logs to every logger of the Trainer (TensorBoard, CSV, W&B, ...), with
+    Lightning's own step counter so the curves line up with the training loss:
+
+    * ``adaptive_lr/<Optimizer>/group<i>/effective_lr``: the step size actually used;
+    * ``adaptive_lr/<Optimizer>/group<i>/<key>`` for every other numeric value the optimizer records
+      in the param group (keys that are not constructor hyperparameters), plus ``lr`` (which some
+      methods change: QLAB's fitted rate becomes the next step's ``lr``).
+      Values may be Python floats, 0-d tensors, small tensors, sequences or mappings of those
+      (``rates/0``, ``weights/layer`` ...).
+
+    ``<Optimizer>`` is the class name (``QLAB-SGD`` for ``QLAB.wrap(SGD(...))``), suffixed by the
+    optimizer's index when a module has several optimizers of one class.  Tensors are read in one
+    synchronization per device, and only on the steps that log.
+
+    Args:
+        logging_interval: log every this many optimizer steps; ``None`` uses the Trainer's
+            ``log_every_n_steps``.
+        prog_bar: also show the first optimizer's first group's ``effective_lr`` in the progress bar
+            (as ``eff_lr``; read every step).
+        include: hyperparameter keys logged although they are constructor arguments, because the
+            methods change them.
+        check_desync_every: every this many optimizer steps, all-gather a checksum of the parameters
+            (sum and sum of squares, in float64) across data-parallel ranks and warn if the replicas
+            differ; ``None`` disables it.  Costs one all-gather when it runs.
+        prefix: the first part of every logged name.
+    """
+
+    def __init__(
+        self,
+        logging_interval: int | None = None,
+        prog_bar: bool = False,
+        include: Sequence[str] = ("lr",),
+        check_desync_every: int | None = None,
+        prefix: str = "adaptive_lr",
+    ) -> None:
+        for name, value in (("logging_interval", logging_interval), ("check_desync_every", check_desync_every)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"AdaptiveLRMonitor: `{name}` must be None or a positive integer, got {value!r}")
+        self.logging_interval = logging_interval
+        self.prog_bar = prog_bar
+        self.include = tuple(include)
+        self.check_desync_every = check_desync_every
+        self.prefix = prefix
+        self._step_at_batch_start = 0
+        #: Optimizer steps (``trainer.global_step``) at which replicas were found to differ.
+        self.desync_steps: list[int] = []
+
+    # ------------------------------------------------------------------ what to log
+
+    def optimizer_names(self, optimizers: Sequence[Optimizer]) -> list[str]:
+        """One name per optimizer: its class name, with its index when the name repeats.
+
+        A wrapper built on another optimizer (``QLAB.wrap(SGD(...))``) is named after both: ``QLAB-SGD``.
+        """
+        classes = []
+        for optimizer in optimizers:
+            name = type(optimizer).__name__
+            base = getattr(optimizer, "base_optimizer", None)
+            if base is not None:
+                name = f"{name.removesuffix('Wrapper')}-{type(base).__name__}"
+            classes.append(name)
+        return [f"{c}_{i}" if classes.count(c) > 1 else c for i, c in enumerate(classes)]
+
+    def collect(self, optimizers: Sequence[Optimizer]) -> dict[str, float]:
+        """The values to log now, by name (see the class docstring for the names)."""
+        pairs: list[tuple[str, float | Tensor]] = []
+        for name, optimizer in zip(self.optimizer_names(optimizers), optimizers):
+            hyperparameters = set(getattr(optimizer, "defaults", {})) - set(self.include)
+            for g, group in enumerate(optimizer.param_groups):
+                base = f"{self.prefix}/{name}/group{g}"
+                for key, value in group.items():
+                    if key in _NEVER or key in hyperparameters:
+                        continue
+                    pairs.extend(_flatten(f"{base}/{key}", value))
+        return _as_floats(pairs)
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # accumulating: no optimizer step in this batch
+        # Lightning logs this batch's metrics at `_batches_that_stepped` (incremented after this hook).
+        loop = trainer.fit_loop.epoch_loop
+        stepped = getattr(loop, "_batches_that_stepped", trainer.global_step - 1)
+        interval = self.logging_interval or max(1, trainer.log_every_n_steps)
+        if self.prog_bar and trainer.optimizers:
+            value = trainer.optimizers[0].param_groups[0].get("effective_lr")
+            if isinstance(value, (Tensor, numbers.Real)) and not isinstance(value, bool):
+                pl_module.log("eff_lr", value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if (stepped + 1) % interval == 0 and trainer.loggers:
+            metrics = self.collect(trainer.optimizers)
+            if metrics:
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=stepped)
+        if self.check_desync_every is not None and trainer.global_step // self.check_desync_every > (
+            self._step_at_batch_start // self.check_desync_every
+        ):
+            self.check_desync(trainer, pl_module)
+
+    # ------------------------------------------------------------------ replicas
+
+    def check_desync(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """All-gather a parameter checksum; warn (and remember the step) if ranks differ.
+
+        Returns ``True`` when the replicas differ.  A no-op returning ``False`` with one process.
+        """
+        params = [p.detach() for p in pl_module.parameters()]
+        if trainer.world_size <= 1 or not params:
+            return False
+        device = params[0].device
+        total = torch.stack([p.sum(dtype=accumulation_dtype(device)).to(device) for p in params]).sum()
+        checksum = torch.stack([total, dot(params, params, device)])
+        gathered = trainer.strategy.all_gather(checksum).reshape(trainer.world_size, -1).cpu()
+        if bool((gathered == gathered[0]).all()):
+            return False
+        self.desync_steps.append(trainer.global_step)
+        spread = (gathered - gathered[0]).abs().max().item()
+        rank_zero_warn(
+            f"AdaptiveLRMonitor: the data-parallel replicas differ at step {trainer.global_step} (parameter "
+            f"checksums per rank {[[float(v) for v in row] for row in gathered]}, largest difference {spread:.3g}). "
+            "Something that feeds the optimizer differs between ranks: a loss not averaged across ranks "
+            "(`average_across_ranks=False`), rank-dependent code in the step, or non-deterministic kernels.",
+            category=RuntimeWarning,
+        )
+        return True
