@@ -723,3 +723,29 @@ def test_invalid_arguments() -> None:
         QLAB.wrap(params)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="base"):
         QLAB([{"params": params}, {"params": [nn.Parameter(torch.zeros(1))], "base": "adam"}])
+
+
+def test_probe_registered_inside_the_closure_is_used() -> None:
+    """Lightning's closure runs the hooks where the callback registers this step's probe."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = QLAB(model.parameters(), base="sgd", lr=0.1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    calls = []
+
+    def probe():
+        calls.append(1)
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.set_probe(probe)
+        return loss
+
+    opt.step(closure)
+    assert calls == [1]
+    opt.set_probe(None)
+    with pytest.raises(RuntimeError, match="probe"):
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))

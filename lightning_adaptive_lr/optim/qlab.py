@@ -342,19 +342,24 @@ class QLAB(AdaptiveOptimizer):
         Returns:
             The closure's return value if a closure was given, else ``loss``.
         """
-        active = (probe, False) if probe is not None else self._registered_probe
-        if active is None:
-            raise RuntimeError(f"{type(self).__name__}.step() needs the mini-batch loss and a probe: {_PROBE_FIXES}.")
-        self._active_probe = active
+        # The registered probe is looked up only after the closure has run: in Lightning the
+        # closure runs the hooks in which the callback registers the probe of this very step.
+        self._active_probe = None if probe is None else (probe, False)
         try:
             return super().step(closure, loss=loss)
         finally:
             self._active_probe = None
 
+    def _require_probe(self) -> tuple[Probe, bool]:
+        """This step's probe: ``probe=`` if given, else the registered one; a clear error if neither."""
+        active = self._active_probe or self._registered_probe
+        if active is None:
+            raise RuntimeError(f"{type(self).__name__}.step() needs the mini-batch loss and a probe: {_PROBE_FIXES}.")
+        return active
+
     def _probe_at_trial_point(self, device: torch.device) -> Tensor:
         """f̃: the probe's loss at the trial point, as a float64 0-d tensor averaged across ranks."""
-        assert self._active_probe is not None
-        probe, reduced = self._active_probe
+        probe, reduced = self._require_probe()
         with torch.no_grad():
             value = probe()
         if value is None:
@@ -401,6 +406,7 @@ class QLAB(AdaptiveOptimizer):
 
     def _update(self, loss: Tensor | None) -> None:
         assert loss is not None
+        self._require_probe()  # before anything changes
         groups = [(g, *self._params_and_grads(g)) for g in self.param_groups]
         groups = [(g, ps, gs) for g, ps, gs in groups if ps]
         if not groups:
@@ -601,6 +607,7 @@ class QLABWrapper(QLAB):
 
     def _update(self, loss: Tensor | None) -> None:
         assert loss is not None
+        self._require_probe()  # before anything changes
         for group in self.param_groups:  # groups added to the wrapped optimizer directly
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
