@@ -70,9 +70,46 @@ ROWS: list[Row] = [
     Row("MoMoAdam", lambda p: lalr.MoMoAdam(p, lr=1e-2), ADAM, 1.3, _with_loss),
     Row("MoMoAdam (per-tensor)", lambda p: lalr.MoMoAdam(p, lr=1e-2, foreach=False), ADAM, None, _with_loss),
     # --- QLAB
+    # The probe returns the loss itself (f̃ = f, so t* = 1/2 every step and the rate settles at half
+    # the trial floor): the fitted move always runs, and only QLAB's own work is timed.
+    *(
+        Row(name, make, baseline, target, lambda: {"loss": torch.tensor(2.3), "probe": lambda: 2.3})
+        for name, make, baseline, target in (
+            ("QLAB-sgd", lambda p: lalr.QLAB(p, base="sgd"), SGD, 1.6),
+            ("QLAB-sgd (per-tensor)", lambda p: lalr.QLAB(p, base="sgd", foreach=False), SGD, None),
+            ("QLAB-sgdm", lambda p: lalr.QLAB(p, base="sgdm"), SGDM, 1.6),
+            ("QLAB-adam", lambda p: lalr.QLAB(p, base="adam"), ADAM, 1.6),
+            ("QLAB-adam (per-tensor)", lambda p: lalr.QLAB(p, base="adam", foreach=False), ADAM, None),
+            ("QLAB.wrap(SGD)", lambda p: lalr.QLAB.wrap(torch.optim.SGD(p, lr=0.1, foreach=True)), SGD, None),
+            ("QLAB.wrap(Adam)", lambda p: lalr.QLAB.wrap(torch.optim.Adam(p, lr=1e-3, foreach=True)), ADAM, None),
+        )
+    ),
     # --- StepTunedSGD
+    # Each step() is one half-step (odd: first, even: second); rounds alternate the two, so the
+    # median lands between them. Gradient-only: no loss is passed.
+    Row("StepTunedSGD", lambda p: lalr.StepTunedSGD(p, lr=0.1), SGD, 1.5),
+    Row("StepTunedSGD (per-tensor)", lambda p: lalr.StepTunedSGD(p, lr=0.1, foreach=False), SGD, None),
     # --- HierarchicalHD
+    # torch's foreach Nesterov SGD adds the momentum into p.grad in place unless weight decay makes a
+    # copy first, and the gradients here are shared: the Nesterov pair runs with weight decay.
+    Row("torch SGD nesterov wd (foreach)", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, foreach=True)),
+    Row("HierarchicalHD-sgd", lambda p: lalr.HierarchicalHD(p, base="sgd", lr=0.1), SGD, 1.6),
+    Row("HierarchicalHD-sgd (per-tensor)", lambda p: lalr.HierarchicalHD(p, base="sgd", lr=0.1, foreach=False), SGD),
+    Row("HierarchicalHD-sgd global (SGD-HD)", lambda p: lalr.HierarchicalHD(p, base="sgd", lr=0.1, levels=("global",)), SGD),
+    Row("HierarchicalHD-sgdn wd", lambda p: lalr.HierarchicalHD(p, base="sgdn", lr=0.1, weight_decay=1e-4), "torch SGD nesterov wd (foreach)", 1.6),
+    Row("HierarchicalHD-sgdn", lambda p: lalr.HierarchicalHD(p, base="sgdn", lr=0.1), SGDM),
+    Row("HierarchicalHD-adam", lambda p: lalr.HierarchicalHD(p, base="adam", lr=1e-3), ADAM, 1.6),
+    Row("HierarchicalHD-adam (per-tensor)", lambda p: lalr.HierarchicalHD(p, base="adam", lr=1e-3, foreach=False), ADAM),
+    Row("HierarchicalHD-adam 4 levels", lambda p: lalr.HierarchicalHD(p, base="adam", lr=1e-3, levels=("global", "layer", "unit", "param")), ADAM),
     # --- AdaL
+    Row("AdaL", lambda p: lalr.AdaL(p, lr=1e-3), ADAM, 1.3),
+    Row("AdaL (per-tensor)", lambda p: lalr.AdaL(p, lr=1e-3, foreach=False), ADAM),
+    Row("AdaL tensor_l1", lambda p: lalr.AdaL(p, lr=1e-3, transform="tensor_l1"), ADAM),
+    Row(
+        "AdaL none+denominator (= Adam)",
+        lambda p: lalr.AdaL(p, lr=1e-3, transform="none", eps_mode="denominator"),
+        ADAM,
+    ),
 ]
 
 

@@ -27,6 +27,8 @@ class OptimizerCase:
         invalid: keyword sets each of which must make the constructor raise ``ValueError``.
         needs_probe: the step needs ``probe=`` (a loss-only re-evaluation), as QLAB's does.
         recorded: param-group keys the optimizer must write after each step (besides effective_lr).
+        adapts_lr: the optimizer writes ``param_groups[i]["lr"]`` itself (QLAB's fitted rate is the
+            next step's trial rate), so a scheduler sets the next rate rather than the final one.
         groups_interact: why splitting the parameters into groups with equal settings changes the
             trajectory, when it does by design (empty: it must not).
     """
@@ -37,6 +39,7 @@ class OptimizerCase:
     invalid: tuple[dict[str, Any], ...] = ()
     needs_probe: bool = False
     recorded: tuple[str, ...] = ()
+    adapts_lr: bool = False
     groups_interact: str = ""
 
     def make(self, params: Any, **overrides: Any) -> torch.optim.Optimizer:
@@ -89,9 +92,144 @@ CASES: list[OptimizerCase] = [
         groups_interact="the lower-bound estimate is updated once per group, in group order (ALGORITHMS.md §1)",
     ),
     # --- QLAB (§2): entries go here
+    *(
+        OptimizerCase(
+            f"QLAB-{base}",
+            lalr.QLAB,
+            {"base": base, "lr": 0.1, **({"weight_decay": 1e-2} if base in ("sgdm", "adamw") else {})},
+            (
+                {"base": "rmsprop"},
+                {"lr": 0.0},
+                {"momentum": 1.0},
+                {"betas": (0.9, 1.0)},
+                {"betas": (0.9,)},
+                {"eps": -1e-8},
+                {"weight_decay": -1e-3},
+                {"min_lr": -1e-6},
+                {"max_lr": 0.0},
+                {"min_lr": 1.0, "max_lr": 0.5},
+                {"min_trial_lr": 0.0},
+                {"max_growth": 0.5},
+            ),
+            needs_probe=True,
+            recorded=("fitted_lr", "trial_loss", "directional_derivative", "curvature"),
+            adapts_lr=True,
+        )
+        for base in ("sgd", "sgdm", "adam", "adamw")
+    ),
     # --- HierarchicalHD (§3): entries go here
+    OptimizerCase(
+        "HierarchicalHD-sgd",
+        lalr.HierarchicalHD,
+        {"base": "sgd", "lr": 0.05},
+        (
+            {"base": "adamw"},
+            {"lr": -1.0},
+            {"hyper_lr": -1e-3},
+            {"hyper_lr": (1e-3, 1e-3, 1e-3)},
+            {"levels": ()},
+            {"levels": ("global", "neuron")},
+            {"weights": (0.6, 0.6)},
+            {"level_pull": -1.0},
+            {"rate_bounds": (2.0, 1.0)},
+            {"momentum": 1.0},
+            {"weight_decay": -1e-3},
+        ),
+        recorded=(
+            "hd_rate_global",
+            "hd_rate_layer_min",
+            "hd_rate_layer_mean",
+            "hd_rate_layer_max",
+            "hd_weight_global",
+            "hd_weight_layer",
+        ),
+    ),
+    OptimizerCase(
+        "HierarchicalHD-sgdn-global-wd",
+        lalr.HierarchicalHD,
+        {"base": "sgdn", "lr": 0.05, "hyper_lr": 1e-2, "levels": ("global",), "weight_decay": 1e-3},
+        recorded=("hd_rate_global", "hd_weight_global"),
+    ),
+    OptimizerCase(
+        "HierarchicalHD-adam-all-levels-learned",
+        lalr.HierarchicalHD,
+        {
+            "base": "adam",
+            "lr": 1e-2,
+            "hyper_lr": 1e-4,
+            "levels": ("global", "layer", "unit", "param"),
+            "learn_weights": True,
+            "level_pull": 100.0,
+            "rate_bounds": (0.0, 10.0),
+        },
+        ({"betas": (0.9, 1.0)}, {"eps": -1.0}, {"weights": (0.5, 0.5)}, {"weight_lr": -1.0}),
+        recorded=tuple(
+            f"hd_rate_{level}_{stat}" for level in ("layer", "unit", "param") for stat in ("min", "mean", "max")
+        )
+        + ("hd_rate_global",)
+        + tuple(f"hd_weight_{level}" for level in ("global", "layer", "unit", "param")),
+    ),
+    OptimizerCase(
+        "HierarchicalHD-sgd-unit-param",
+        lalr.HierarchicalHD,
+        {"base": "sgd", "lr": 0.05, "hyper_lr": (1e-2, 1e-3), "levels": ("unit", "param"), "weights": (0.3, 0.7)},
+        recorded=tuple(f"hd_rate_{level}_{stat}" for level in ("unit", "param") for stat in ("min", "mean", "max")),
+    ),
     # --- AdaL (§4): entries go here
+    OptimizerCase(
+        "AdaL",
+        lalr.AdaL,
+        {},
+        (
+            {"lr": -1e-3},
+            {"betas": (1.0, 0.999)},
+            {"betas": (0.9, -0.1)},
+            {"betas": (0.9,)},
+            {"eps": -1e-8},
+            {"weight_decay": -0.1},
+            {"transform": "l2"},
+            {"eps_mode": "inside"},
+            {"lr_decay": "cosine"},
+        ),
+        recorded=("grad_scale",),
+    ),
+    OptimizerCase(
+        "AdaL-tensor_l1-denominator-wd",
+        lalr.AdaL,
+        {"lr": 1e-2, "transform": "tensor_l1", "eps_mode": "denominator", "weight_decay": 1e-2},
+        recorded=("grad_scale",),
+    ),
+    OptimizerCase(
+        "AdaL-none-inv_sqrt", lalr.AdaL, {"lr": 3e-2, "transform": "none", "lr_decay": "inv_sqrt"}, recorded=("grad_scale",)
+    ),
     # --- StepTunedSGD (§5): entries go here
+    # Default mode: each `opt.step(loss=loss)` of the harness is one half-step (odd: first, even:
+    # second + gain update), so the 20-step checks cover ten iterations and both phases.
+    OptimizerCase(
+        "StepTunedSGD",
+        lalr.StepTunedSGD,
+        {"lr": 0.1},
+        (
+            {"lr": -0.1},
+            {"nu": 0.0},
+            {"beta": 1.0},
+            {"beta": -0.1},
+            {"gain_bounds": (0.0, 2.0)},
+            {"gain_bounds": (2.0, 0.5)},
+            {"gain_bounds": (0.5,)},
+            {"delta": 0.5},
+            {"delta": -0.001},
+            {"weight_decay": -1e-3},
+            {"same_batch": "yes"},
+        ),
+        recorded=("gain", "curvature"),
+    ),
+    OptimizerCase(
+        "StepTunedSGD-wd-beta0",
+        lalr.StepTunedSGD,
+        {"lr": 0.2, "weight_decay": 1e-2, "beta": 0.0, "gain_bounds": (0.25, 4.0), "nu": 1.5},
+        recorded=("gain", "curvature"),
+    ),
 ]
 
 CASE_IDS = [case.id for case in CASES]

@@ -206,7 +206,9 @@ def test_lr_scheduler_changes_the_rate(case: OptimizerCase) -> None:
         for batch in batches(STEPS):
             take_step(case, opt, model, batch)
             scheduler.step()
-        assert opt.param_groups[0]["lr"] == pytest.approx(case.make([torch.zeros(1, requires_grad=True)]).defaults["lr"] * gamma ** (STEPS // 5))
+        if not case.adapts_lr:
+            initial = case.make([torch.zeros(1, requires_grad=True)]).defaults["lr"]
+            assert opt.param_groups[0]["lr"] == pytest.approx(initial * gamma ** (STEPS // 5))
         results.append(params_of(model))
     assert any(not torch.equal(a, b) for a, b in zip(*results))
 
