@@ -60,8 +60,23 @@ def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device) -> Ten
 
 
 def sqnorm(xs: Sequence[Tensor], device: torch.device) -> Tensor:
-    """Global squared Euclidean norm ``sum_i ||xs[i]||^2`` as a 0-d tensor on ``device``."""
-    return dot(xs, xs, device)
+    """Global squared Euclidean norm ``sum_i ||xs[i]||^2`` as a 0-d tensor on ``device``.
+
+    Uses the multi-tensor ``_foreach_powsum`` kernel where torch has it (it reads each tensor once;
+    a dot product of a tensor with itself streams it twice), per device-and-dtype bucket.
+    """
+    powsum = getattr(torch, "_foreach_powsum", None)
+    if powsum is None:
+        return dot(xs, xs, device)
+    acc = accumulation_dtype(device)
+    parts = []
+    for (bucket,) in group_by_device_and_dtype(list(xs)):
+        work = torch.promote_types(bucket[0].dtype, torch.float32)  # half-precision squares overflow
+        sums = powsum(bucket, 2, dtype=None if work == bucket[0].dtype else work)
+        parts.append(torch.stack(list(sums)).to(device=device, dtype=acc).sum())
+    if not parts:
+        return torch.zeros((), device=device, dtype=acc)
+    return torch.stack(parts).sum()
 
 
 def add_scaled_(xs: list[Tensor], ys: list[Tensor], alpha: float | Tensor, *, foreach: bool) -> None:

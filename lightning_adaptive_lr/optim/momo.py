@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._base import AdaptiveOptimizer, check_range
 from ._scalars import Scalar, safe_div, smax, smin, where
-from ._tensorlists import add_scaled_, dot, group_by_device_and_dtype
+from ._tensorlists import add_scaled_, dot, group_by_device_and_dtype, sqnorm
 
 __all__ = ["MoMo", "MoMoAdam"]
 
@@ -223,7 +223,7 @@ class MoMo(_MoMoBase):
 
         all_d = [d for ds in directions for d in ds]
         device = loss.device
-        d_dot_x, d_sqnorm = self._to_host_if_free(dot(all_d, params, device), dot(all_d, all_d, device))
+        d_dot_x, d_sqnorm = self._to_host_if_free(dot(all_d, params, device), sqnorm(all_d, device))
         rho = 1.0 - beta**k if bias_correction else 1.0
         self._take_polyak_steps(
             groups,

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._base import GLOBAL, AdaptiveOptimizer, LossClosure, check_range
-from ._tensorlists import add_scaled_, dot, group_by_device_and_dtype
+from ._tensorlists import add_scaled_, dot, group_by_device_and_dtype, sqnorm
 
 __all__ = ["QLAB", "QLABWrapper", "qlab_step_factor"]
 
@@ -412,15 +412,15 @@ class QLAB(AdaptiveOptimizer):
         if not groups:
             return
         device = loss.device
-        grad_sqnorms = [dot(gs, gs, device) for _, _, gs in groups]
+        grad_sqnorms = [sqnorm(gs, device) for _, _, gs in groups]
         # The gate: the step's one synchronization before anything changes.
         gated = self._gate(loss, *grad_sqnorms)
         if gated is None:
             return
-        f, sqnorms = gated[0], gated[1:]
+        f, group_sqnorms = gated[0], gated[1:]
 
         trials, slopes = [], []
-        for (group, params, grads), sqnorm in zip(groups, sqnorms):
+        for (group, params, grads), grad_sqnorm in zip(groups, group_sqnorms):
             rate = self._trial_rate(group)
             buckets = []
             for ps, gs in group_by_device_and_dtype(params, grads):
@@ -429,7 +429,7 @@ class QLAB(AdaptiveOptimizer):
             for ps, _, ds in buckets:  # the trial step Δ = −η·d
                 add_scaled_(ps, ds, -rate, foreach=group["foreach"])
             if group["base"] == "sgd" and group["weight_decay"] == 0:
-                slopes.append(torch.tensor(-rate * sqnorm, dtype=loss.dtype, device=device))  # d = g
+                slopes.append(torch.tensor(-rate * grad_sqnorm, dtype=loss.dtype, device=device))  # d = g
             else:
                 slope = sum((dot(gs, ds, device) for _, gs, ds in buckets), torch.zeros((), dtype=loss.dtype, device=device))
                 slopes.append(-rate * slope)

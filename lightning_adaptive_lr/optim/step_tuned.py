@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ._base import AdaptiveOptimizer, LossClosure, check_range
-from ._tensorlists import accumulation_dtype, add_scaled_, dot, group_by_device_and_dtype, sqnorm
+from ._tensorlists import add_scaled_, dot, group_by_device_and_dtype, sqnorm
 
 __all__ = ["StepTunedSGD"]
 
@@ -66,21 +66,6 @@ class _Pairs:
     params: list[Tensor]
     second: list[Tensor]
     first: list[Tensor]
-
-
-def _sqnorm(xs: Sequence[Tensor], device: torch.device, *, foreach: bool) -> Tensor:
-    """``Σ ‖xs[i]‖²`` as a 0-d tensor on ``device``: one multi-tensor kernel per bucket when ``foreach``."""
-    if not foreach or not hasattr(torch, "_foreach_powsum"):
-        return sqnorm(xs, device)
-    acc = accumulation_dtype(device)
-    parts = []
-    for (bucket,) in group_by_device_and_dtype(xs):
-        work = torch.promote_types(bucket[0].dtype, torch.float32)  # half-precision squares overflow
-        sums = torch._foreach_powsum(bucket, 2, dtype=None if work == bucket[0].dtype else work)
-        parts.append(torch.stack(list(sums)).to(device=device, dtype=acc).sum())
-    if not parts:
-        return torch.zeros((), device=device, dtype=acc)
-    return torch.stack(parts).sum()
 
 
 def _with_weight_decay(params: list[Tensor], grads: list[Tensor], weight_decay: float, *, foreach: bool) -> list[Tensor]:
@@ -437,7 +422,7 @@ class StepTunedSGD(AdaptiveOptimizer):
             if state is not None and DIFF_AVG in state:
                 avgs.append(state[DIFF_AVG])
                 grads.append(g)
-        return dot(avgs, grads, device), _sqnorm(firsts, device, foreach=foreach)
+        return dot(avgs, grads, device), sqnorm(firsts, device)
 
     def _second_half_terms(
         self, halves: list[_HalfStep], first_of: dict[int, Tensor], matched: bool, device: torch.device
@@ -456,7 +441,7 @@ class StepTunedSGD(AdaptiveOptimizer):
             for half, pair in zip(halves, pairs):
                 terms.extend(self._curvature_terms(pair.params, pair.first, device, foreach=half.group["foreach"]))
             alone = [g for h in halves for m, g in zip(h.members, h.grads) if m not in first_of]
-            terms.append(_sqnorm(alone, device, foreach=self.param_groups[0]["foreach"]))
+            terms.append(sqnorm(alone, device))
         return terms
 
     def _keep_first_grads(self, half: _HalfStep) -> None:
