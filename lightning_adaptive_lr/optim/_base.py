@@ -34,7 +34,7 @@ from torch.optim import Optimizer
 
 from ._scalars import Scalar
 
-__all__ = ["GLOBAL", "AdaptiveOptimizer", "check_range", "LossClosure"]
+__all__ = ["GLOBAL", "AdaptiveOptimizer", "LossClosure", "check_betas", "check_choice", "check_flag", "check_range"]
 
 LossClosure = Callable[[], Any]
 
@@ -71,6 +71,27 @@ def check_range(
         raise ValueError(f"{owner}: `{name}` must be a finite number in {left}{lo}, {hi}{right}, got {value!r}")
 
 
+def check_flag(owner: str, name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}: `{name}` must be True or False, got {value!r}")
+
+
+def check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the allowed values unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{owner}: `{name}` must be one of {allowed}, got {value!r}")
+
+
+def check_betas(owner: str, betas: Any) -> None:
+    """Raise ``ValueError`` unless ``betas`` is a pair of numbers in [0, 1) (Adam's moment decays)."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"{owner}: `betas` must be a pair (beta1, beta2), got {betas!r}")
+    check_range(owner, "betas[0]", betas[0], 0.0, 1.0, high_open=True)
+    check_range(owner, "betas[1]", betas[1], 0.0, 1.0, high_open=True)
+
+
 class AdaptiveOptimizer(Optimizer):
     """Base class: loss intake, the finiteness gate, cross-rank averaging, global state.
 
@@ -95,12 +116,8 @@ class AdaptiveOptimizer(Optimizer):
         foreach: bool = True,
         average_across_ranks: bool = True,
     ) -> None:
-        if not isinstance(foreach, bool):
-            raise ValueError(f"{type(self).__name__}: `foreach` must be True or False, got {foreach!r}")
-        if not isinstance(average_across_ranks, bool):
-            raise ValueError(
-                f"{type(self).__name__}: `average_across_ranks` must be True or False, got {average_across_ranks!r}"
-            )
+        check_flag(type(self).__name__, "foreach", foreach)
+        check_flag(type(self).__name__, "average_across_ranks", average_across_ranks)
         defaults = dict(defaults, foreach=foreach, average_across_ranks=average_across_ranks)
         self._init_transient()
         super().__init__(params, defaults)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import AdaptiveOptimizer, check_range
+from ._base import AdaptiveOptimizer, check_betas, check_choice, check_range
 from ._tensorlists import accumulation_dtype, group_by_device_and_dtype
 
 __all__ = ["AdaL"]
@@ -30,13 +30,6 @@ __all__ = ["AdaL"]
 TRANSFORMS = ("l1", "tensor_l1", "none")
 EPS_MODES = ("preconditioner", "denominator")
 LR_DECAYS = ("none", "inv_sqrt")
-
-
-def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming the argument and its allowed values."""
-    if value not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{owner}: `{name}` must be one of {allowed}, got {value!r}")
 
 
 def _l1_norms(tensors: Sequence[Tensor], device: torch.device, *, foreach: bool) -> Tensor:
@@ -239,15 +232,12 @@ class AdaL(AdaptiveOptimizer):
     ) -> None:
         name = type(self).__name__
         check_range(name, "lr", lr, 0.0, None)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"{name}: `betas` must be a pair (beta1, beta2), got {betas!r}")
-        check_range(name, "betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        check_range(name, "betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        check_betas(name, betas)
         check_range(name, "eps", eps, 0.0, None)
         check_range(name, "weight_decay", weight_decay, 0.0, None)
-        _check_choice(name, "transform", transform, TRANSFORMS)
-        _check_choice(name, "eps_mode", eps_mode, EPS_MODES)
-        _check_choice(name, "lr_decay", lr_decay, LR_DECAYS)
+        check_choice(name, "transform", transform, TRANSFORMS)
+        check_choice(name, "eps_mode", eps_mode, EPS_MODES)
+        check_choice(name, "lr_decay", lr_decay, LR_DECAYS)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),

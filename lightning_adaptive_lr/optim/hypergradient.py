@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._base import AdaptiveOptimizer, check_range
+from ._base import AdaptiveOptimizer, check_betas, check_choice, check_flag, check_range
 from ._scalars import Scalar
 from ._tensorlists import accumulation_dtype, group_by_device_and_dtype
 
@@ -291,8 +291,7 @@ class HierarchicalHD(AdaptiveOptimizer):
         average_across_ranks: bool = True,
     ) -> None:
         name = type(self).__name__
-        if base not in BASES:
-            raise ValueError(f"{name}: `base` must be one of {BASES}, got {base!r}")
+        check_choice(name, "base", base, BASES)
         check_range(name, "lr", lr, 0.0, None)
         active = self._check_levels(levels)
         hyper = self._per_level(
@@ -307,15 +306,11 @@ class HierarchicalHD(AdaptiveOptimizer):
                     f"for level {level!r}"
                 )
         check_range(name, "momentum", momentum, 0.0, 1.0, high_open=True)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"{name}: `betas` must be a pair (beta1, beta2), got {betas!r}")
-        check_range(name, "betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        check_range(name, "betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        check_betas(name, betas)
         check_range(name, "eps", eps, 0.0, None)
         check_range(name, "weight_decay", weight_decay, 0.0, None)
         initial_weights = self._check_weights(weights, levels, active)
-        if not isinstance(learn_weights, bool):
-            raise ValueError(f"{name}: `learn_weights` must be True or False, got {learn_weights!r}")
+        check_flag(name, "learn_weights", learn_weights)
         check_range(name, "weight_lr", weight_lr, 0.0, None)
         bounds = self._check_bounds(rate_bounds)
         defaults = dict(

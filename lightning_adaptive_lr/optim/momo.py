@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import AdaptiveOptimizer, check_range
+from ._base import AdaptiveOptimizer, check_betas, check_flag, check_range
 from ._scalars import Scalar, safe_div, smax, smin, where
 from ._tensorlists import add_scaled_, dot, group_by_device_and_dtype, sqnorm
 
@@ -175,9 +175,8 @@ class MoMo(_MoMoBase):
         check_range(name, "beta", beta, 0.0, 1.0, high_open=True)
         check_range(name, "weight_decay", weight_decay, 0.0, None)
         check_range(name, "lb", lb)
-        for flag, value in (("bias_correction", bias_correction), ("estimate_lb", estimate_lb)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name}: `{flag}` must be True or False, got {value!r}")
+        check_flag(name, "bias_correction", bias_correction)
+        check_flag(name, "estimate_lb", estimate_lb)
         defaults = dict(
             lr=lr, beta=beta, weight_decay=weight_decay, lb=lb, bias_correction=bias_correction, estimate_lb=estimate_lb
         )
@@ -320,16 +319,12 @@ class MoMoAdam(_MoMoBase):
     ) -> None:
         name = type(self).__name__
         check_range(name, "lr", lr, 0.0, None)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"{name}: `betas` must be a pair (beta1, beta2), got {betas!r}")
-        check_range(name, "betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        check_range(name, "betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        check_betas(name, betas)
         check_range(name, "eps", eps, 0.0, None)
         check_range(name, "weight_decay", weight_decay, 0.0, None)
         check_range(name, "lb", lb)
-        for flag, value in (("estimate_lb", estimate_lb), ("decoupled_weight_decay", decoupled_weight_decay)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name}: `{flag}` must be True or False, got {value!r}")
+        check_flag(name, "estimate_lb", estimate_lb)
+        check_flag(name, "decoupled_weight_decay", decoupled_weight_decay)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),

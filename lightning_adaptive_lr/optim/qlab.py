@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._base import GLOBAL, AdaptiveOptimizer, LossClosure, check_range
+from ._base import GLOBAL, AdaptiveOptimizer, LossClosure, check_betas, check_choice, check_range
 from ._tensorlists import add_scaled_, dot, group_by_device_and_dtype, sqnorm
 
 __all__ = ["QLAB", "QLABWrapper", "qlab_step_factor"]
@@ -231,14 +231,10 @@ class QLAB(AdaptiveOptimizer):
         average_across_ranks: bool = True,
     ) -> None:
         name = type(self).__name__
-        if base not in BASES:
-            raise ValueError(f"{name}: `base` must be one of {', '.join(map(repr, BASES))}, got {base!r}")
+        check_choice(name, "base", base, BASES)
         check_range(name, "lr", lr, 0.0, None, low_open=True)
         check_range(name, "momentum", momentum, 0.0, 1.0, high_open=True)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"{name}: `betas` must be a pair (beta1, beta2), got {betas!r}")
-        check_range(name, "betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        check_range(name, "betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        check_betas(name, betas)
         check_range(name, "eps", eps, 0.0, None)
         check_range(name, "weight_decay", weight_decay, 0.0, None)
         _check_bounds(name, min_lr, max_lr, min_trial_lr, max_growth)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import AdaptiveOptimizer, LossClosure, check_range
+from ._base import AdaptiveOptimizer, LossClosure, check_flag, check_range
 from ._tensorlists import add_scaled_, dot, group_by_device_and_dtype, sqnorm
 
 __all__ = ["StepTunedSGD"]
@@ -219,8 +219,7 @@ class StepTunedSGD(AdaptiveOptimizer):
         check_range(name, "gain_bounds[1]", gain_bounds[1], gain_bounds[0], None)
         check_range(name, "delta", delta, 0.0, 0.5, high_open=True)
         check_range(name, "weight_decay", weight_decay, 0.0, None)
-        if not isinstance(same_batch, bool):
-            raise ValueError(f"{name}: `same_batch` must be True or False, got {same_batch!r}")
+        check_flag(name, "same_batch", same_batch)
         defaults = dict(
             lr=lr,
             nu=nu,
