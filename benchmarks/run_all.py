@@ -56,6 +56,23 @@ def sweep_table(path: Path) -> str:
     return "\n".join(line for line in lines if not line.startswith(("# ", "![")))
 
 
+def gpu_section() -> str:
+    """The GPU recipes: how to run them and what the papers report (run on a GPU, not here)."""
+    from benchmarks import gpu_recipes
+
+    return "\n".join(
+        [
+            "## GPU recipes (not run on this machine)",
+            "",
+            "The papers' headline runs, through the package's configs: "
+            "`python -m benchmarks.gpu_recipes --download` on a machine with a GPU "
+            "(3 seeds each; finished runs are kept, so it resumes).",
+            "",
+            gpu_recipes.table({}),
+        ]
+    )
+
+
 def run_module(module: str, args: list[str]) -> None:
     """Run ``python -m module args`` from the repository root, streaming its output."""
     print(f"\n$ python -m {module} {' '.join(args)}", flush=True)
@@ -121,6 +138,7 @@ def main(argv: list[str] | None = None) -> Path:
             sweep_table(table),
             "",
         ]
+        page += [gpu_section(), ""]
         if claims.exists():
             page += [claims.read_text().strip(), ""]
         args.out.write_text("\n".join(page))
