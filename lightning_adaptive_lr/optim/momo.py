@@ -14,7 +14,7 @@ MoMo-Adam measures ``‖d‖²`` and steps in Adam's preconditioned geometry.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -22,7 +22,13 @@ from torch import Tensor
 
 from ._base import AdaptiveOptimizer, check_betas, check_flag, check_range
 from ._scalars import Scalar, safe_div, smax, smin, where
-from ._tensorlists import add_scaled_, dot, group_by_device_and_dtype, sqnorm
+from ._tensorlists import (
+    accumulation_dtype,
+    add_scaled_,
+    dot,
+    group_by_device_and_dtype,
+    sqnorm,
+)
 
 __all__ = ["MoMo", "MoMoAdam"]
 
@@ -124,6 +130,89 @@ def _divide_(xs: list[Tensor], divisor: float, *, foreach: bool) -> None:
     else:
         for x in xs:
             x.div_(divisor)
+
+
+# --------------------------------------------------------------------------- the compiled path
+# MoMoAdam(compiled=True) replaces, per device-and-dtype bucket, the moment updates, the direction
+# and the two global reductions of the step by one ``torch.compile``d function: Inductor emits one
+# C++/Triton kernel per tensor for what the foreach path does in about eight passes.  The per-tensor
+# partial sums are added in :func:`accumulation_dtype` afterwards, as :func:`dot` does.
+# MoMo has no such option: its foreach path is already three light passes, and Inductor's CPU
+# kernel (the in-place lerp written back in a second loop after the reductions) streams as many
+# bytes as they do; measured on ResNet-18, two CPU threads, it was 2.25x SGD-momentum vs 2.17x.
+
+
+def _fused_momo_adam(
+    avgs: list[Tensor],
+    sq_avgs: list[Tensor],
+    grads: list[Tensor],
+    params: list[Tensor],
+    directions: list[Tensor],
+    weight1: float,
+    weight2: float,
+    shift: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """MoMo-Adam's averages in place and ``u = d / (sqrt(v) + shift)`` into ``directions``.
+
+    ``u`` is as in :func:`_adam_directions`.  ``directions`` are buffers kept from step to step:
+    a fresh output per step costs the allocator as much time as the whole kernel on the CPU.
+    ``shift`` changes every step, so it is a 0-d tensor (a Python float would recompile each step).
+    Returns the per-tensor ``⟨d, x⟩`` and ``⟨d, u⟩``.
+    """
+    d_dot_x, d_dot_u = [], []
+    for d, v, g, x, out in zip(avgs, sq_avgs, grads, params, directions):
+        d.lerp_(g, weight1)
+        v.mul_(1 - weight2).addcmul_(g, g, value=weight2)
+        u = d / (v.sqrt() + shift)
+        out.copy_(u)
+        d_dot_x.append((d * x).sum())
+        d_dot_u.append((d * u).sum())
+    return torch.stack(d_dot_x), torch.stack(d_dot_u)
+
+
+_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
+_INDUCTOR_CHECKED: set[str] = set()
+
+
+def _compile_error(owner: str, err: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"{owner}(compiled=True) could not compile its step with torch.compile (TorchInductor): "
+        f"{type(err).__name__}: {err}. Inductor needs a working C++ compiler on CPU (and Triton on "
+        "GPU); install one or construct the optimizer with compiled=False."
+    )
+
+
+def _ensure_inductor_works(owner: str, device: torch.device) -> None:
+    """Compile a one-line function once per device type, before the first step changes any state.
+
+    A missing compiler then surfaces as a clear error instead of a half-updated optimizer.
+    """
+    if device.type in _INDUCTOR_CHECKED:
+        return
+    try:
+        probe = torch.compile(lambda t: (t * 2.0).sum(), backend="inductor", fullgraph=True, dynamic=False)
+        probe(torch.ones(4, device=device))
+    except Exception as err:  # Inductor raises many types (BackendCompilerFailed, CalledProcessError, ...)
+        raise _compile_error(owner, err) from err
+    _INDUCTOR_CHECKED.add(device.type)
+
+
+def _run_compiled(owner: str, function: Callable[..., Any], *args: Any) -> Any:
+    """Call ``function`` compiled (once per set of shapes: ``dynamic=False``), errors named clearly."""
+    compiled = _COMPILED.get(function)
+    if compiled is None:
+        compiled = _COMPILED[function] = torch.compile(function, backend="inductor", fullgraph=True, dynamic=False)
+    try:
+        return compiled(*args)
+    except Exception as err:
+        raise _compile_error(owner, err) from err
+
+
+def _sum_partials(partials: list[tuple[Tensor, ...]], device: torch.device) -> tuple[Tensor, ...]:
+    """Add the buckets' per-tensor partial sums in :func:`accumulation_dtype`, one 0-d tensor per kind."""
+    acc = accumulation_dtype(device)
+    kinds = range(len(partials[0]))
+    return tuple(torch.cat([bucket[i].to(device=device, dtype=acc) for bucket in partials]).sum() for i in kinds)
 
 
 class MoMo(_MoMoBase):
@@ -296,12 +385,25 @@ class MoMoAdam(_MoMoBase):
             of the proximal division.  ``τ`` keeps ``c = 1 + lr·wd`` in both modes, as the authors do.
         foreach: use the multi-tensor path.
         average_across_ranks: average the loss across ``torch.distributed`` ranks.
+        compiled: run the updates of ``d`` and ``v``, the direction ``u`` and the reductions
+            ``⟨d, x⟩`` and ``⟨d, u⟩`` as one ``torch.compile``\ d (TorchInductor) kernel per
+            tensor instead of about eight ``_foreach_`` passes and two BLAS reductions.  Same math
+            and the same single device-to-host synchronization; only the summation order of the
+            float32 partial sums differs (≤1e-5 relative after 20 steps).  Costs one compilation
+            per set of parameter shapes at the first step (20-40 s for ResNet-18 on two CPU
+            cores, a few seconds for a small model; Inductor's on-disk cache shortens later
+            runs) and needs a working Inductor backend (a C++ compiler on CPU, Triton on GPU):
+            if it fails, ``step()`` raises a RuntimeError naming the cause before any state
+            changes; there is no silent fallback.  Pays off in long runs where the optimizer
+            step is visible in the iteration time: on ResNet-18, CPU, two threads, the step went
+            from 1.3-1.5x to 0.67x ``torch.optim.Adam(foreach=True)`` (fused Adam: 0.2x).
+            Keeps one extra buffer per parameter for the direction (not part of the state).
 
     After each step every param group holds ``effective_lr`` (= ``tau``) and ``lower_bound``;
     ``state[p]`` holds ``grad_avg`` (d) and ``grad_avg_sq`` (v).
     """
 
-    shared_options = ("betas", "lb", "estimate_lb")
+    shared_options = ("betas", "lb", "estimate_lb", "compiled")
 
     def __init__(
         self,
@@ -316,8 +418,10 @@ class MoMoAdam(_MoMoBase):
         *,
         foreach: bool = True,
         average_across_ranks: bool = True,
+        compiled: bool = False,
     ) -> None:
         name = type(self).__name__
+        check_flag(name, "compiled", compiled)
         check_range(name, "lr", lr, 0.0, None)
         check_betas(name, betas)
         check_range(name, "eps", eps, 0.0, None)
@@ -333,8 +437,15 @@ class MoMoAdam(_MoMoBase):
             lb=lb,
             estimate_lb=estimate_lb,
             decoupled_weight_decay=decoupled_weight_decay,
+            compiled=compiled,
         )
         super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
+
+    def _init_transient(self) -> None:
+        super()._init_transient()
+        # The compiled path's direction buffers, one per parameter: recomputed every step, so not
+        # state (not saved, rebuilt after unpickling).
+        self._direction_buffers: dict[Tensor, Tensor] = {}
 
     def _update(self, loss: Tensor | None) -> None:
         assert loss is not None
@@ -348,6 +459,9 @@ class MoMoAdam(_MoMoBase):
             return
         f, gx = gated
         beta1, beta2 = self.param_groups[0]["betas"]
+        compiled = self.param_groups[0].get("compiled", False)
+        if compiled:
+            _ensure_inductor_works(type(self).__name__, params[0].device)
 
         st = self.global_state
         k = st["step"] + 1
@@ -360,6 +474,7 @@ class MoMoAdam(_MoMoBase):
         bias_correction2 = 1.0 - beta2**k
 
         all_d, directions = [], []
+        fused_sums: list[tuple[Tensor, Tensor]] = []
         for group, ps, gs in groups:
             ds, vs = [], []
             for p in ps:
@@ -370,10 +485,19 @@ class MoMoAdam(_MoMoBase):
                 ds.append(state["grad_avg"])
                 vs.append(state["grad_avg_sq"])
             preconditioned: dict[int, Tensor] = {}
-            for d_b, v_b, g_b in group_by_device_and_dtype(ds, vs, gs):
-                _average_(d_b, g_b, 1 - beta1, foreach=group["foreach"])
-                _average_sq_(v_b, g_b, 1 - beta2, foreach=group["foreach"])
-                us, _ = _adam_directions(d_b, v_b, bias_correction2, group["eps"], foreach=group["foreach"])
+            for d_b, v_b, g_b, x_b in group_by_device_and_dtype(ds, vs, gs, ps):
+                if compiled:
+                    shift = torch.tensor(group["eps"] * bias_correction2**0.5, dtype=torch.float64)
+                    us = [self._direction_buffer(x) for x in x_b]
+                    fused_sums.append(
+                        _run_compiled(
+                            type(self).__name__, _fused_momo_adam, d_b, v_b, g_b, x_b, us, 1 - beta1, 1 - beta2, shift
+                        )
+                    )
+                else:
+                    _average_(d_b, g_b, 1 - beta1, foreach=group["foreach"])
+                    _average_sq_(v_b, g_b, 1 - beta2, foreach=group["foreach"])
+                    us, _ = _adam_directions(d_b, v_b, bias_correction2, group["eps"], foreach=group["foreach"])
                 preconditioned.update((id(d), u) for d, u in zip(d_b, us))
             all_d.extend(ds)
             directions.append([preconditioned[id(d)] for d in ds])  # the group's parameter order
@@ -382,7 +506,10 @@ class MoMoAdam(_MoMoBase):
         scale = bias_correction2**0.5
         all_u = [u for us in directions for u in us]
         device = loss.device
-        d_dot_x, d_dot_u = self._to_host_if_free(dot(all_d, params, device), dot(all_d, all_u, device))
+        if compiled:
+            d_dot_x, d_dot_u = self._to_host_if_free(*_sum_partials(fused_sums, device))
+        else:
+            d_dot_x, d_dot_u = self._to_host_if_free(dot(all_d, params, device), dot(all_d, all_u, device))
         self._take_polyak_steps(
             groups,
             directions,
@@ -393,3 +520,10 @@ class MoMoAdam(_MoMoBase):
             rho=1.0 - beta1**k,
             direction_scale=scale,
         )
+
+    def _direction_buffer(self, param: Tensor) -> Tensor:
+        """The compiled path's reusable buffer for the direction ``u`` of ``param``."""
+        buffer = self._direction_buffers.get(param)
+        if buffer is None:
+            buffer = self._direction_buffers[param] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return buffer
