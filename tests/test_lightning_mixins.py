@@ -124,7 +124,6 @@ def test_checkpoints_carry_the_hyperparameters(tmp_path) -> None:
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_cli_override(tmp_path, monkeypatch) -> None:
-    pytest.importorskip("jsonargparse")
     from lightning.pytorch.cli import LightningCLI
 
     monkeypatch.setattr("sys.argv", ["lalr"])
