@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._scalars import Scalar
+from ._tensorlists import accumulation_dtype
 
 __all__ = ["GLOBAL", "AdaptiveOptimizer", "LossClosure", "check_betas", "check_choice", "check_flag", "check_range"]
 
@@ -198,9 +199,9 @@ class AdaptiveOptimizer(Optimizer):
                 raise ValueError(
                     f"{type(self).__name__}: the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}"
                 )
-            value = loss.detach().reshape(()).to(device=device, dtype=torch.float64 if device.type != "mps" else torch.float32)
+            value = loss.detach().reshape(()).to(device=device, dtype=accumulation_dtype(device))
         else:
-            value = torch.tensor(float(loss), device=device, dtype=torch.float64 if device.type != "mps" else torch.float32)
+            value = torch.tensor(float(loss), device=device, dtype=accumulation_dtype(device))
         if not reduced:
             value = self._average_across_ranks(value)
         return value

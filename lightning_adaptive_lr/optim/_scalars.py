@@ -14,7 +14,7 @@ from torch import Tensor
 
 Scalar = Union[float, Tensor]
 
-__all__ = ["Scalar", "safe_div", "smax", "smin", "to_float", "where"]
+__all__ = ["Scalar", "safe_div", "smax", "smin", "where"]
 
 
 def _as_tensor(value: Scalar, like: Tensor) -> Tensor:
@@ -58,8 +58,3 @@ def safe_div(numerator: Scalar, denominator: Scalar) -> Scalar:
         den = _as_tensor(denominator, like)
         return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), 0.0)
     return numerator / denominator if denominator > 0 else 0.0
-
-
-def to_float(value: Scalar) -> float:
-    """A Python float (synchronizes if ``value`` lives on an accelerator)."""
-    return float(value)

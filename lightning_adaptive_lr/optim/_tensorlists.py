@@ -8,6 +8,7 @@ device, so that nothing leaves the device until the optimizer decides it must.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,6 +17,7 @@ __all__ = [
     "accumulation_dtype",
     "add_scaled_",
     "dot",
+    "exponential_average_",
     "group_by_device_and_dtype",
     "sqnorm",
 ]
@@ -26,13 +28,22 @@ def accumulation_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def group_by_device_and_dtype(*lists: Sequence[Tensor]) -> list[tuple[list[Tensor], ...]]:
+def group_by_device_and_dtype(*lists: Sequence[Any]) -> list[tuple[list[Any], ...]]:
     """Split parallel lists into buckets whose first-list tensors share device and dtype.
+
+    Only the first list must hold tensors; the others (state tensors, dicts, indices) follow it.
 
     ``torch._foreach_*`` kernels need every tensor of one call on one device with one dtype; the
     order inside a bucket follows the input order, so results do not depend on the grouping.
+    The usual case, every tensor on one device with one dtype, returns at once: this runs on the
+    host every step.
     """
-    buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] = {}
+    first = lists[0]
+    if any(len(column) != len(first) for column in lists):
+        raise ValueError("group_by_device_and_dtype: the lists must have equal lengths")
+    if all(t.device == first[0].device and t.dtype == first[0].dtype for t in first):
+        return [tuple(list(column) for column in lists)] if first else []
+    buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Any], ...]] = {}
     for items in zip(*lists, strict=True):
         key = (items[0].device, items[0].dtype)
         bucket = buckets.setdefault(key, tuple([] for _ in lists))
@@ -77,6 +88,16 @@ def sqnorm(xs: Sequence[Tensor], device: torch.device) -> Tensor:
     if not parts:
         return torch.zeros((), device=device, dtype=acc)
     return torch.stack(parts).sum()
+
+
+def exponential_average_(avgs: list[Tensor], values: list[Tensor], weight: float, *, foreach: bool) -> None:
+    """Exponential average in place: ``avg ← (1 − weight)·avg + weight·value`` (one lerp)."""
+    if foreach:
+        for a, v in group_by_device_and_dtype(avgs, values):
+            torch._foreach_lerp_(a, v, weight)
+    else:
+        for a, v in zip(avgs, values):
+            a.lerp_(v, weight)
 
 
 def add_scaled_(xs: list[Tensor], ys: list[Tensor], alpha: float | Tensor, *, foreach: bool) -> None:

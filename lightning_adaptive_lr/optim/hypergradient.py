@@ -100,15 +100,6 @@ def _hypergradient_dots(grads: list[Tensor], prevs: list[Tensor | None], acc: to
     return torch.stack([p.to(device=device, dtype=acc) for p in parts])
 
 
-def _buckets(*columns: Sequence[Any]) -> list[tuple[list[Any], ...]]:
-    """:func:`group_by_device_and_dtype`, without the regrouping when all tensors already share one
-    device and dtype (the usual case, and a per-step cost on the host)."""
-    first = columns[0]
-    if all(t.device == first[0].device and t.dtype == first[0].dtype for t in first):
-        return [tuple(list(c) for c in columns)]
-    return group_by_device_and_dtype(*columns)
-
-
 def _unit_sums(x: Tensor, y: Tensor) -> Tensor:
     """Per-output-unit inner products ``Σ_{i in unit u} x_i·y_i`` (a batched dot, no product temporary)."""
     dtype = _rate_dtype(x)
@@ -471,7 +462,7 @@ class HierarchicalHD(AdaptiveOptimizer):
         if not group["foreach"]:
             return [g.add(p, alpha=wd) for p, g in zip(params, grads)]
         out: list[Tensor] = [grads[0]] * len(params)
-        for ps, gs, index in _buckets(params, grads, range(len(params))):
+        for ps, gs, index in group_by_device_and_dtype(params, grads, range(len(params))):
             for i, e in zip(index, torch._foreach_add(gs, ps, alpha=wd)):
                 out[i] = e
         return out
@@ -624,7 +615,7 @@ class HierarchicalHD(AdaptiveOptimizer):
         foreach = group["foreach"]
         owned = group["weight_decay"] != 0  # the effective gradients are this step's temporaries
         directions: list[Tensor] = list(geffs)
-        for ps, gs, sts, rs, index in _buckets(params, geffs, states, rates, range(len(params))):
+        for ps, gs, sts, rs, index in group_by_device_and_dtype(params, geffs, states, rates, range(len(params))):
             if base == "adam":
                 ds = self._adam_direction(group, ps, gs, rs, sts, owned, foreach)
             else:

@@ -26,6 +26,7 @@ from ._tensorlists import (
     accumulation_dtype,
     add_scaled_,
     dot,
+    exponential_average_,
     group_by_device_and_dtype,
     sqnorm,
 )
@@ -306,7 +307,7 @@ class MoMo(_MoMoBase):
                     state["grad_avg"] = g.detach().clone() if first else torch.zeros_like(p)
                 ds.append(state["grad_avg"])
             for d_bucket, g_bucket in group_by_device_and_dtype(ds, gs):
-                _average_(d_bucket, g_bucket, 1 - beta, foreach=group["foreach"])
+                exponential_average_(d_bucket, g_bucket, 1 - beta, foreach=group["foreach"])
             directions.append(ds)
 
         all_d = [d for ds in directions for d in ds]
@@ -322,15 +323,6 @@ class MoMo(_MoMoBase):
             d_sqnorm=d_sqnorm,
             rho=rho,
         )
-
-
-def _average_(avgs: list[Tensor], values: list[Tensor], weight: float, *, foreach: bool) -> None:
-    """Exponential average in place: ``avg ← (1 − weight)·avg + weight·value``."""
-    if foreach:
-        torch._foreach_lerp_(avgs, values, weight)
-    else:
-        for a, v in zip(avgs, values):
-            a.lerp_(v, weight)
 
 
 def _average_sq_(avgs: list[Tensor], values: list[Tensor], weight: float, *, foreach: bool) -> None:
@@ -497,7 +489,7 @@ class MoMoAdam(_MoMoBase):
                         )
                     )
                 else:
-                    _average_(d_b, g_b, 1 - beta1, foreach=group["foreach"])
+                    exponential_average_(d_b, g_b, 1 - beta1, foreach=group["foreach"])
                     _average_sq_(v_b, g_b, 1 - beta2, foreach=group["foreach"])
                     us, _ = _adam_directions(d_b, v_b, bias_correction2, group["eps"], foreach=group["foreach"])
                 preconditioned.update((id(d), u) for d, u in zip(d_b, us))

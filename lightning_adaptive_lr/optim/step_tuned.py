@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ._base import AdaptiveOptimizer, LossClosure, check_flag, check_range
-from ._tensorlists import add_scaled_, dot, group_by_device_and_dtype, sqnorm
+from ._tensorlists import add_scaled_, dot, exponential_average_, group_by_device_and_dtype, sqnorm
 
 __all__ = ["StepTunedSGD"]
 
@@ -106,16 +106,6 @@ def _subtract_(xs: list[Tensor], ys: list[Tensor], *, foreach: bool) -> None:
     else:
         for a, b in zip(xs, ys):
             a.sub_(b)
-
-
-def _average_(avgs: list[Tensor], values: list[Tensor], weight: float, *, foreach: bool) -> None:
-    """Exponential average in place: ``avg ← (1 − weight)·avg + weight·value``."""
-    if foreach:
-        for a, v in group_by_device_and_dtype(avgs, values):
-            torch._foreach_lerp_(a, v, weight)
-    else:
-        for a, v in zip(avgs, values):
-            a.lerp_(v, weight)
 
 
 def _descend(params: list[Tensor], grads: list[Tensor], lr: float, *, foreach: bool) -> None:
@@ -482,7 +472,7 @@ class StepTunedSGD(AdaptiveOptimizer):
                 if DIFF_AVG not in state:
                     state[DIFF_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 avgs.append(state[DIFF_AVG])
-            _average_(avgs, pair.first, 1.0 - beta, foreach=foreach)
+            exponential_average_(avgs, pair.first, 1.0 - beta, foreach=foreach)
 
     def _end_iteration(
         self,
