@@ -7,7 +7,8 @@
              --optimizer MoMo --optimizer.lr 1.0 --trainer.max_epochs 50
     lalr fit --config configs/momo_cifar10_resnet20.yaml --print_config
 
-* Subcommands ``fit``, ``validate``, ``test``.
+* Subcommands ``fit``, ``validate``, ``test``; and ``lalr sweep``, the learning-rate sensitivity
+  sweep of :mod:`lightning_adaptive_lr.sweep` (plain PyTorch, its own options: ``lalr sweep --help``).
 * ``--optimizer`` takes a class name of this package (``MoMo``, ``MoMoAdam``, ``QLAB``,
   ``HierarchicalHD``, ``AdaL``, ``StepTunedSGD``) or of ``torch.optim`` (``SGD``, ``Adam``, ...),
   or any import path.  Without ``--optimizer`` the model's default (MoMo, lr 1) is used.
@@ -101,6 +102,7 @@ class AdaptiveLRCLI(LightningCLI):
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         parser_kwargs.setdefault("exit_on_error", False)
         parser_kwargs.setdefault("prog", "lalr")
+        parser_kwargs.setdefault("description", _DESCRIPTION)
         for subcommand in _SUBCOMMANDS:
             parser_kwargs.setdefault(subcommand, {}).setdefault("exit_on_error", False)
         super().__init__(args=args, run=run, parser_kwargs=parser_kwargs, **kwargs)
@@ -247,6 +249,12 @@ def readable_error(message: str) -> str:
     return f"--{root}: {_fold(_KEY.sub('', text, count=1).lstrip(': '))}"
 
 
+_DESCRIPTION = (
+    "Train with the adaptive-learning-rate optimizers of lightning_adaptive_lr (LightningCLI). "
+    "`lalr sweep` runs the learning-rate sensitivity sweep instead (see `lalr sweep --help`)."
+)
+
+
 def _fail(message: str) -> NoReturn:
     sys.stderr.write(f"lalr: error: {message}\n")
     raise SystemExit(2)
@@ -258,6 +266,12 @@ def main(args: Sequence[str] | None = None) -> None:
     Exits with status 2 and one line on stderr for bad input: an unknown class or option, a value
     of the wrong type, a missing config file, arguments a class rejects, a dataset not on disk.
     """
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["sweep"]:  # not a Lightning subcommand: no jsonargparse, no Trainer
+        from .sweep import main as sweep_main
+
+        sweep_main(argv[1:])
+        return
     try:
         from jsonargparse import ArgumentError
     except ImportError:
@@ -268,7 +282,7 @@ def main(args: Sequence[str] | None = None) -> None:
     # them must stay the only line there (the seed is in the run's saved config.yaml).
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     try:
-        AdaptiveLRCLI(args=list(args) if args is not None else None)
+        AdaptiveLRCLI(args=argv)
     except ArgumentError as err:
         _fail(readable_error(str(err)))
     except (ConfigurationError, DatasetNotFoundError) as err:

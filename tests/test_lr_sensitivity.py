@@ -1,5 +1,6 @@
-"""The learning-rate sensitivity benchmark (benchmarks/lr_sensitivity.py): outputs, resuming,
-the robust-range computation, divergence.  Small grids, one epoch: a few seconds in all."""
+"""The learning-rate sensitivity sweep (``lalr sweep``, lightning_adaptive_lr/sweep.py, and its
+benchmark entry benchmarks/lr_sensitivity.py): outputs, resuming, the robust-range computation,
+divergence.  Small grids, one epoch: a few seconds in all."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import lr_sensitivity as lrs
+from benchmarks import lr_sensitivity as benchmark_entry
+from lightning_adaptive_lr import cli
+from lightning_adaptive_lr import sweep as lrs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: On top of --quick: 2 rates per method and 1 epoch.
@@ -196,3 +199,51 @@ def test_two_worker_processes(tmp_path: Path) -> None:
 
     assert len(measured("a")) == 2
     assert measured("a") == measured("b")
+
+
+def test_lalr_sweep_runs_the_sweep(tmp_path: Path, counted_runs: list, capsys: pytest.CaptureFixture) -> None:
+    cli.main(["sweep", "--quick", "--methods", "Adam", *TINY, "--jobs", "1", "--out", str(tmp_path)])
+
+    assert sorted(round(math.log10(lr)) for _, lr, _ in counted_runs) == [-5, 1]
+    assert len(_csv_rows(tmp_path / lrs.CSV_NAME)) == 2
+    assert "| Adam (baseline) |" in (tmp_path / lrs.MD_NAME).read_text()
+    assert "wall time" in capsys.readouterr().out
+
+
+def test_lalr_sweep_rejects_an_unknown_method_by_name(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sweep", "--methods", "Momo"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "lalr sweep" in err and "unknown method(s) Momo" in err and "MoMoAdam" in err
+
+
+def test_the_benchmark_entry_writes_into_its_results_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counted_runs: list
+) -> None:
+    monkeypatch.setattr(benchmark_entry, "DEFAULT_OUT", tmp_path / "results")
+    benchmark_entry.main(["--quick", "--methods", "MoMo", *TINY, "--jobs", "1"])
+    assert len(_csv_rows(tmp_path / "results" / lrs.CSV_NAME)) == 2
+
+    # An explicit --out wins over the entry's default.
+    benchmark_entry.main(["--quick", "--methods", "MoMo", *TINY, "--jobs", "1", "--out", str(tmp_path / "mine")])
+    assert len(_csv_rows(tmp_path / "mine" / lrs.CSV_NAME)) == 2
+
+
+def test_without_matplotlib_the_csv_and_table_are_still_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counted_runs: list, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    _quick(tmp_path)
+
+    assert len(_csv_rows(tmp_path / lrs.CSV_NAME)) == 4
+    assert (tmp_path / lrs.MD_NAME).exists()
+    assert not (tmp_path / lrs.PNG_NAME).exists()
+    assert "needs matplotlib" in capsys.readouterr().err
+
+
+def test_a_table_read_back_from_the_csv_says_so(tmp_path: Path, counted_runs: list) -> None:
+    _quick(tmp_path)
+    _quick(tmp_path)  # everything is in runs.csv already
+    assert len(counted_runs) == 4
+    assert "read back from an earlier invocation" in (tmp_path / lrs.MD_NAME).read_text()
