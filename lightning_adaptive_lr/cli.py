@@ -282,7 +282,8 @@ def main(args: Sequence[str] | None = None) -> None:
     # them must stay the only line there (the seed is in the run's saved config.yaml).
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     try:
-        AdaptiveLRCLI(args=argv)
+        # None (not sys.argv[1:]) from the console script: LightningCLI warns when given both.
+        AdaptiveLRCLI(args=None if args is None else argv)
     except ArgumentError as err:
         _fail(readable_error(str(err)))
     except (ConfigurationError, DatasetNotFoundError) as err:
