@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from ._base import AdaptiveOptimizer, check_betas, check_flag, check_range
+from ._compiled import ensure_inductor_works, run_compiled, scalar, sum_partials
 from ._scalars import Scalar, safe_div, smax, smin, where
 from ._tensorlists import (
-    accumulation_dtype,
     add_scaled_,
     dot,
     exponential_average_,
@@ -68,28 +68,21 @@ class _MoMoBase(AdaptiveOptimizer):
 
     requires_loss = True
 
-    def _model_scalars(self, loss: Tensor, params: list[Tensor], grads: list[Tensor]) -> tuple[float, float] | None:
-        """Gate on ``(f, ⟨g, x⟩)``: their finiteness decides whether the step happens."""
-        gx = dot(grads, params, loss.device)
-        values = self._gate(loss, gx)
-        return None if values is None else (values[0], values[1])
-
-    def _take_polyak_steps(
+    def _polyak_step_sizes(
         self,
         groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]],
-        directions: list[list[Tensor]],
         *,
         loss_avg: float,
         gamma: float,
         d_dot_x: Scalar,
         d_sqnorm: Scalar,
         rho: float,
-        direction_scale: float = 1.0,
-    ) -> None:
-        """Per group: τ (and lb), then ``x ← (x − τ·direction_scale·direction) / c``."""
+    ) -> list[Scalar]:
+        """Per group τ (recorded, with the lower bound, which groups update in turn)."""
         st = self.global_state
         lb = st["lb"]
-        for (group, params, _), direction in zip(groups, directions):
+        taus = []
+        for group, _, _ in groups:
             tau, lb = momo_step_size(
                 lr=group["lr"],
                 weight_decay=group["weight_decay"],
@@ -102,6 +95,20 @@ class _MoMoBase(AdaptiveOptimizer):
                 lb_floor=group["lb"],
                 estimate_lb=group["estimate_lb"],
             )
+            self._record(group, effective_lr=tau, tau=tau, lower_bound=lb)
+            taus.append(tau)
+        st["lb"] = lb
+        return taus
+
+    @staticmethod
+    def _move(
+        groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]],
+        directions: list[list[Tensor]],
+        taus: list[Scalar],
+        direction_scale: float = 1.0,
+    ) -> None:
+        """The foreach/per-tensor step: ``x ← (x − τ·direction_scale·direction) / c`` per group."""
+        for (group, params, _), direction, tau in zip(groups, directions, taus):
             shrink = group["lr"] * group["weight_decay"]
             decoupled = group.get("decoupled_weight_decay", False)
             foreach = group["foreach"]
@@ -111,8 +118,20 @@ class _MoMoBase(AdaptiveOptimizer):
                 add_scaled_(ps, ds, -tau * direction_scale, foreach=foreach)
                 if shrink != 0 and not decoupled:
                     _divide_(ps, 1.0 + shrink, foreach=foreach)
-            self._record(group, effective_lr=tau, tau=tau, lower_bound=lb)
-        st["lb"] = lb
+
+    def _compiled(self, function: Callable[..., Any], columns: tuple[list[Tensor], ...], *scalars: Tensor) -> list[Any]:
+        """``function`` compiled, run on each device-and-dtype bucket of ``columns`` (then ``scalars``)."""
+        name = type(self).__name__
+        results = []
+        for bucket in group_by_device_and_dtype(*columns):
+            ensure_inductor_works(name, bucket[0][0].device)
+            results.append(run_compiled(name, function, *bucket, *scalars))
+        return results
+
+    def _state_or_zeros(self, param: Tensor, key: str) -> Tensor:
+        """``state[param][key]``, or zeros not yet stored (nothing is stored before the gate)."""
+        buffer = self.state.get(param, {}).get(key)
+        return torch.zeros_like(param, memory_format=torch.preserve_format) if buffer is None else buffer
 
 
 def _multiply_(xs: list[Tensor], factor: float, *, foreach: bool) -> None:
@@ -134,86 +153,85 @@ def _divide_(xs: list[Tensor], divisor: float, *, foreach: bool) -> None:
 
 
 # --------------------------------------------------------------------------- the compiled path
-# MoMoAdam(compiled=True) replaces, per device-and-dtype bucket, the moment updates, the direction
-# and the two global reductions of the step by one ``torch.compile``d function: Inductor emits one
-# C++/Triton kernel per tensor for what the foreach path does in about eight passes.  The per-tensor
-# partial sums are added in :func:`accumulation_dtype` afterwards, as :func:`dot` does.
-# MoMo has no such option: its foreach path is already three light passes, and Inductor's CPU
-# kernel (the in-place lerp written back in a second loop after the reductions) streams as many
-# bytes as they do; measured on ResNet-18, two CPU threads, it was 2.25x SGD-momentum vs 2.17x.
+# compiled=True runs each step as two compiled passes per device-and-dtype bucket (see _compiled.py):
+# the sums from the state before the step (read-only), then the averages and the parameters
+# written in one loop.  Against the foreach path (MoMo: five kernels and 11 parameter-sized reads
+# and writes; MoMo-Adam: about a dozen) that is 8 (MoMo) and 11 (MoMo-Adam) tensor accesses.
 
 
-def _fused_momo_adam(
+def _work(t: Tensor) -> Tensor:
+    """``t`` in at least float32: what the partial sums are taken in (as :func:`dot` does)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _momo_sums(avgs: list[Tensor], grads: list[Tensor], params: list[Tensor], weight: Tensor) -> Tensor:
+    """Per tensor ``⟨g, x⟩``, ``⟨d', x⟩`` and ``‖d'‖²`` (a 3 × n array; nothing is written).
+
+    ``d' = d + weight·(g − d)`` is the gradient average after this step, formed in registers.
+    """
+    rows = []
+    for d, g, x in zip(avgs, grads, params):
+        d, g, x = _work(d), _work(g), _work(x)
+        d_next = d + weight * (g - d)
+        rows.append(torch.stack([(g * x).sum(), (d_next * x).sum(), (d_next * d_next).sum()]))
+    return torch.stack(rows, dim=1)
+
+
+def _momo_update(
+    avgs: list[Tensor], grads: list[Tensor], params: list[Tensor], weight: Tensor, step: Tensor, divisor: Tensor
+) -> None:
+    """``d ← d + weight·(g − d)``, then ``x ← (x − step·d) / divisor``, in one loop per tensor."""
+    for d, g, x in zip(avgs, grads, params):
+        d_next = d + weight * (g - d)
+        d.copy_(d_next)
+        x.copy_((x - step * d_next) / divisor)
+
+
+def _adam_terms(
+    d: Tensor, v: Tensor, g: Tensor, weight1: Tensor, weight2: Tensor, shift: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """MoMo-Adam's averages after this step and ``u = d' / (sqrt(v') + shift)`` (see :func:`_adam_directions`)."""
+    d_next = d + weight1 * (g - d)
+    v_next = v * (1.0 - weight2) + weight2 * g * g
+    return d_next, v_next, d_next / (v_next.sqrt() + shift)
+
+
+def _momo_adam_sums(
     avgs: list[Tensor],
     sq_avgs: list[Tensor],
     grads: list[Tensor],
     params: list[Tensor],
-    directions: list[Tensor],
-    weight1: float,
-    weight2: float,
+    weight1: Tensor,
+    weight2: Tensor,
     shift: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """MoMo-Adam's averages in place and ``u = d / (sqrt(v) + shift)`` into ``directions``.
-
-    ``u`` is as in :func:`_adam_directions`.  ``directions`` are buffers kept from step to step:
-    a fresh output per step costs the allocator as much time as the whole kernel on the CPU.
-    ``shift`` changes every step, so it is a 0-d tensor (a Python float would recompile each step).
-    Returns the per-tensor ``⟨d, x⟩`` and ``⟨d, u⟩``.
-    """
-    d_dot_x, d_dot_u = [], []
-    for d, v, g, x, out in zip(avgs, sq_avgs, grads, params, directions):
-        d.lerp_(g, weight1)
-        v.mul_(1 - weight2).addcmul_(g, g, value=weight2)
-        u = d / (v.sqrt() + shift)
-        out.copy_(u)
-        d_dot_x.append((d * x).sum())
-        d_dot_u.append((d * u).sum())
-    return torch.stack(d_dot_x), torch.stack(d_dot_u)
+) -> Tensor:
+    """Per tensor ``⟨g, x⟩``, ``⟨d', x⟩`` and ``⟨d', u⟩`` (a 3 × n array; nothing is written)."""
+    rows = []
+    for d, v, g, x in zip(avgs, sq_avgs, grads, params):
+        d, v, g, x = _work(d), _work(v), _work(g), _work(x)
+        d_next, _, u = _adam_terms(d, v, g, weight1, weight2, shift)
+        rows.append(torch.stack([(g * x).sum(), (d_next * x).sum(), (d_next * u).sum()]))
+    return torch.stack(rows, dim=1)
 
 
-_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
-_INDUCTOR_CHECKED: set[str] = set()
-
-
-def _compile_error(owner: str, err: Exception) -> RuntimeError:
-    return RuntimeError(
-        f"{owner}(compiled=True) could not compile its step with torch.compile (TorchInductor): "
-        f"{type(err).__name__}: {err}. Inductor needs a working C++ compiler on CPU (and Triton on "
-        "GPU); install one or construct the optimizer with compiled=False."
-    )
-
-
-def _ensure_inductor_works(owner: str, device: torch.device) -> None:
-    """Compile a one-line function once per device type, before the first step changes any state.
-
-    A missing compiler then surfaces as a clear error instead of a half-updated optimizer.
-    """
-    if device.type in _INDUCTOR_CHECKED:
-        return
-    try:
-        probe = torch.compile(lambda t: (t * 2.0).sum(), backend="inductor", fullgraph=True, dynamic=False)
-        probe(torch.ones(4, device=device))
-    except Exception as err:  # Inductor raises many types (BackendCompilerFailed, CalledProcessError, ...)
-        raise _compile_error(owner, err) from err
-    _INDUCTOR_CHECKED.add(device.type)
-
-
-def _run_compiled(owner: str, function: Callable[..., Any], *args: Any) -> Any:
-    """Call ``function`` compiled (once per set of shapes: ``dynamic=False``), errors named clearly."""
-    compiled = _COMPILED.get(function)
-    if compiled is None:
-        compiled = _COMPILED[function] = torch.compile(function, backend="inductor", fullgraph=True, dynamic=False)
-    try:
-        return compiled(*args)
-    except Exception as err:
-        raise _compile_error(owner, err) from err
-
-
-def _sum_partials(partials: list[tuple[Tensor, ...]], device: torch.device) -> tuple[Tensor, ...]:
-    """Add the buckets' per-tensor partial sums in :func:`accumulation_dtype`, one 0-d tensor per kind."""
-    acc = accumulation_dtype(device)
-    kinds = range(len(partials[0]))
-    return tuple(torch.cat([bucket[i].to(device=device, dtype=acc) for bucket in partials]).sum() for i in kinds)
+def _momo_adam_update(
+    avgs: list[Tensor],
+    sq_avgs: list[Tensor],
+    grads: list[Tensor],
+    params: list[Tensor],
+    weight1: Tensor,
+    weight2: Tensor,
+    shift: Tensor,
+    step: Tensor,
+    keep: Tensor,
+    divisor: Tensor,
+) -> None:
+    """Write ``d'`` and ``v'``; ``x ← (keep·x − step·u) / divisor``, in one loop per tensor."""
+    for d, v, g, x in zip(avgs, sq_avgs, grads, params):
+        d_next, v_next, u = _adam_terms(d, v, g, weight1, weight2, shift)
+        d.copy_(d_next)
+        v.copy_(v_next)
+        x.copy_((keep * x - step * u) / divisor)
 
 
 class MoMo(_MoMoBase):
@@ -238,6 +256,17 @@ class MoMo(_MoMoBase):
         foreach: use the multi-tensor (``torch._foreach_*``) path; ``False`` updates tensor by tensor.
         average_across_ranks: average the loss across ``torch.distributed`` ranks (one collective
             per step) so replicas stay identical.
+        compiled: run the step as two ``torch.compile``\ d (TorchInductor) passes per tensor
+            bucket instead of five ``_foreach_``/BLAS passes: the three sums from the state before
+            the step (read-only), then ``d`` and ``x`` written in one loop; 8 instead of 11
+            parameter-sized reads and writes.  The same math and the same single
+            device-to-host synchronization; only the float32 partial sums are added in another
+            order (≤1e-5 relative after 20 steps).  Compiles once per set of parameter shapes at
+            the first step (about 20 s for ResNet-18 on two CPU cores, a few seconds for a small
+            model) and needs a working Inductor (a C++ compiler on CPU, Triton on GPU): if it
+            fails, ``step()`` raises a RuntimeError naming the cause before any state changes;
+            there is no silent fallback.  Measured in ``benchmarks/step_overhead.py``
+            (docs/benchmarks.md).
 
     After each step every param group holds ``effective_lr`` (= ``tau``, the step size used) and
     ``lower_bound`` (the lower bound in use; ``lb`` stays the constructor's value, the floor).
@@ -245,7 +274,7 @@ class MoMo(_MoMoBase):
     ``skipped_steps``; ``state[p]["grad_avg"]`` is ``d``.
     """
 
-    shared_options = ("beta", "lb", "bias_correction", "estimate_lb")
+    shared_options = ("beta", "lb", "bias_correction", "estimate_lb", "compiled")
 
     def __init__(
         self,
@@ -259,6 +288,7 @@ class MoMo(_MoMoBase):
         *,
         foreach: bool = True,
         average_across_ranks: bool = True,
+        compiled: bool = False,
     ) -> None:
         name = type(self).__name__
         check_range(name, "lr", lr, 0.0, None)
@@ -267,8 +297,15 @@ class MoMo(_MoMoBase):
         check_range(name, "lb", lb)
         check_flag(name, "bias_correction", bias_correction)
         check_flag(name, "estimate_lb", estimate_lb)
+        check_flag(name, "compiled", compiled)
         defaults = dict(
-            lr=lr, beta=beta, weight_decay=weight_decay, lb=lb, bias_correction=bias_correction, estimate_lb=estimate_lb
+            lr=lr,
+            beta=beta,
+            weight_decay=weight_decay,
+            lb=lb,
+            bias_correction=bias_correction,
+            estimate_lb=estimate_lb,
+            compiled=compiled,
         )
         super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
 
@@ -279,50 +316,67 @@ class MoMo(_MoMoBase):
         grads = [g for _, _, gs in groups for g in gs]
         if not params:
             return
-        gated = self._model_scalars(loss, params, grads)
-        if gated is None:
-            return
-        f, gx = gated
         options = self.param_groups[0]
-        beta, bias_correction = options["beta"], options["bias_correction"]
-
+        beta, bias_correction, compiled = options["beta"], options["bias_correction"], options["compiled"]
         st = self.global_state
         k = st["step"] + 1
+        # Without bias correction the averages start at the first values (f, g, ⟨g, x⟩); the compiled
+        # path starts d at zero and takes the first gradient whole (weight 1).
+        start = 0.0 if bias_correction else 1.0
+        weight = 1.0 if k == 1 and not bias_correction else 1.0 - beta
+        device = loss.device
+
+        if compiled:
+            avgs = [self._state_or_zeros(p, "grad_avg") for p in params]
+            partials = self._compiled(_momo_sums, (avgs, grads, params), scalar(weight))
+            gx, d_dot_x, d_sqnorm = sum_partials(partials, device)
+        else:
+            gx = dot(grads, params, device)
+        gated = self._gate(loss, gx)
+        if gated is None:
+            return
+        f, gx_value = gated
         if k == 1:
             st.setdefault("lb", options["lb"])
-            start = 0.0 if bias_correction else 1.0
-            st["loss_avg"], st["gamma"] = start * f, start * gx
+            st["loss_avg"], st["gamma"] = start * f, start * gx_value
         st["step"] = k
         st["loss_avg"] = beta * st["loss_avg"] + (1 - beta) * f
-        st["gamma"] = beta * st["gamma"] + (1 - beta) * gx
+        st["gamma"] = beta * st["gamma"] + (1 - beta) * gx_value
 
-        directions = []
-        for group, ps, gs in groups:
-            ds = []
-            for p, g in zip(ps, gs):
-                state = self.state[p]
-                if "grad_avg" not in state:
-                    # Without bias correction the first average is the first gradient.
-                    first = k == 1 and not bias_correction
-                    state["grad_avg"] = g.detach().clone() if first else torch.zeros_like(p)
-                ds.append(state["grad_avg"])
-            for d_bucket, g_bucket in group_by_device_and_dtype(ds, gs):
-                exponential_average_(d_bucket, g_bucket, 1 - beta, foreach=group["foreach"])
-            directions.append(ds)
-
-        all_d = [d for ds in directions for d in ds]
-        device = loss.device
-        d_dot_x, d_sqnorm = self._to_host_if_free(dot(all_d, params, device), sqnorm(all_d, device))
-        rho = 1.0 - beta**k if bias_correction else 1.0
-        self._take_polyak_steps(
+        if compiled:
+            for p, d in zip(params, avgs):
+                self.state[p].setdefault("grad_avg", d)
+            directions = [[self.state[p]["grad_avg"] for p in ps] for _, ps, _ in groups]
+        else:
+            directions = []
+            for group, ps, gs in groups:
+                ds = []
+                for p, g in zip(ps, gs):
+                    state = self.state[p]
+                    if "grad_avg" not in state:
+                        # Starting at the first gradient, the exponential average stays there.
+                        state["grad_avg"] = g.detach().clone() if k == 1 and not bias_correction else torch.zeros_like(p)
+                    ds.append(state["grad_avg"])
+                for d_bucket, g_bucket in group_by_device_and_dtype(ds, gs):
+                    exponential_average_(d_bucket, g_bucket, 1 - beta, foreach=group["foreach"])
+                directions.append(ds)
+            all_d = [d for ds in directions for d in ds]
+            d_dot_x, d_sqnorm = dot(all_d, params, device), sqnorm(all_d, device)
+        d_dot_x, d_sqnorm = self._to_host_if_free(d_dot_x, d_sqnorm)
+        taus = self._polyak_step_sizes(
             groups,
-            directions,
             loss_avg=st["loss_avg"],
             gamma=st["gamma"],
             d_dot_x=d_dot_x,
             d_sqnorm=d_sqnorm,
-            rho=rho,
+            rho=1.0 - beta**k if bias_correction else 1.0,
         )
+        if not compiled:
+            self._move(groups, directions, taus)
+            return
+        for (group, ps, gs), ds, tau in zip(groups, directions, taus):
+            divisor = scalar(1.0 + group["lr"] * group["weight_decay"])
+            self._compiled(_momo_update, (ds, gs, ps), scalar(weight), scalar(tau), divisor)
 
 
 def _average_sq_(avgs: list[Tensor], values: list[Tensor], weight: float, *, foreach: bool) -> None:
@@ -377,21 +431,17 @@ class MoMoAdam(_MoMoBase):
             of the proximal division.  ``τ`` keeps ``c = 1 + lr·wd`` in both modes, as the authors do.
         foreach: use the multi-tensor path.
         average_across_ranks: average the loss across ``torch.distributed`` ranks.
-        compiled: run the updates of ``d`` and ``v``, the direction ``u`` and the reductions
-            ``⟨d, x⟩`` and ``⟨d, u⟩`` as one ``torch.compile``\ d (TorchInductor) kernel per
-            tensor instead of about eight ``_foreach_`` passes and two BLAS reductions.  Same math
-            and the same single device-to-host synchronization; only the summation order of the
-            float32 partial sums differs (≤1e-5 relative after 20 steps).  Costs one compilation
-            per set of parameter shapes at the first step (20-40 s for ResNet-18 on two CPU
-            cores, a few seconds for a small model; Inductor's on-disk cache shortens later
-            runs) and needs a working Inductor backend (a C++ compiler on CPU, Triton on GPU):
-            if it fails, ``step()`` raises a RuntimeError naming the cause before any state
-            changes; there is no silent fallback.  Pays off in long runs where the optimizer
-            step is visible in the iteration time: on ResNet-18, CPU, two threads, the step took
-            22-25 ms against 31-46 ms for the foreach path, i.e. 0.7-1.1x
-            ``torch.optim.Adam(foreach=True)``, whose own time moved between 20 and 38 ms from
-            run to run with the allocator's state (fused Adam: 0.2-0.4x).
-            Keeps one extra buffer per parameter for the direction (not part of the state).
+        compiled: run the step as two ``torch.compile``\ d (TorchInductor) passes per tensor
+            bucket instead of about a dozen ``_foreach_``/BLAS passes: the three sums from the
+            state before the step (read-only; the new averages and the direction are formed in
+            registers), then ``d``, ``v`` and ``x`` written in one loop, which reads and writes
+            what ``torch.optim.Adam`` must.  The same math and the same single device-to-host
+            synchronization; only the float32 partial sums are added in another order (≤1e-5
+            relative after 20 steps).  Compiles once per set of parameter shapes at the first step
+            (about 20-40 s for ResNet-18 on two CPU cores, a few seconds for a small model) and
+            needs a working Inductor (a C++ compiler on CPU, Triton on GPU): if it fails,
+            ``step()`` raises a RuntimeError naming the cause before any state changes; there is
+            no silent fallback.  Measured in ``benchmarks/step_overhead.py`` (docs/benchmarks.md).
 
     After each step every param group holds ``effective_lr`` (= ``tau``) and ``lower_bound``;
     ``state[p]`` holds ``grad_avg`` (d) and ``grad_avg_sq`` (v).
@@ -435,12 +485,6 @@ class MoMoAdam(_MoMoBase):
         )
         super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
 
-    def _init_transient(self) -> None:
-        super()._init_transient()
-        # The compiled path's direction buffers, one per parameter: recomputed every step, so not
-        # state (not saved, rebuilt after unpickling).
-        self._direction_buffers: dict[Tensor, Tensor] = {}
-
     def _update(self, loss: Tensor | None) -> None:
         assert loss is not None
         groups = [(g, *self._params_and_grads(g)) for g in self.param_groups]
@@ -448,76 +492,82 @@ class MoMoAdam(_MoMoBase):
         grads = [g for _, _, gs in groups for g in gs]
         if not params:
             return
-        gated = self._model_scalars(loss, params, grads)
-        if gated is None:
-            return
-        f, gx = gated
-        beta1, beta2 = self.param_groups[0]["betas"]
-        compiled = self.param_groups[0].get("compiled", False)
-        if compiled:
-            _ensure_inductor_works(type(self).__name__, params[0].device)
-
+        options = self.param_groups[0]
+        (beta1, beta2), compiled = options["betas"], options["compiled"]
         st = self.global_state
         k = st["step"] + 1
+        bias_correction2 = 1.0 - beta2**k
+        # The directions are scale·u with scale = sqrt(1 − β2^k) (see _adam_directions).
+        scale = bias_correction2**0.5
+        device = loss.device
+
+        if compiled:
+            weight1, weight2 = scalar(1.0 - beta1), scalar(1.0 - beta2)
+            moments, partials = [], []
+            for group, ps, gs in groups:
+                ds = [self._state_or_zeros(p, "grad_avg") for p in ps]
+                vs = [self._state_or_zeros(p, "grad_avg_sq") for p in ps]
+                shift = scalar(group["eps"] * scale)
+                moments.append((ds, vs, shift))
+                partials += self._compiled(_momo_adam_sums, (ds, vs, gs, ps), weight1, weight2, shift)
+            gx, d_dot_x, d_dot_u = sum_partials(partials, device)
+        else:
+            gx = dot(grads, params, device)
+        gated = self._gate(loss, gx)
+        if gated is None:
+            return
+        f, gx_value = gated
         if k == 1:
-            st.setdefault("lb", self.param_groups[0]["lb"])
+            st.setdefault("lb", options["lb"])
             st["loss_avg"], st["gamma"] = 0.0, 0.0
         st["step"] = k
         st["loss_avg"] = beta1 * st["loss_avg"] + (1 - beta1) * f
-        st["gamma"] = beta1 * st["gamma"] + (1 - beta1) * gx
-        bias_correction2 = 1.0 - beta2**k
+        st["gamma"] = beta1 * st["gamma"] + (1 - beta1) * gx_value
 
-        all_d, directions = [], []
-        fused_sums: list[tuple[Tensor, Tensor]] = []
-        for group, ps, gs in groups:
-            ds, vs = [], []
-            for p in ps:
-                state = self.state[p]
-                if "grad_avg" not in state:
-                    state["grad_avg"] = torch.zeros_like(p)
-                    state["grad_avg_sq"] = torch.zeros_like(p)
-                ds.append(state["grad_avg"])
-                vs.append(state["grad_avg_sq"])
-            preconditioned: dict[int, Tensor] = {}
-            for d_b, v_b, g_b, x_b in group_by_device_and_dtype(ds, vs, gs, ps):
-                if compiled:
-                    shift = torch.tensor(group["eps"] * bias_correction2**0.5, dtype=torch.float64)
-                    us = [self._direction_buffer(x) for x in x_b]
-                    fused_sums.append(
-                        _run_compiled(
-                            type(self).__name__, _fused_momo_adam, d_b, v_b, g_b, x_b, us, 1 - beta1, 1 - beta2, shift
-                        )
-                    )
-                else:
+        if compiled:
+            for (_, ps, _), (ds, vs, _) in zip(groups, moments):
+                for p, d, v in zip(ps, ds, vs):
+                    self.state[p].setdefault("grad_avg", d)
+                    self.state[p].setdefault("grad_avg_sq", v)
+        else:
+            directions, all_d = [], []
+            for group, ps, gs in groups:
+                ds, vs = [], []
+                for p in ps:
+                    state = self.state[p]
+                    if "grad_avg" not in state:
+                        state["grad_avg"] = torch.zeros_like(p)
+                        state["grad_avg_sq"] = torch.zeros_like(p)
+                    ds.append(state["grad_avg"])
+                    vs.append(state["grad_avg_sq"])
+                preconditioned: dict[int, Tensor] = {}
+                for d_b, v_b, g_b in group_by_device_and_dtype(ds, vs, gs):
                     exponential_average_(d_b, g_b, 1 - beta1, foreach=group["foreach"])
                     _average_sq_(v_b, g_b, 1 - beta2, foreach=group["foreach"])
                     us, _ = _adam_directions(d_b, v_b, bias_correction2, group["eps"], foreach=group["foreach"])
-                preconditioned.update((id(d), u) for d, u in zip(d_b, us))
-            all_d.extend(ds)
-            directions.append([preconditioned[id(d)] for d in ds])  # the group's parameter order
-
-        # The directions are scale·u with scale = sqrt(1 − β2^k) (see _adam_directions).
-        scale = bias_correction2**0.5
-        all_u = [u for us in directions for u in us]
-        device = loss.device
-        if compiled:
-            d_dot_x, d_dot_u = self._to_host_if_free(*_sum_partials(fused_sums, device))
-        else:
-            d_dot_x, d_dot_u = self._to_host_if_free(dot(all_d, params, device), dot(all_d, all_u, device))
-        self._take_polyak_steps(
+                    preconditioned.update((id(d), u) for d, u in zip(d_b, us))
+                all_d.extend(ds)
+                directions.append([preconditioned[id(d)] for d in ds])  # the group's parameter order
+            all_u = [u for us in directions for u in us]
+            d_dot_x, d_dot_u = dot(all_d, params, device), dot(all_d, all_u, device)
+        d_dot_x, d_dot_u = self._to_host_if_free(d_dot_x, d_dot_u)
+        taus = self._polyak_step_sizes(
             groups,
-            directions,
             loss_avg=st["loss_avg"],
             gamma=st["gamma"],
             d_dot_x=d_dot_x,
             d_sqnorm=d_dot_u * scale,
             rho=1.0 - beta1**k,
-            direction_scale=scale,
         )
+        if not compiled:
+            self._move(groups, directions, taus, direction_scale=scale)
+            return
+        for (group, ps, gs), (ds, vs, shift), tau in zip(groups, moments, taus):
+            shrink = group["lr"] * group["weight_decay"]
+            decoupled = group["decoupled_weight_decay"]
+            keep, divisor = (1.0 - shrink, 1.0) if decoupled else (1.0, 1.0 + shrink)
+            step = scalar(tau * scale)
+            self._compiled(
+                _momo_adam_update, (ds, vs, gs, ps), weight1, weight2, shift, step, scalar(keep), scalar(divisor)
+            )
 
-    def _direction_buffer(self, param: Tensor) -> Tensor:
-        """The compiled path's reusable buffer for the direction ``u`` of ``param``."""
-        buffer = self._direction_buffers.get(param)
-        if buffer is None:
-            buffer = self._direction_buffers[param] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return buffer

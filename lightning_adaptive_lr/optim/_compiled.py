@@ -1,0 +1,83 @@
+"""Running an optimizer's per-tensor math as ``torch.compile``\\ d (TorchInductor) kernels.
+
+The ``compiled=True`` paths (:class:`~lightning_adaptive_lr.MoMo`,
+:class:`~lightning_adaptive_lr.MoMoAdam`) split each step into two compiled functions over a
+bucket of tensors:
+
+1. a **read-only** pass that computes, from the state *before* the step and the gradient, the
+   per-tensor partial sums the step size needs (the averages after the step are formed in
+   registers and never written);
+2. after the gate has read the sums, a **pointwise** pass that recomputes the same averages,
+   writes them and moves the parameters.
+
+Inductor emits one loop per tensor for each: a pass that both mutates a tensor and reduces over
+its new value comes out as two loops (the reduction, then the write-back), streaming the memory
+twice, which is what the split avoids.  Scalars that change from step to step (step sizes,
+schedules) go in as 0-d float64 tensors: a Python float would be baked into the kernel and
+recompile it every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._tensorlists import accumulation_dtype
+
+__all__ = ["ensure_inductor_works", "run_compiled", "scalar", "sum_partials"]
+
+_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
+_INDUCTOR_CHECKED: set[str] = set()
+
+
+def _compile_error(owner: str, err: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"{owner}(compiled=True) could not compile its step with torch.compile (TorchInductor): "
+        f"{type(err).__name__}: {err}. Inductor needs a working C++ compiler on CPU (and Triton on "
+        "GPU); install one or construct the optimizer with compiled=False."
+    )
+
+
+def ensure_inductor_works(owner: str, device: torch.device) -> None:
+    """Compile a one-line function once per device type, before the first step changes any state.
+
+    A missing compiler then surfaces as a clear error instead of a half-updated optimizer.
+    """
+    if device.type in _INDUCTOR_CHECKED:
+        return
+    try:
+        probe = torch.compile(lambda t: (t * 2.0).sum(), backend="inductor", fullgraph=True, dynamic=False)
+        probe(torch.ones(4, device=device))
+    except Exception as err:  # Inductor raises many types (BackendCompilerFailed, CalledProcessError, ...)
+        raise _compile_error(owner, err) from err
+    _INDUCTOR_CHECKED.add(device.type)
+
+
+def run_compiled(owner: str, function: Callable[..., Any], *args: Any) -> Any:
+    """Call ``function`` compiled (once per set of shapes: ``dynamic=False``), errors named clearly."""
+    compiled = _COMPILED.get(function)
+    if compiled is None:
+        compiled = _COMPILED[function] = torch.compile(function, backend="inductor", fullgraph=True, dynamic=False)
+    try:
+        return compiled(*args)
+    except Exception as err:
+        raise _compile_error(owner, err) from err
+
+
+def scalar(value: float | Tensor) -> Tensor:
+    """A step's scalar as a compiled function's argument: a 0-d tensor (kept as is if it is one)."""
+    return value if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.float64)
+
+
+def sum_partials(partials: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """Add the buckets' per-tensor partial sums in :func:`accumulation_dtype`.
+
+    Each element of ``partials`` is one compiled call's ``(kinds, tensors)`` array; returns one 0-d
+    tensor per kind (row), on ``device``.
+    """
+    acc = accumulation_dtype(device)
+    table = torch.cat([p.to(device=device, dtype=acc) for p in partials], dim=1)
+    return list(table.sum(dim=1))
