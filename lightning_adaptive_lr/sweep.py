@@ -681,8 +681,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "lalr sweep") -> None:
         done_now = f"all of them read back from an earlier invocation's `{CSV_NAME}`"
     header = f"""# Learning-rate sensitivity
 
-{title}.  Written by `lalr sweep` (grids, task and definitions in its
-docstring): {len(rows)} runs, {sum(r.seconds for r in rows):.0f} s of training summed over runs;
+{title}.  Written by `lalr sweep` (grids, task and definitions: `lalr sweep --help` and the
+docstring of `lightning_adaptive_lr/sweep.py`): {len(rows)} runs, {sum(r.seconds for r in rows):.0f} s of training summed over runs;
 {done_now} ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}).
 
 *Robust range*: the width, in decades, of the contiguous run of grid rates around the best one

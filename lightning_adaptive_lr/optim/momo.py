@@ -262,8 +262,8 @@ class MoMo(_MoMoBase):
             parameter-sized reads and writes.  The same math and the same single
             device-to-host synchronization; only the float32 partial sums are added in another
             order (≤1e-5 relative after 20 steps).  Compiles once per set of parameter shapes at
-            the first step (about 20 s for ResNet-18 on two CPU cores, a few seconds for a small
-            model) and needs a working Inductor (a C++ compiler on CPU, Triton on GPU): if it
+            the first step (for ResNet-18 on two CPU cores about 35 s, or 5 s from Inductor's
+            on-disk cache; a few seconds for a small model) and needs a working Inductor (a C++ compiler on CPU, Triton on GPU): if it
             fails, ``step()`` raises a RuntimeError naming the cause before any state changes;
             there is no silent fallback.  Measured in ``benchmarks/step_overhead.py``
             (docs/benchmarks.md).
@@ -438,8 +438,8 @@ class MoMoAdam(_MoMoBase):
             what ``torch.optim.Adam`` must.  The same math and the same single device-to-host
             synchronization; only the float32 partial sums are added in another order (≤1e-5
             relative after 20 steps).  Compiles once per set of parameter shapes at the first step
-            (about 20-40 s for ResNet-18 on two CPU cores, a few seconds for a small model) and
-            needs a working Inductor (a C++ compiler on CPU, Triton on GPU): if it fails,
+            (for ResNet-18 on two CPU cores about 45 s, or 5 s from Inductor's on-disk cache; a
+            few seconds for a small model) and needs a working Inductor (a C++ compiler on CPU, Triton on GPU): if it fails,
             ``step()`` raises a RuntimeError naming the cause before any state changes; there is
             no silent fallback.  Measured in ``benchmarks/step_overhead.py`` (docs/benchmarks.md).
 
