@@ -19,13 +19,21 @@ __all__ = [
     "dot",
     "exponential_average_",
     "group_by_device_and_dtype",
+    "pair_dot",
     "sqnorm",
+    "work_dtype",
 ]
 
 
 def accumulation_dtype(device: torch.device) -> torch.dtype:
     """The dtype global reductions are summed in: float64, except where the device has none (MPS)."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype``, or float32 for 16-bit dtypes: what products and partial sums are computed in
+    (16-bit squares overflow, and small updates vanish in 16 bits)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def group_by_device_and_dtype(*lists: Sequence[Any]) -> list[tuple[list[Any], ...]]:
@@ -59,15 +67,16 @@ def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device) -> Ten
     to float32 first); the per-tensor partial sums are added in :func:`accumulation_dtype`.
     """
     acc = accumulation_dtype(device)
-    parts = []
-    for x, y in zip(xs, ys, strict=True):
-        work = torch.promote_types(x.dtype, torch.float32)
-        x = x.reshape(-1).to(work)
-        y = y.reshape(-1).to(device=x.device, dtype=work)
-        parts.append(torch.dot(x, y).to(device=device, dtype=acc))
+    parts = [pair_dot(x, y, acc).to(device) for x, y in zip(xs, ys, strict=True)]
     if not parts:
         return torch.zeros((), device=device, dtype=acc)
     return torch.stack(parts).sum()
+
+
+def pair_dot(x: Tensor, y: Tensor, acc: torch.dtype) -> Tensor:
+    """``⟨x, y⟩`` by one BLAS dot in :func:`work_dtype`, as a 0-d ``acc`` tensor on ``x``'s device."""
+    work = work_dtype(x.dtype)
+    return torch.dot(x.reshape(-1).to(work), y.reshape(-1).to(device=x.device, dtype=work)).to(acc)
 
 
 def sqnorm(xs: Sequence[Tensor], device: torch.device) -> Tensor:
@@ -82,7 +91,7 @@ def sqnorm(xs: Sequence[Tensor], device: torch.device) -> Tensor:
     acc = accumulation_dtype(device)
     parts = []
     for (bucket,) in group_by_device_and_dtype(list(xs)):
-        work = torch.promote_types(bucket[0].dtype, torch.float32)  # half-precision squares overflow
+        work = work_dtype(bucket[0].dtype)
         sums = powsum(bucket, 2, dtype=None if work == bucket[0].dtype else work)
         parts.append(torch.stack(list(sums)).to(device=device, dtype=acc).sum())
     if not parts:

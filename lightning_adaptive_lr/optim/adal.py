@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._base import AdaptiveOptimizer, check_betas, check_choice, check_range
-from ._tensorlists import accumulation_dtype, group_by_device_and_dtype
+from ._tensorlists import accumulation_dtype, group_by_device_and_dtype, work_dtype
 
 __all__ = ["AdaL"]
 
@@ -46,7 +46,7 @@ def _l1_norms(tensors: Sequence[Tensor], device: torch.device, *, foreach: bool)
         positions.setdefault((t.device, t.dtype), []).append(i)
     parts = []
     for (where, dtype), indices in positions.items():
-        work = torch.promote_types(dtype, torch.float32)
+        work = work_dtype(dtype)
         chunk = [tensors[i] for i in indices]
         if foreach and where.type != "cpu":
             norms = torch._foreach_norm(chunk, 1, dtype=work)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ._base import AdaptiveOptimizer, check_betas, check_choice, check_flag, check_range
 from ._scalars import Scalar
-from ._tensorlists import accumulation_dtype, group_by_device_and_dtype
+from ._tensorlists import accumulation_dtype, group_by_device_and_dtype, pair_dot, work_dtype
 
 __all__ = ["HierarchicalHD", "DEFAULT_HYPER_LR", "LEVELS", "BASES", "project_simplex"]
 
@@ -71,13 +71,7 @@ def _units(tensor: Tensor) -> int:
 
 def _rate_dtype(tensor: Tensor) -> torch.dtype:
     """Tensor-valued rates are kept in at least float32: small hypergradient steps vanish in 16 bits."""
-    return torch.promote_types(tensor.dtype, torch.float32)
-
-
-def _pair_dot(x: Tensor, y: Tensor, acc: torch.dtype) -> Tensor:
-    """``⟨x, y⟩`` by one BLAS dot in the tensors' precision (16-bit promoted to float32), as ``acc``."""
-    work = torch.promote_types(x.dtype, torch.float32)
-    return torch.dot(x.reshape(-1).to(work), y.reshape(-1).to(work)).to(acc)
+    return work_dtype(tensor.dtype)
 
 
 def _hypergradient_dots(grads: list[Tensor], prevs: list[Tensor | None], acc: torch.dtype) -> Tensor:
@@ -489,7 +483,7 @@ class HierarchicalHD(AdaptiveOptimizer):
                     assert unit_sum is not None
                     term = torch.dot(unit_sum.to(acc), rate.to(acc))
                 else:
-                    term = _pair_dot(g * s, rate, acc)
+                    term = pair_dot(g * s, rate, acc)
                 terms.append(term.to(device) * (group["lr"] * scale))
             out[level] = torch.stack(terms).sum() if terms else torch.zeros((), dtype=acc, device=device)
         return out
