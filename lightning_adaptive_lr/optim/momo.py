@@ -29,6 +29,7 @@ from ._tensorlists import (
     exponential_average_,
     group_by_device_and_dtype,
     sqnorm,
+    work_dtype,
 )
 
 __all__ = ["MoMo", "MoMoAdam"]
@@ -67,6 +68,23 @@ class _MoMoBase(AdaptiveOptimizer):
     """Shared by MoMo and MoMo-Adam: the loss-model scalars and the per-group Polyak step."""
 
     requires_loss = True
+
+    def _groups_with_grads(self) -> tuple[list[tuple[dict[str, Any], list[Tensor], list[Tensor]]], list[Tensor], list[Tensor]]:
+        """Each group with its parameters that have a gradient and those gradients; then all of both."""
+        groups = [(g, *self._params_and_grads(g)) for g in self.param_groups]
+        params = [p for _, ps, _ in groups for p in ps]
+        grads = [g for _, _, gs in groups for g in gs]
+        return groups, params, grads
+
+    def _average_loss_model(self, f: float, gx: float, beta: float, start: float) -> None:
+        """``k ← k+1``; ``f̄`` and ``γ`` take ``f`` and ``⟨g, x⟩`` (at ``k = 1`` from ``start``·those values)."""
+        st = self.global_state
+        if st["step"] == 0:
+            st.setdefault("lb", self.param_groups[0]["lb"])
+            st["loss_avg"], st["gamma"] = start * f, start * gx
+        st["step"] += 1
+        st["loss_avg"] = beta * st["loss_avg"] + (1 - beta) * f
+        st["gamma"] = beta * st["gamma"] + (1 - beta) * gx
 
     def _polyak_step_sizes(
         self,
@@ -160,8 +178,8 @@ def _divide_(xs: list[Tensor], divisor: float, *, foreach: bool) -> None:
 
 
 def _work(t: Tensor) -> Tensor:
-    """``t`` in at least float32: what the partial sums are taken in (as :func:`dot` does)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    """``t`` in :func:`work_dtype`: what the partial sums are taken in (as :func:`dot` does)."""
+    return t.to(work_dtype(t.dtype))
 
 
 def _momo_sums(avgs: list[Tensor], grads: list[Tensor], params: list[Tensor], weight: Tensor) -> Tensor:
@@ -311,9 +329,7 @@ class MoMo(_MoMoBase):
 
     def _update(self, loss: Tensor | None) -> None:
         assert loss is not None
-        groups = [(g, *self._params_and_grads(g)) for g in self.param_groups]
-        params = [p for _, ps, _ in groups for p in ps]
-        grads = [g for _, _, gs in groups for g in gs]
+        groups, params, grads = self._groups_with_grads()
         if not params:
             return
         options = self.param_groups[0]
@@ -327,21 +343,16 @@ class MoMo(_MoMoBase):
         device = loss.device
 
         if compiled:
+            weight_t = scalar(weight)
             avgs = [self._state_or_zeros(p, "grad_avg") for p in params]
-            partials = self._compiled(_momo_sums, (avgs, grads, params), scalar(weight))
+            partials = self._compiled(_momo_sums, (avgs, grads, params), weight_t)
             gx, d_dot_x, d_sqnorm = sum_partials(partials, device)
         else:
             gx = dot(grads, params, device)
         gated = self._gate(loss, gx)
         if gated is None:
             return
-        f, gx_value = gated
-        if k == 1:
-            st.setdefault("lb", options["lb"])
-            st["loss_avg"], st["gamma"] = start * f, start * gx_value
-        st["step"] = k
-        st["loss_avg"] = beta * st["loss_avg"] + (1 - beta) * f
-        st["gamma"] = beta * st["gamma"] + (1 - beta) * gx_value
+        self._average_loss_model(*gated, beta, start)
 
         if compiled:
             for p, d in zip(params, avgs):
@@ -376,7 +387,7 @@ class MoMo(_MoMoBase):
             return
         for (group, ps, gs), ds, tau in zip(groups, directions, taus):
             divisor = scalar(1.0 + group["lr"] * group["weight_decay"])
-            self._compiled(_momo_update, (ds, gs, ps), scalar(weight), scalar(tau), divisor)
+            self._compiled(_momo_update, (ds, gs, ps), weight_t, scalar(tau), divisor)
 
 
 def _average_sq_(avgs: list[Tensor], values: list[Tensor], weight: float, *, foreach: bool) -> None:
@@ -487,9 +498,7 @@ class MoMoAdam(_MoMoBase):
 
     def _update(self, loss: Tensor | None) -> None:
         assert loss is not None
-        groups = [(g, *self._params_and_grads(g)) for g in self.param_groups]
-        params = [p for _, ps, _ in groups for p in ps]
-        grads = [g for _, _, gs in groups for g in gs]
+        groups, params, grads = self._groups_with_grads()
         if not params:
             return
         options = self.param_groups[0]
@@ -516,13 +525,7 @@ class MoMoAdam(_MoMoBase):
         gated = self._gate(loss, gx)
         if gated is None:
             return
-        f, gx_value = gated
-        if k == 1:
-            st.setdefault("lb", options["lb"])
-            st["loss_avg"], st["gamma"] = 0.0, 0.0
-        st["step"] = k
-        st["loss_avg"] = beta1 * st["loss_avg"] + (1 - beta1) * f
-        st["gamma"] = beta1 * st["gamma"] + (1 - beta1) * gx_value
+        self._average_loss_model(*gated, beta1, start=0.0)  # always bias-corrected: from zero
 
         if compiled:
             for (_, ps, _), (ds, vs, _) in zip(groups, moments):
