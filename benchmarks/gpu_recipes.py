@@ -10,7 +10,7 @@ finished when its ``result.json`` exists), so an interrupted sweep resumes.
     python -m benchmarks.gpu_recipes --only momo_cifar10 --seeds 1
     python -m benchmarks.gpu_recipes --dry-run                  # print the commands only
 
-Expected numbers (ALGORITHMS.md): MoMo on CIFAR-10 ResNet-20, 50 epochs, constant lr 3.16: test
+Expected numbers (docs/algorithms.md): MoMo on CIFAR-10 ResNet-20, 50 epochs, constant lr 3.16: test
 accuracy .891 (SGD-M .863); MoMo-Adam .895 (Adam .875); MoMo on the MNIST MLP, 10 epochs: .980
 (flat for lr from 1 to 1000).  QLAB-SGD on the MNIST MLP: the paper reports a win over hand-tuned
 SGD, but no number could be read, so the recipe prints the measured accuracy only.

@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> Path:
         page += [gpu_section(), ""]
         if claims.exists():
             page += [claims.read_text().strip(), ""]
+        defaults = ROOT / "benchmarks" / "defaults.md"  # hand-written too: how the defaults were chosen
+        if defaults.exists():
+            page += [defaults.read_text().strip(), ""]
         args.out.write_text("\n".join(page))
     print(f"\nwrote {args.out}")
     return args.out
