@@ -1,10 +1,22 @@
 """Pure-PyTorch optimizers (this subpackage imports ``torch`` only, never ``lightning``)."""
 
 from ._base import AdaptiveOptimizer
+from ._protocol import AdaptiveLROptimizer, LowerBoundOptimizer, Probe
 from .adal import AdaL
 from .hypergradient import HierarchicalHD
 from .momo import MoMo, MoMoAdam
 from .qlab import QLAB
 from .step_tuned import StepTunedSGD
 
-__all__ = ["AdaL", "AdaptiveOptimizer", "HierarchicalHD", "MoMo", "MoMoAdam", "QLAB", "StepTunedSGD"]
+__all__ = [
+    "AdaL",
+    "AdaptiveLROptimizer",
+    "AdaptiveOptimizer",
+    "LowerBoundOptimizer",
+    "Probe",
+    "HierarchicalHD",
+    "MoMo",
+    "MoMoAdam",
+    "QLAB",
+    "StepTunedSGD",
+]

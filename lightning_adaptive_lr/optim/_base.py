@@ -7,14 +7,20 @@ What lives here, once, so that each method's module holds only its own update:
   :class:`~lightning_adaptive_lr.AdaptiveLRCallback` does), or the closure's return value.  The
   closure, when given, is called exactly once.
 * **The gate.** Each step reads the few scalars that decide whether it may proceed (the loss and
-  a gradient reduction) in one device-to-host synchronization.  If any is non-finite the step is
-  skipped: parameters and state are left untouched, a warning is issued once, and
-  ``state["global"]["skipped_steps"]`` counts it.
+  a gradient reduction) in one device-to-host synchronization, and gets them back by name.  If
+  any is non-finite the step is skipped: parameters and state are left untouched, a warning is
+  issued, and ``param_groups[i]["skipped_steps"]`` counts it.
 * **Data parallelism.** Under an initialized ``torch.distributed`` process group the loss is
   averaged across ranks (one collective per step) so that replicas take identical steps in a
   plain PyTorch DDP loop too; ``average_across_ranks=False`` turns this off.
-* **State.** Per-parameter tensors live in ``self.state[p]``; scalars shared by the whole model
-  live in ``self.state["global"]``, so ``state_dict()``/``load_state_dict()`` resume bit for bit.
+* **State.** Per-parameter tensors live in ``self.state[p]``.  Scalars shared by the whole model
+  (step counts, loss averages, ...) are declared in :attr:`AdaptiveOptimizer.group_state` and kept,
+  equal, in every param group, so that ``optimizer.state`` is keyed by parameters only: what
+  ``torch.distributed.checkpoint`` (Lightning's sharded checkpoints) requires.
+  ``state_dict()``/``load_state_dict()`` resume bit for bit; state dicts of release 0.1, which kept
+  those scalars in ``state["global"]``, are converted when loaded.
+* **The contract with training loops** (:class:`~lightning_adaptive_lr.optim.AdaptiveLROptimizer`):
+  ``requires_loss``, ``requires_probe``, ``calls_closure_twice``, ``set_loss``, ``set_probe``.
 * **Recording.** After each step the step size used is written to
   ``param_groups[i]["effective_lr"]``, beside each method's documented internal quantities.
 """
@@ -32,15 +38,36 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._protocol import Probe
+from ._reduce import accumulation_dtype
 from ._scalars import Scalar
-from ._tensorlists import accumulation_dtype
 
-__all__ = ["GLOBAL", "AdaptiveOptimizer", "LossClosure", "check_betas", "check_choice", "check_flag", "check_range"]
+__all__ = [
+    "LEGACY_GLOBAL",
+    "AdaptiveOptimizer",
+    "LossClosure",
+    "Probe",
+    "BETAS",
+    "FINITE",
+    "FLAG",
+    "FRACTION",
+    "NONNEGATIVE",
+    "POSITIVE",
+    "Rule",
+    "check_betas",
+    "check_choice",
+    "check_flag",
+    "check_range",
+    "checked",
+    "number",
+    "one_of",
+]
 
 LossClosure = Callable[[], Any]
 
-#: Key of ``optimizer.state`` that holds the scalars that belong to no single parameter.
-GLOBAL = "global"
+#: Key of ``optimizer.state`` under which release 0.1 kept the optimizer-wide scalars (converted
+#: to the param groups by :meth:`AdaptiveOptimizer.load_state_dict`).
+LEGACY_GLOBAL = "global"
 
 _LOSS_FIXES = (
     "pass it as `optimizer.step(loss=loss)` (or return it from the closure), or, in Lightning, "
@@ -93,18 +120,74 @@ def check_betas(owner: str, betas: Any) -> None:
     check_range(owner, "betas[1]", betas[1], 0.0, 1.0, high_open=True)
 
 
-class AdaptiveOptimizer(Optimizer):
-    """Base class: loss intake, the finiteness gate, cross-rank averaging, global state.
+#: Checks one constructor argument, ``rule(owner, name, value)``, and returns it normalized.
+Rule = Callable[[str, str, Any], Any]
 
-    Subclasses implement :meth:`_update`, which receives the resolved loss (or ``None``), and
-    declare in :attr:`shared_options` the hyperparameters that must be equal in every param group
-    (those that feed scalars computed over the whole model).
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False) -> Rule:
+    """A :data:`Rule` for a finite number in a range (see :func:`check_range`)."""
+
+    def rule(owner: str, name: str, value: Any) -> Any:
+        check_range(owner, name, value, low, high, low_open=low_open, high_open=high_open)
+        return value
+
+    return rule
+
+
+def one_of(*choices: str) -> Rule:
+    """A :data:`Rule` for one of ``choices``."""
+
+    def rule(owner: str, name: str, value: Any) -> Any:
+        check_choice(owner, name, value, choices)
+        return value
+
+    return rule
+
+
+def _flag(owner: str, name: str, value: Any) -> bool:
+    check_flag(owner, name, value)
+    return value
+
+
+def _betas(owner: str, name: str, value: Any) -> tuple[float, float]:
+    check_betas(owner, value)
+    return (value[0], value[1])
+
+
+NONNEGATIVE, POSITIVE, FINITE = number(0.0), number(0.0, low_open=True), number()
+#: A decay or momentum coefficient: [0, 1).
+FRACTION = number(0.0, 1.0, high_open=True)
+FLAG: Rule = _flag
+BETAS: Rule = _betas
+
+
+def checked(owner: str, values: dict[str, Any], **rules: Rule) -> dict[str, Any]:
+    """``{name: rule(values[name])}`` for every rule, in order: a constructor's validated defaults.
+
+    >>> checked("Opt", {"lr": 0.1, "betas": [0.9, 0.99]}, lr=POSITIVE, betas=BETAS)
+    {'lr': 0.1, 'betas': (0.9, 0.99)}
+    """
+    return {name: rule(owner, name, values[name]) for name, rule in rules.items()}
+
+
+class AdaptiveOptimizer(Optimizer):
+    """Base class: loss and probe intake, the finiteness gate, cross-rank averaging, shared state.
+
+    Subclasses implement :meth:`_update`, which receives the resolved loss (or ``None``), declare in
+    :attr:`shared_options` the hyperparameters that must be equal in every param group (those that
+    feed scalars computed over the whole model), and in :attr:`group_state` the optimizer-wide
+    state they keep in the param groups, with its initial values.
     """
 
     #: Whether a step needs the loss value (MoMo, QLAB do; gradient-only methods do not).
     requires_loss: ClassVar[bool] = True
+    #: Whether a step needs a probe (a loss-only re-evaluation at a trial point: QLAB).
+    requires_probe: ClassVar[bool] = False
     #: Hyperparameters that every param group must share.
     shared_options: ClassVar[tuple[str, ...]] = ()
+    #: Optimizer-wide state, kept equal in every param group: key → initial value.  Subclasses
+    #: extend it (``{**AdaptiveOptimizer.group_state, "loss_avg": 0.0}``).
+    group_state: ClassVar[dict[str, Any]] = {"step": 0, "skipped_steps": 0}
     #: Convert post-gate scalars to Python floats when the parameters live on the CPU, where
     #: reading a tensor costs nothing. Tests switch it off to exercise the on-device path.
     host_scalars_on_cpu: ClassVar[bool] = True
@@ -121,14 +204,20 @@ class AdaptiveOptimizer(Optimizer):
         check_flag(type(self).__name__, "average_across_ranks", average_across_ranks)
         defaults = dict(defaults, foreach=foreach, average_across_ranks=average_across_ranks)
         self._init_transient()
-        super().__init__(params, defaults)
+        super().__init__(params, {**copy.deepcopy(self.group_state), **defaults})
 
     # ------------------------------------------------------------------ bookkeeping
 
     def _init_transient(self) -> None:
         """Attributes that are not state: lost on pickling, rebuilt here."""
         self._pending_loss: tuple[Tensor | float, bool] | None = None
+        self._registered_probe: tuple[Probe, bool] | None = None
         self._warned_nonfinite = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_registered_probe"] = None  # a function: not state (register it again after loading)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -136,32 +225,63 @@ class AdaptiveOptimizer(Optimizer):
             self._init_transient()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.param_groups:  # a group added later joins the optimizer-wide state where it stands
+            for key in self.group_state:
+                param_group.setdefault(key, copy.deepcopy(self.param_groups[0][key]))
         super().add_param_group(param_group)
         first = self.param_groups[0]
         for name in self.shared_options:
             if self.param_groups[-1][name] != first[name]:
                 raise ValueError(
-                    f"{type(self).__name__}: `{name}` is shared by all param groups (it enters scalars "
+                    f"{self._name}: `{name}` is shared by all param groups (it enters scalars "
                     f"computed over the whole model); got {first[name]!r} and {self.param_groups[-1][name]!r}"
                 )
 
+    def _shared(self, key: str) -> Any:
+        """One value of the optimizer-wide state (see :attr:`group_state`)."""
+        return self.param_groups[0][key]
+
+    def _set_shared(self, **values: Any) -> None:
+        """Write optimizer-wide state into every param group (they hold it equally)."""
+        for group in self.param_groups:
+            group.update(values)
+
     @property
-    def global_state(self) -> dict[str, Any]:
-        """Scalars shared by all parameters (step count, loss averages, ...), in ``state["global"]``."""
-        if GLOBAL not in self.state:
-            self.state[GLOBAL] = {"step": 0, "skipped_steps": 0}
-        return self.state[GLOBAL]
+    def _name(self) -> str:
+        """How messages name this optimizer (``QLAB.wrap(SGD)`` for a wrapper)."""
+        return type(self).__name__
+
+    @property
+    def average_across_ranks(self) -> bool:
+        """Whether losses handed over unreduced are averaged across ``torch.distributed`` ranks."""
+        return bool(self.param_groups[0]["average_across_ranks"])
+
+    @property
+    def calls_closure_twice(self) -> bool:
+        """Whether ``step(closure)`` evaluates the closure twice (only Step-Tuned SGD's ``same_batch=True``)."""
+        return False
+
+    # ------------------------------------------------------------------ state dicts
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        # torch copies state that belongs to no parameter by reference: give it its own copy,
-        # with its tensors on the parameters' device.
-        if GLOBAL in self.state:
-            device = self._device()
-            self.state[GLOBAL] = {
-                k: v.detach().clone().to(device) if isinstance(v, Tensor) else copy.deepcopy(v)
-                for k, v in self.state[GLOBAL].items()
-            }
+        """Load a state dict of this optimizer, also one saved by release 0.1 (``state["global"]``)."""
+        super().load_state_dict(self._convert_legacy(state_dict))
+
+    def _convert_legacy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Release 0.1 kept the optimizer-wide scalars in ``state["global"]``: move them to the groups.
+
+        Its groups lack the :attr:`group_state` keys (also when it was saved before any step, with no
+        ``state["global"]``): they start at their initial values.
+        """
+        state = state_dict.get("state", {})
+        legacy = state.get(LEGACY_GLOBAL)
+        shared = self._legacy_group_state(dict(legacy)) if legacy is not None else {}
+        groups = [{**copy.deepcopy(self.group_state), **group, **copy.deepcopy(shared)} for group in state_dict["param_groups"]]
+        return {**state_dict, "state": {k: v for k, v in state.items() if k != LEGACY_GLOBAL}, "param_groups": groups}
+
+    def _legacy_group_state(self, legacy: dict[str, Any]) -> dict[str, Any]:
+        """The group-state values for a release-0.1 ``state["global"]`` (subclasses rename keys)."""
+        return {**copy.deepcopy(self.group_state), **legacy}
 
     def _device(self) -> torch.device:
         for group in self.param_groups:
@@ -169,7 +289,7 @@ class AdaptiveOptimizer(Optimizer):
                 return p.device
         return torch.device("cpu")
 
-    # ------------------------------------------------------------------ loss intake
+    # ------------------------------------------------------------------ loss and probe intake
 
     def set_loss(self, loss: Tensor | float, *, reduced: bool = False) -> None:
         """Hand over the loss for the next :meth:`step` (what ``AdaptiveLRCallback`` does).
@@ -181,6 +301,27 @@ class AdaptiveOptimizer(Optimizer):
         """
         value = loss.detach() if isinstance(loss, Tensor) else float(loss)
         self._pending_loss = (value, reduced)
+
+    @property
+    def has_pending_loss(self) -> bool:
+        """Whether a loss handed over with :meth:`set_loss` waits for the next step."""
+        return self._pending_loss is not None
+
+    def set_probe(self, probe: Probe | None, *, reduced: bool = False) -> None:
+        """Register the probe used by every later :meth:`step` that is not given ``probe=``.
+
+        Only optimizers with ``requires_probe`` (QLAB) call it; for the others it is kept unused.
+
+        Args:
+            probe: returns the loss of the mini-batch whose gradient is in ``.grad``, evaluated
+                at the current parameters without backward (called under ``torch.no_grad()``).
+                ``None`` unregisters it.
+            reduced: ``True`` if the value it returns is already averaged across data-parallel
+                ranks (otherwise the optimizer averages it, like the loss).
+        """
+        if probe is not None and not callable(probe):
+            raise TypeError(f"{self._name}.set_probe: `probe` must be callable, got {probe!r}")
+        self._registered_probe = None if probe is None else (probe, reduced)
 
     def _resolve_loss(self, loss: Tensor | float | None, closure_loss: Any) -> tuple[Tensor | float | None, bool]:
         pending, self._pending_loss = self._pending_loss, None
@@ -197,7 +338,7 @@ class AdaptiveOptimizer(Optimizer):
         if isinstance(loss, Tensor):
             if loss.numel() != 1:
                 raise ValueError(
-                    f"{type(self).__name__}: the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}"
+                    f"{self._name}: the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}"
                 )
             value = loss.detach().reshape(()).to(device=device, dtype=accumulation_dtype(device))
         else:
@@ -207,7 +348,7 @@ class AdaptiveOptimizer(Optimizer):
         return value
 
     def _average_across_ranks(self, value: Tensor) -> Tensor:
-        if not self.param_groups[0]["average_across_ranks"]:
+        if not self.average_across_ranks:
             return value
         if not (dist.is_available() and dist.is_initialized()):
             return value
@@ -217,6 +358,18 @@ class AdaptiveOptimizer(Optimizer):
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / world
+
+    def _is_state_initialization(self) -> bool:
+        """Whether this step is ``torch.distributed.checkpoint``'s state initialization.
+
+        To lay out the state it loads into, ``get/set_optimizer_state_dict`` step an optimizer that
+        has no state yet once, with zero gradients and every ``lr`` set to 0, and no loss.  Such a
+        step creates the state (at its starting values) without moving the parameters.
+        """
+        if self.state or any(group["lr"] != 0 for group in self.param_groups):
+            return False
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return bool(grads) and all(not bool(g.any()) for g in grads)
 
     # ------------------------------------------------------------------ step
 
@@ -239,7 +392,9 @@ class AdaptiveOptimizer(Optimizer):
                 closure_loss = closure()
         value, reduced = self._resolve_loss(loss, closure_loss)
         if value is None and self.requires_loss:
-            raise RuntimeError(f"{type(self).__name__}.step() needs the mini-batch loss: {_LOSS_FIXES}.")
+            if not self._is_state_initialization():
+                raise RuntimeError(f"{self._name}.step() needs the mini-batch loss: {_LOSS_FIXES}.")
+            value, reduced = 0.0, True
         device = self._device()
         loss_tensor = None if value is None else self._loss_tensor(value, reduced, device)
         self._update(loss_tensor)
@@ -258,33 +413,43 @@ class AdaptiveOptimizer(Optimizer):
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients; use dense gradients "
+                    f"{self._name} does not support sparse gradients; use dense gradients "
                     "(e.g. `nn.Embedding(..., sparse=False)`)."
                 )
             params.append(p)
             grads.append(p.grad)
         return params, grads
 
-    def _gate(self, *scalars: Tensor) -> list[float] | None:
-        """The step's one device-to-host synchronization.
+    def _gate(self, **scalars: Tensor) -> dict[str, Any] | None:
+        """The step's one device-to-host synchronization, by name.
 
-        Reads the scalars that decide whether the step happens.  Returns them as floats, or
-        ``None`` (after recording the skip) if any is not finite.
+        Reads the tensors that decide whether the step happens (0-d or 1-d, any float dtype and
+        device) and returns them by name: a 0-d tensor as a float, a 1-d one as a list of floats.
+        Returns ``None`` (after recording the skip) if any value is not finite.
         """
-        device = scalars[0].device
-        values = torch.stack([s.to(device=device, dtype=scalars[0].dtype).reshape(()) for s in scalars]).tolist()
-        if all(math.isfinite(v) for v in values):
-            return values
-        self._skip_step()
-        return None
+        names = list(scalars)
+        first = next(iter(scalars.values()))
+        dtype = accumulation_dtype(first.device)
+        flat = [scalars[n].to(device=first.device, dtype=dtype).reshape(-1) for n in names]
+        values = torch.cat(flat).tolist() if flat else []
+        if not all(math.isfinite(v) for v in values):
+            self._skip_step()
+            return None
+        out: dict[str, Any] = {}
+        offset = 0
+        for name, piece in zip(names, flat):
+            n = piece.numel()
+            out[name] = values[offset] if scalars[name].dim() == 0 else values[offset : offset + n]
+            offset += n
+        return out
 
     def _skip_step(self) -> None:
-        self.global_state["skipped_steps"] += 1
+        self._set_shared(skipped_steps=self._shared("skipped_steps") + 1)
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
-                f"{type(self).__name__}: non-finite loss or gradient; the step was skipped (parameters and "
-                "state unchanged). Further skips are counted in optimizer.state['global']['skipped_steps'] "
+                f"{self._name}: non-finite loss or gradient; the step was skipped (parameters and "
+                "state unchanged). Further skips are counted in optimizer.param_groups[i]['skipped_steps'] "
                 "without a warning.",
                 RuntimeWarning,
                 stacklevel=4,

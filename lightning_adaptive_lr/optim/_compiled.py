@@ -19,15 +19,13 @@ recompile it every step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._tensorlists import accumulation_dtype
-
-__all__ = ["ensure_inductor_works", "run_compiled", "scalar", "sum_partials"]
+__all__ = ["ensure_inductor_works", "run_compiled", "scalar"]
 
 _COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
 _INDUCTOR_CHECKED: set[str] = set()
@@ -70,14 +68,3 @@ def run_compiled(owner: str, function: Callable[..., Any], *args: Any) -> Any:
 def scalar(value: float | Tensor) -> Tensor:
     """A step's scalar as a compiled function's argument: a 0-d tensor (kept as is if it is one)."""
     return value if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.float64)
-
-
-def sum_partials(partials: Sequence[Tensor], device: torch.device) -> list[Tensor]:
-    """Add the buckets' per-tensor partial sums in :func:`accumulation_dtype`.
-
-    Each element of ``partials`` is one compiled call's ``(kinds, tensors)`` array; returns one 0-d
-    tensor per kind (row), on ``device``.
-    """
-    acc = accumulation_dtype(device)
-    table = torch.cat([p.to(device=device, dtype=acc) for p in partials], dim=1)
-    return list(table.sum(dim=1))

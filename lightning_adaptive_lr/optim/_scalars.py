@@ -7,7 +7,7 @@ formulas once with these helpers keeps a single source of truth for both cases.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -21,22 +21,22 @@ def _as_tensor(value: Scalar, like: Tensor) -> Tensor:
     return torch.as_tensor(value, device=like.device, dtype=like.dtype)
 
 
+def _pick(a: Scalar, b: Scalar, on_tensors: Any, on_floats: Any) -> Scalar:
+    """``on_tensors(a, b)`` if either is a tensor (the other cast alike), else ``on_floats(a, b)``."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        like = a if isinstance(a, Tensor) else b
+        return on_tensors(_as_tensor(a, like), _as_tensor(b, like))  # type: ignore[arg-type]
+    return on_floats(a, b)
+
+
 def smin(a: Scalar, b: Scalar) -> Scalar:
     """``min(a, b)``."""
-    if isinstance(a, Tensor):
-        return torch.minimum(a, _as_tensor(b, a))
-    if isinstance(b, Tensor):
-        return torch.minimum(_as_tensor(a, b), b)
-    return min(a, b)
+    return _pick(a, b, torch.minimum, min)
 
 
 def smax(a: Scalar, b: Scalar) -> Scalar:
     """``max(a, b)``."""
-    if isinstance(a, Tensor):
-        return torch.maximum(a, _as_tensor(b, a))
-    if isinstance(b, Tensor):
-        return torch.maximum(_as_tensor(a, b), b)
-    return max(a, b)
+    return _pick(a, b, torch.maximum, max)
 
 
 def where(condition: bool | Tensor, a: Scalar, b: Scalar) -> Scalar:

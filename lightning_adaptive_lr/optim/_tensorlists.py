@@ -1,12 +1,15 @@
-"""Operations over lists of tensors: grouping for ``torch._foreach_*`` kernels and global reductions.
+"""Elementwise operations over lists of tensors, each with a multi-tensor and a per-tensor body.
 
-The adaptive methods need a few *global* scalars per step (inner products and squared norms over
-every parameter of every group).  They are computed here once, as 0-d tensors on the parameters'
-device, so that nothing leaves the device until the optimizer decides it must.
+``foreach=True`` runs ``torch._foreach_*`` kernels over buckets of one device and dtype (see
+:func:`group_by_device_and_dtype`); ``foreach=False`` loops tensor by tensor.  Both give the same
+numbers.  One convention for every function here and in :mod:`._directions`: the lists may mix
+devices and dtypes (each function buckets them itself), and results come back in input order.  Reductions over parameters live in :mod:`._reduce`, base directions in
+:mod:`._directions`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,26 +17,16 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "accumulation_dtype",
     "add_scaled_",
-    "dot",
+    "clamp_",
+    "clone",
+    "copy_",
+    "divide_",
     "exponential_average_",
     "group_by_device_and_dtype",
-    "pair_dot",
-    "sqnorm",
-    "work_dtype",
+    "multiply_",
+    "subtract_",
 ]
-
-
-def accumulation_dtype(device: torch.device) -> torch.dtype:
-    """The dtype global reductions are summed in: float64, except where the device has none (MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """``dtype``, or float32 for 16-bit dtypes: what products and partial sums are computed in
-    (16-bit squares overflow, and small updates vanish in 16 bits)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def group_by_device_and_dtype(*lists: Sequence[Any]) -> list[tuple[list[Any], ...]]:
@@ -60,45 +53,6 @@ def group_by_device_and_dtype(*lists: Sequence[Any]) -> list[tuple[list[Any], ..
     return list(buckets.values())
 
 
-def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device) -> Tensor:
-    """Global inner product ``sum_i <xs[i], ys[i]>`` as a 0-d tensor on ``device``.
-
-    Each pair is reduced by one BLAS dot in the tensors' own precision (half precision is promoted
-    to float32 first); the per-tensor partial sums are added in :func:`accumulation_dtype`.
-    """
-    acc = accumulation_dtype(device)
-    parts = [pair_dot(x, y, acc).to(device) for x, y in zip(xs, ys, strict=True)]
-    if not parts:
-        return torch.zeros((), device=device, dtype=acc)
-    return torch.stack(parts).sum()
-
-
-def pair_dot(x: Tensor, y: Tensor, acc: torch.dtype) -> Tensor:
-    """``⟨x, y⟩`` by one BLAS dot in :func:`work_dtype`, as a 0-d ``acc`` tensor on ``x``'s device."""
-    work = work_dtype(x.dtype)
-    return torch.dot(x.reshape(-1).to(work), y.reshape(-1).to(device=x.device, dtype=work)).to(acc)
-
-
-def sqnorm(xs: Sequence[Tensor], device: torch.device) -> Tensor:
-    """Global squared Euclidean norm ``sum_i ||xs[i]||^2`` as a 0-d tensor on ``device``.
-
-    Uses the multi-tensor ``_foreach_powsum`` kernel where torch has it (it reads each tensor once;
-    a dot product of a tensor with itself streams it twice), per device-and-dtype bucket.
-    """
-    powsum = getattr(torch, "_foreach_powsum", None)
-    if powsum is None:
-        return dot(xs, xs, device)
-    acc = accumulation_dtype(device)
-    parts = []
-    for (bucket,) in group_by_device_and_dtype(list(xs)):
-        work = work_dtype(bucket[0].dtype)
-        sums = powsum(bucket, 2, dtype=None if work == bucket[0].dtype else work)
-        parts.append(torch.stack(list(sums)).to(device=device, dtype=acc).sum())
-    if not parts:
-        return torch.zeros((), device=device, dtype=acc)
-    return torch.stack(parts).sum()
-
-
 def exponential_average_(avgs: list[Tensor], values: list[Tensor], weight: float, *, foreach: bool) -> None:
     """Exponential average in place: ``avg ← (1 − weight)·avg + weight·value`` (one lerp)."""
     if foreach:
@@ -109,23 +63,95 @@ def exponential_average_(avgs: list[Tensor], values: list[Tensor], weight: float
             a.lerp_(v, weight)
 
 
-def add_scaled_(xs: list[Tensor], ys: list[Tensor], alpha: float | Tensor, *, foreach: bool) -> None:
-    """``xs[i] += alpha * ys[i]`` in place.
+def add_scaled_(
+    xs: list[Tensor], ys: list[Tensor], alpha: float | Tensor | Sequence[float], *, foreach: bool
+) -> None:
+    """``xs[i] += alpha·ys[i]`` in place; ``alpha`` a number, a 0-d tensor, or one number per tensor.
 
-    ``alpha`` may be a 0-d tensor: on accelerators the step sizes stay on the device, so that
-    reading them does not cost a device-to-host synchronization.
+    A 0-d tensor keeps the step size on the device (on accelerators reading it would cost a
+    device-to-host synchronization).  With one number per tensor, accelerators take a scaled
+    temporary and one add; the CPU, where foreach kernels are loops anyway and a parameter-sized
+    temporary costs more than it saves, a loop of fused adds.
     """
+    if isinstance(alpha, Sequence):
+        alphas = list(alpha)
+        if alphas and all(a == alphas[0] for a in alphas):
+            add_scaled_(xs, ys, alphas[0], foreach=foreach)
+            return
+        for x_b, y_b, index in group_by_device_and_dtype(xs, ys, list(range(len(xs)))):
+            scales = [alphas[i] for i in index]
+            if foreach and x_b[0].device.type != "cpu":
+                torch._foreach_add_(x_b, torch._foreach_mul(y_b, scales))
+            else:
+                for x, y, a in zip(x_b, y_b, scales):
+                    x.add_(y, alpha=a)
+        return
+    for x_b, y_b in group_by_device_and_dtype(xs, ys):
+        scale = alpha.to(device=x_b[0].device, dtype=x_b[0].dtype) if isinstance(alpha, Tensor) else alpha
+        if foreach and isinstance(scale, Tensor):
+            torch._foreach_add_(x_b, torch._foreach_mul(y_b, scale))
+        elif foreach:
+            torch._foreach_add_(x_b, y_b, alpha=scale)
+        elif isinstance(scale, Tensor):
+            for x, y in zip(x_b, y_b):
+                x.add_(y * scale)
+        else:
+            for x, y in zip(x_b, y_b):
+                x.add_(y, alpha=scale)
+
+
+def _each_bucket_(op: str, *lists: list[Any], foreach: bool, scalar: Any = None) -> None:
+    """``torch._foreach_<op>_`` per bucket, or ``tensor.<op>_`` per tensor: ``xs[i] <op>= ys[i]`` or ``<op>= scalar``."""
+    extra = () if scalar is None else (scalar,)
+    if foreach:
+        for bucket in group_by_device_and_dtype(*lists):
+            getattr(torch, f"_foreach_{op}_")(*bucket, *extra)
+        return
+    for items in zip(*lists):
+        getattr(items[0], f"{op}_")(*items[1:], *extra)
+
+
+def multiply_(xs: list[Tensor], factor: float, *, foreach: bool) -> None:
+    """``xs[i] *= factor`` in place."""
+    _each_bucket_("mul", xs, foreach=foreach, scalar=factor)
+
+
+def divide_(xs: list[Tensor], divisor: float, *, foreach: bool) -> None:
+    """``xs[i] /= divisor`` in place."""
+    _each_bucket_("div", xs, foreach=foreach, scalar=divisor)
+
+
+def subtract_(xs: list[Tensor], ys: list[Tensor], *, foreach: bool) -> None:
+    """``xs[i] -= ys[i]`` in place."""
+    _each_bucket_("sub", xs, ys, foreach=foreach)
+
+
+def copy_(dst: list[Tensor], src: list[Tensor], *, foreach: bool) -> None:
+    """``dst[i] ← src[i]`` in place."""
+    _each_bucket_("copy", dst, src, foreach=foreach)
+
+
+def clone(xs: list[Tensor], *, foreach: bool) -> list[Tensor]:
+    """New copies of ``xs``, in input order."""
+    if not foreach:
+        return [x.detach().clone() for x in xs]
+    out: list[Tensor] = list(xs)
+    for bucket, index in group_by_device_and_dtype(list(xs), list(range(len(xs)))):
+        for i, c in zip(index, torch._foreach_mul(bucket, 1.0)):
+            out[i] = c
+    return out
+
+
+def clamp_(xs: list[Tensor], low: float, high: float, *, foreach: bool) -> None:
+    """Clip every tensor to ``[low, high]`` in place (an infinite side is not applied)."""
     if not xs:
         return
-    if isinstance(alpha, Tensor):
-        alpha = alpha.to(device=xs[0].device, dtype=xs[0].dtype)
-        if foreach:
-            torch._foreach_add_(xs, torch._foreach_mul(ys, alpha))
-        else:
-            for x, y in zip(xs, ys):
-                x.add_(y * alpha)
-    elif foreach:
-        torch._foreach_add_(xs, ys, alpha=alpha)
-    else:
-        for x, y in zip(xs, ys):
-            x.add_(y, alpha=alpha)
+    if foreach:
+        for (bucket,) in group_by_device_and_dtype(xs):
+            if low != -math.inf:
+                torch._foreach_clamp_min_(bucket, low)
+            if high != math.inf:
+                torch._foreach_clamp_max_(bucket, high)
+        return
+    for x in xs:
+        x.clamp_(min=None if low == -math.inf else low, max=None if high == math.inf else high)

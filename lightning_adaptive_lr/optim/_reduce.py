@@ -1,0 +1,160 @@
+"""Every reduction over parameters, in one place.
+
+The adaptive methods need a few scalars per step that are sums over *every* element of *every*
+parameter (⟨a, b⟩, ‖a‖², ‖a‖₁), or over one tensor or one output unit at a time.  Nothing else in
+:mod:`lightning_adaptive_lr.optim` sums over parameter elements: this module is the only code that
+has to know how parameters are laid out (on one device, across dtypes, and, for sharded training,
+across processes), so that a layout is handled once for all six methods.
+
+Conventions, the same for every function:
+
+* products and partial sums are taken in :func:`work_dtype` (16-bit inputs promoted to float32:
+  their squares overflow and their small sums vanish);
+* the per-tensor partial sums are then added in :func:`accumulation_dtype` (float64 where the
+  device has it), on the device given, as 0-d (global) or 1-d (per tensor) tensors: nothing is
+  read to the host here; the optimizer's gate decides when that happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._tensorlists import group_by_device_and_dtype
+
+__all__ = [
+    "accumulation_dtype",
+    "dot",
+    "l1_norms",
+    "pair_dot",
+    "sqnorm",
+    "sum_partials",
+    "tensor_dots",
+    "tensor_extrema",
+    "tensor_sums",
+    "unit_dots",
+    "work_dtype",
+]
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """The dtype partial sums are added in: float64, except where the device has none (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype``, or float32 for 16-bit dtypes: what products and partial sums are computed in."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _zero(device: torch.device) -> Tensor:
+    return torch.zeros((), device=device, dtype=accumulation_dtype(device))
+
+
+def pair_dot(x: Tensor, y: Tensor, acc: torch.dtype) -> Tensor:
+    """``⟨x, y⟩`` of one pair by one BLAS dot in :func:`work_dtype`, as a 0-d ``acc`` tensor on ``x``'s device."""
+    work = work_dtype(x.dtype)
+    return torch.dot(x.reshape(-1).to(work), y.reshape(-1).to(device=x.device, dtype=work)).to(acc)
+
+
+def tensor_dots(xs: Sequence[Tensor], ys: Sequence[Tensor | None], device: torch.device) -> Tensor:
+    """``⟨xs[i], ys[i]⟩`` per tensor, as a 1-d :func:`accumulation_dtype` tensor on ``device``.
+
+    A ``None`` in ``ys`` contributes ``0·Σ xs[i]``: zero, but non-finite when ``xs[i]`` is, so a
+    gate that reads the result still sees every entry of ``xs``.
+    """
+    acc = accumulation_dtype(device)
+    parts = [
+        pair_dot(x, y, acc) if y is not None else x.sum(dtype=work_dtype(x.dtype)).to(acc) * 0.0
+        for x, y in zip(xs, ys, strict=True)
+    ]
+    if not parts:
+        return torch.zeros(0, device=device, dtype=acc)
+    return torch.stack([p.to(device) for p in parts])
+
+
+def tensor_sums(xs: Sequence[Tensor], device: torch.device) -> Tensor:
+    """``Σ xs[i]`` per tensor, as a 1-d :func:`accumulation_dtype` tensor on ``device``."""
+    acc = accumulation_dtype(device)
+    if not xs:
+        return torch.zeros(0, device=device, dtype=acc)
+    return torch.stack([x.sum(dtype=work_dtype(x.dtype)).to(device=device, dtype=acc) for x in xs])
+
+
+def tensor_extrema(xs: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """The smallest and the largest element over all of ``xs``, as 0-d tensors on ``device``."""
+    pairs = [torch.aminmax(x) for x in xs]
+    acc = accumulation_dtype(device)
+    low = torch.stack([lo.to(device=device, dtype=acc) for lo, _ in pairs])
+    high = torch.stack([hi.to(device=device, dtype=acc) for _, hi in pairs])
+    return low.min(), high.max()
+
+
+def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Global inner product ``Σ_i ⟨xs[i], ys[i]⟩`` as a 0-d tensor on ``device``."""
+    if not xs:
+        return _zero(device)
+    return tensor_dots(xs, ys, device).sum()
+
+
+def sqnorm(xs: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Global squared Euclidean norm ``Σ_i ‖xs[i]‖²`` as a 0-d tensor on ``device``.
+
+    Uses the multi-tensor ``_foreach_powsum`` kernel where torch has it (it reads each tensor once;
+    a dot of a tensor with itself streams it twice), per device-and-dtype bucket.
+    """
+    powsum = getattr(torch, "_foreach_powsum", None)
+    if powsum is None:
+        return dot(xs, xs, device)
+    acc = accumulation_dtype(device)
+    parts = []
+    for (bucket,) in group_by_device_and_dtype(list(xs)):
+        work = work_dtype(bucket[0].dtype)
+        sums = powsum(bucket, 2, dtype=None if work == bucket[0].dtype else work)
+        parts.append(torch.stack(list(sums)).to(device=device, dtype=acc).sum())
+    return torch.stack(parts).sum() if parts else _zero(device)
+
+
+def l1_norms(xs: Sequence[Tensor], device: torch.device, *, foreach: bool) -> Tensor:
+    """``‖xs[i]‖₁`` per tensor, in input order, as a 1-d :func:`accumulation_dtype` tensor on ``device``.
+
+    On accelerators the multi-tensor path is one ``_foreach_norm`` kernel per bucket; on the CPU,
+    where that kernel is a loop over a norm several times slower than ``abs().sum()``, both paths
+    take the latter.
+    """
+    acc = accumulation_dtype(device)
+    out = torch.empty(len(xs), device=device, dtype=acc)
+    for bucket, index in group_by_device_and_dtype(list(xs), list(range(len(xs)))):
+        work = work_dtype(bucket[0].dtype)
+        if foreach and bucket[0].device.type != "cpu":
+            norms = torch._foreach_norm(bucket, 1, dtype=work)
+        else:
+            norms = [t.abs().sum(dtype=work) for t in bucket]
+        values = torch.stack(list(norms)).to(device, acc)
+        if len(index) == len(xs):
+            return values
+        out[torch.tensor(index, device=device)] = values
+    return out
+
+
+def unit_dots(x: Tensor, y: Tensor) -> Tensor:
+    """Per-output-unit inner products ``Σ_{i in unit u} x_i·y_i`` (units along dim 0), in :func:`work_dtype`.
+
+    One batched dot: no product temporary.  A 0-d tensor is one unit.
+    """
+    dtype = work_dtype(x.dtype)
+    n = x.shape[0] if x.dim() > 0 else 1
+    return torch.bmm(x.reshape(n, 1, -1).to(dtype), y.reshape(n, -1, 1).to(dtype)).reshape(n)
+
+
+def sum_partials(partials: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """Add the per-tensor partial sums of compiled kernels in :func:`accumulation_dtype`.
+
+    Each element of ``partials`` is one kernel call's ``(kinds, tensors)`` array; returns one 0-d
+    tensor per kind (row), on ``device``.
+    """
+    acc = accumulation_dtype(device)
+    table = torch.cat([p.to(device=device, dtype=acc) for p in partials], dim=1)
+    return list(table.sum(dim=1))
