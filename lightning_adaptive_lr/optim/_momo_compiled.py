@@ -1,0 +1,128 @@
+"""The ``compiled=True`` bodies of MoMo and MoMo-Adam: two TorchInductor passes per tensor bucket.
+
+The math is the eager path's (:mod:`.momo`, docs/algorithms.md §1); only the memory traffic
+differs.  Each step runs, per device-and-dtype bucket (see :mod:`._compiled`):
+
+1. a **read-only** pass over the state *before* the step: the averages after the step are formed
+   in registers and only the per-tensor partial sums the step size needs come out
+   (``⟨g, x⟩``, ``⟨d', x⟩`` and ``‖d'‖²`` for MoMo; ``⟨g, x⟩``, ``⟨d', x⟩`` and ``⟨d', u⟩`` for
+   MoMo-Adam), to be added by :func:`~._reduce.sum_partials`;
+2. after the gate, a **pointwise** pass that forms the same averages again, writes them and moves
+   the parameters.
+
+Counted in parameter-sized reads and writes per step, MoMo takes 8 (read ``d, g, x`` twice, write
+``d, x``) and MoMo-Adam 11 (read ``d, v, g, x`` twice, write ``d, v, x``).  Averages start at zero
+(a state not stored yet is passed as zeros); MoMo's first step without bias correction takes the
+gradient whole (``weight = 1``), which is the eager path's copy of the first gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._compiled import ensure_inductor_works, run_compiled
+from ._reduce import work_dtype
+from ._tensorlists import group_by_device_and_dtype
+
+__all__ = ["momo_adam_sums", "momo_adam_update", "momo_sums", "momo_update", "run_on_buckets", "state_or_zeros"]
+
+
+def run_on_buckets(
+    owner: str, function: Callable[..., Any], columns: tuple[list[Tensor], ...], *scalars: Tensor
+) -> list[Any]:
+    """``function`` compiled, called on each device-and-dtype bucket of ``columns`` (then ``scalars``)."""
+    results = []
+    for bucket in group_by_device_and_dtype(*columns):
+        ensure_inductor_works(owner, bucket[0][0].device)
+        results.append(run_compiled(owner, function, *bucket, *scalars))
+    return results
+
+
+def state_or_zeros(state: dict[str, Tensor], param: Tensor, key: str) -> Tensor:
+    """``state[key]``, or new zeros not stored yet (nothing is stored before the gate has passed)."""
+    buffer = state.get(key)
+    return torch.zeros_like(param, memory_format=torch.preserve_format) if buffer is None else buffer
+
+
+def _work(t: Tensor) -> Tensor:
+    """``t`` in :func:`~._reduce.work_dtype`, the dtype partial sums are taken in (as :func:`~._reduce.dot`)."""
+    return t.to(work_dtype(t.dtype))
+
+
+# --------------------------------------------------------------------------- MoMo
+
+
+def momo_sums(avgs: list[Tensor], grads: list[Tensor], params: list[Tensor], weight: Tensor) -> Tensor:
+    """Per tensor ``⟨g, x⟩``, ``⟨d', x⟩`` and ``‖d'‖²`` (3 × n; writes nothing); ``d' = d + weight·(g − d)``."""
+    rows = []
+    for d, g, x in zip(avgs, grads, params):
+        d, g, x = _work(d), _work(g), _work(x)
+        d_next = d + weight * (g - d)
+        rows.append(torch.stack([(g * x).sum(), (d_next * x).sum(), (d_next * d_next).sum()]))
+    return torch.stack(rows, dim=1)
+
+
+def momo_update(
+    avgs: list[Tensor], grads: list[Tensor], params: list[Tensor], weight: Tensor, step: Tensor, divisor: Tensor
+) -> None:
+    """``d ← d + weight·(g − d)``, then ``x ← (x − step·d) / divisor``: one loop per tensor."""
+    for d, g, x in zip(avgs, grads, params):
+        d_next = d + weight * (g - d)
+        d.copy_(d_next)
+        x.copy_((x - step * d_next) / divisor)
+
+
+# --------------------------------------------------------------------------- MoMo-Adam
+
+
+def _adam_terms(
+    d: Tensor, v: Tensor, g: Tensor, weight1: Tensor, weight2: Tensor, root: Tensor, eps: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The moments after the step and Adam's direction ``u = d' / (√v' / root + eps)``."""
+    d_next = d + weight1 * (g - d)
+    v_next = v * (1.0 - weight2) + weight2 * g * g
+    return d_next, v_next, d_next / (v_next.sqrt() / root + eps)
+
+
+def momo_adam_sums(
+    avgs: list[Tensor],
+    sq_avgs: list[Tensor],
+    grads: list[Tensor],
+    params: list[Tensor],
+    weight1: Tensor,
+    weight2: Tensor,
+    root: Tensor,
+    eps: Tensor,
+) -> Tensor:
+    """Per tensor ``⟨g, x⟩``, ``⟨d', x⟩`` and ``⟨d', u⟩`` (a 3 × n array; writes nothing)."""
+    rows = []
+    for d, v, g, x in zip(avgs, sq_avgs, grads, params):
+        d, v, g, x = _work(d), _work(v), _work(g), _work(x)
+        d_next, _, u = _adam_terms(d, v, g, weight1, weight2, root, eps)
+        rows.append(torch.stack([(g * x).sum(), (d_next * x).sum(), (d_next * u).sum()]))
+    return torch.stack(rows, dim=1)
+
+
+def momo_adam_update(
+    avgs: list[Tensor],
+    sq_avgs: list[Tensor],
+    grads: list[Tensor],
+    params: list[Tensor],
+    weight1: Tensor,
+    weight2: Tensor,
+    root: Tensor,
+    eps: Tensor,
+    step: Tensor,
+    keep: Tensor,
+    divisor: Tensor,
+) -> None:
+    """Write ``d'`` and ``v'``, then ``x ← (keep·x − step·u) / divisor``: one loop per tensor."""
+    for d, v, g, x in zip(avgs, sq_avgs, grads, params):
+        d_next, v_next, u = _adam_terms(d, v, g, weight1, weight2, root, eps)
+        d.copy_(d_next)
+        v.copy_(v_next)
+        x.copy_((keep * x - step * u) / divisor)
