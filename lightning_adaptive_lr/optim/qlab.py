@@ -1,29 +1,30 @@
-"""QLAB: the step size from a quadratic fit of the loss along the update (ALGORITHMS.md §2).
+r"""QLAB: the step size from a quadratic fit of the loss along the update (docs/algorithms.md §2).
 
 Fu and Wu, "QLAB: Quadratic Loss Approximation-Based Optimal Learning Rate for Deep Learning"
 (2023), published at AAAI 2024 as "QLABGrad: a Hyperparameter-Free and Convergence-Guaranteed
 Scheme for Deep Learning".
 
-Each step, the base rule (SGD, SGD with momentum, Adam, AdamW, or any ``torch.optim`` optimizer
-through :meth:`QLAB.wrap`) takes its normal step with its current rate η; that displacement Δ is
-the search direction.  Along it, ``φ(t) = L(x + t·Δ)`` is fitted by the quadratic through
-``φ(0) = f``, ``φ'(0) = ⟨g, Δ⟩`` and one extra loss value ``φ(1) = f̃`` (the *probe*, a forward
-pass without backward on the same mini-batch), and the parameters move to its minimum::
+Each step, the base rule (SGD, SGD with momentum, Adam, AdamW from :mod:`._directions`, or any
+``torch.optim`` optimizer through :meth:`QLAB.wrap`) takes its normal step with its current rate
+η; that displacement Δ is the search direction.  Along it, ``φ(t) = L(x + t·Δ)`` is fitted by the
+quadratic through ``φ(0) = f``, ``φ'(0) = ⟨g, Δ⟩`` and one extra loss value ``φ(1) = f̃`` (the
+*probe*, a forward pass without backward on the same mini-batch), and the parameters move to its
+minimum::
 
     a1 = ⟨g, Δ⟩,   a2 = f̃ − f − a1,   t* = −a1 / (2·a2)   (if a1 < 0 < a2, else t* = 1)
     η' = clamp(min(t*, max_growth)·η, min_lr, max_lr),   x ← x + (η'/η)·Δ
 
 η' becomes the base rule's rate for the next step, so ``param_groups[i]["lr"]`` always holds the
 rate the next trial step will use.  The base rule's buffers (momentum, Adam moments) are updated
-exactly once per step, by the trial step.
+exactly once per step, by the trial step.  The scalar rules are :func:`qlab_step_factor` and
+:func:`qlab_rate`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,21 +32,25 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._base import GLOBAL, AdaptiveOptimizer, LossClosure, check_betas, check_choice, check_range
-from ._tensorlists import add_scaled_, dot, group_by_device_and_dtype, sqnorm
+from ._base import BETAS, FRACTION, LEGACY_GLOBAL, NONNEGATIVE, POSITIVE, AdaptiveOptimizer, LossClosure, check_range, checked, one_of
+from ._directions import adam_denominators, adam_directions, adam_moments_, momentum_, with_l2
+from ._protocol import Probe
+from ._reduce import accumulation_dtype, dot, sqnorm
+from ._tensorlists import add_scaled_, clone, subtract_
 
-__all__ = ["QLAB", "QLABWrapper", "qlab_step_factor"]
-
-#: A loss-only re-evaluation of the mini-batch at the current parameters (no backward).
-Probe = Callable[[], Any]
+__all__ = ["QLAB", "QLABWrapper", "qlab_rate", "qlab_step_factor"]
 
 BASES = ("sgd", "sgdm", "adam", "adamw")
 
-# Defaults, chosen from measurements on an MLP on scikit-learn's digits (see the QLAB docstring).
+# Defaults of the bounds, chosen by measurement (see the QLAB docstring and docs/benchmarks.md).
 DEFAULT_MIN_LR = 1e-6
 DEFAULT_MAX_LR = 10.0
 DEFAULT_MIN_TRIAL_LR = 1e-3
 DEFAULT_MAX_GROWTH = 2.0
+
+#: Key under which a release-0.1 state dict of ``QLAB.wrap`` kept the ``state["global"]`` of a
+#: wrapped optimizer of this package (its own ``"global"`` held the wrapper's scalars).
+LEGACY_BASE_GLOBAL = "base_" + LEGACY_GLOBAL
 
 _PROBE_FIXES = (
     "pass both as `optimizer.step(loss=loss, probe=probe)`, where `probe()` returns the same "
@@ -55,13 +60,21 @@ _PROBE_FIXES = (
 )
 
 
+# --------------------------------------------------------------------------- the scalar rules
+
+
 def qlab_step_factor(a1: float, a2: float) -> float:
-    """The factor ``t*`` of the quadratic fit, with the safeguards of ALGORITHMS.md §2.
+    """The factor ``t*`` of the quadratic fit, with the authors' fallback (docs/algorithms.md §2).
 
     ``a1 = ⟨g, Δ⟩`` is the slope and ``a2 = f̃ − f − a1`` the curvature term of
     ``φ(t) ≈ f + a1·t + a2·t²``.  Its minimum ``t* = −a1 / (2·a2)`` is used only when the
     direction descends (``a1 < 0``) and the fit is convex (``a2 > 0``); otherwise, and when
-    either is not finite, the rate is kept (``t* = 1``, the authors' fallback).
+    either is not finite, the rate is kept (``t* = 1``).
+
+    >>> qlab_step_factor(-2.0, 4.0)
+    0.25
+    >>> qlab_step_factor(-2.0, -1.0)  # concave along Δ: keep the rate
+    1.0
     """
     if not (math.isfinite(a1) and math.isfinite(a2)):
         return 1.0
@@ -70,34 +83,105 @@ def qlab_step_factor(a1: float, a2: float) -> float:
     return 1.0
 
 
-@dataclass
-class _Trial:
-    """One param group's part of the trial step.
+def qlab_rate(t_star: float, rate: float, *, max_growth: float, min_lr: float, max_lr: float) -> float:
+    """The bounded new rate ``η' = clamp(min(t*, max_growth)·η, min_lr, max_lr)``.
 
-    The group's displacement is ``Δ = −scale·d`` over each bucket, so that moving to the fitted
-    point ``x + (η'/η)·Δ`` from the trial point ``x + Δ`` is ``x ← x − (η' − η)·(scale/η)·d``.
-    Built-in bases keep the base's direction ``d`` (``scale = η``); the wrapper keeps
-    ``d = x − x_trial`` itself (``scale = 1``).
+    >>> qlab_rate(0.25, 0.4, max_growth=2.0, min_lr=1e-6, max_lr=10.0)
+    0.1
+    >>> qlab_rate(50.0, 0.1, max_growth=2.0, min_lr=1e-6, max_lr=10.0)  # at most two trial steps
+    0.2
     """
+    return min(max(min(t_star, max_growth) * rate, min_lr), max_lr)
 
-    group: dict[str, Any]
-    rate: float  # η: the rate of the trial step
-    scale: float
-    buckets: list[tuple[list[Tensor], list[Tensor], list[Tensor]]]  # (params, grads, d), one device/dtype each
 
-    def move(self, new_rate: float) -> None:
-        """From the trial point to ``x + (new_rate/η)·Δ``."""
-        alpha = -(new_rate - self.rate) * (self.scale / self.rate)
-        if alpha == 0.0:
-            return
-        for params, _, directions in self.buckets:
-            add_scaled_(params, directions, alpha, foreach=_uses_foreach(self.group))
+# --------------------------------------------------------------------------- the base rules' directions
 
 
 def _uses_foreach(group: dict[str, Any]) -> bool:
     # Wrapped torch optimizers keep ``foreach=None`` ("torch decides"); only an explicit False
     # asks for the per-tensor path.
     return group.get("foreach") is not False
+
+
+def _base_direction(
+    group: dict[str, Any], state: defaultdict[Tensor, dict[str, Any]], params: list[Tensor], grads: list[Tensor]
+) -> list[Tensor]:
+    """The built-in base rule's unit-rate direction ``d`` (``Δ = −η·d``); updates its buffers once.
+
+    ``sgd``: ``g + wd·x``; ``sgdm``: torch SGD's heavy-ball buffer of ``g + wd·x``; ``adam``:
+    ``m̂/(√v̂ + eps)`` of ``g + wd·x``; ``adamw``: ``m̂/(√v̂ + eps) + wd·x``.
+    """
+    base, wd, foreach = group["base"], group["weight_decay"], _uses_foreach(group)
+    if base == "sgd":
+        return with_l2(params, grads, wd, foreach=foreach)
+    if base == "sgdm":
+        states = [state[p] for p in params]
+        return momentum_(states, with_l2(params, grads, wd, foreach=foreach), group["momentum"], foreach=foreach)
+    coupled = with_l2(params, grads, wd if base == "adam" else 0.0, foreach=foreach)
+    directions = _adam_direction(group, [state[p] for p in params], params, coupled)
+    if base == "adamw" and wd != 0:
+        add_scaled_(directions, params, wd, foreach=foreach)  # decoupled: x(1 − η·wd) − η·m̂/(√v̂ + eps)
+    return directions
+
+
+def _adam_direction(
+    group: dict[str, Any], states: list[dict[str, Any]], params: list[Tensor], grads: list[Tensor]
+) -> list[Tensor]:
+    """New tensors ``m̂/(√v̂ + eps)`` after the moment updates, with per-parameter step counts (as torch's Adam)."""
+    beta1, beta2 = group["betas"]
+    foreach = _uses_foreach(group)
+    for state, p in zip(states, params):
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+    avgs, sq_avgs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+    adam_moments_(avgs, sq_avgs, grads, 1.0 - beta1, 1.0 - beta2, foreach=foreach)
+    bias1 = [1.0 - beta1 ** s["step"] for s in states]
+    # m̂/(√v̂ + eps) = m / (bc1·(√v/√bc2 + eps)): both corrections go into the denominator, whose
+    # memory then receives the quotient (one new tensor per parameter and step).
+    roots = [math.sqrt(1.0 - beta2 ** s["step"]) / b1 for s, b1 in zip(states, bias1)]
+    denominators = adam_denominators(sq_avgs, roots, [group["eps"] * b1 for b1 in bias1], foreach=foreach)
+    return adam_directions(avgs, denominators, foreach=foreach, out=denominators)
+
+
+# --------------------------------------------------------------------------- the trial step and the fit
+
+
+@dataclass
+class _Trial:
+    """One param group's part of the trial step: ``Δ = −scale·d`` over ``params``.
+
+    Moving from the trial point ``x + Δ`` to the fitted point ``x + (η'/η)·Δ`` is
+    ``x ← x − (η' − η)·(scale/η)·d``.  The built-in bases keep their direction ``d``
+    (``scale = η``); the wrapper keeps ``d = x − x_trial`` itself (``scale = 1``).
+    """
+
+    group: dict[str, Any]
+    rate: float  # η: the rate of the trial step
+    scale: float
+    params: list[Tensor]
+    directions: list[Tensor]
+
+    def move(self, new_rate: float) -> None:
+        """From the trial point to ``x + (new_rate/η)·Δ``."""
+        alpha = -(new_rate - self.rate) * (self.scale / self.rate)
+        if alpha != 0.0:
+            add_scaled_(self.params, self.directions, alpha, foreach=_uses_foreach(self.group))
+
+
+def _trial_rate(group: dict[str, Any]) -> float:
+    """η: the group's rate, floored at ``min_trial_lr`` (the floor moves the trial point only)."""
+    return max(float(group["lr"]), group["min_trial_lr"])
+
+
+def _set_lr(group: dict[str, Any], rate: float) -> None:
+    """Write the next rate, in place where the group keeps it as a tensor (capturable optimizers)."""
+    if isinstance(group["lr"], Tensor):
+        group["lr"].fill_(rate)
+    else:
+        group["lr"] = rate
 
 
 def _check_bounds(owner: str, min_lr: float, max_lr: float, min_trial_lr: float, max_growth: float) -> None:
@@ -110,212 +194,20 @@ def _check_bounds(owner: str, min_lr: float, max_lr: float, min_trial_lr: float,
         raise ValueError(f"{owner}: `max_growth` must be a number in [1, inf], got {max_growth!r}")
 
 
-class QLAB(AdaptiveOptimizer):
-    r"""QLAB: a base rule whose learning rate is set each step by a quadratic fit of the loss.
+class _QLABFit(AdaptiveOptimizer):
+    """What :class:`QLAB` and :class:`QLABWrapper` share: the probe intake and the fit.
 
-    Fu and Wu, "QLAB: Quadratic Loss Approximation-Based Optimal Learning Rate for Deep
-    Learning", 2023 (AAAI 2024 as QLABGrad).  ALGORITHMS.md §2.
-
-    Each step costs one extra forward pass without backward on the same mini-batch (the *probe*),
-    evaluated at the trial point ``x + Δ``, where ``Δ`` is the base rule's step with its current
-    rate ``η = param_groups[i]["lr"]``.  With ``a1 = ⟨g, Δ⟩`` and ``a2 = f̃ − f − a1`` the step is
-    ``x ← x + (η'/η)·Δ``, ``η' = clamp(min(t*, max_growth)·η, min_lr, max_lr)``,
-    ``t* = −a1/(2·a2)``, and ``η'`` is the next step's rate (written to
-    ``param_groups[i]["lr"]``).  One ``t*`` serves every param group (the fit is along the whole
-    model's displacement), so groups keep the ratio of their rates, up to the bounds.  An lr
-    scheduler therefore sets the next *trial* rate; the fit then chooses the step.
-
-    [reconstructed] The displacement formulation (the fit is along the base rule's own step, which
-    makes QLAB work on top of any optimizer) and the safeguards:
-
-    * ``a1 ≥ 0`` (not a descent direction), ``a2 ≤ 0`` (no positive curvature along Δ), or a
-      non-finite probe loss: the rate is kept (``t* = 1``; the parameters stay at the trial
-      point), as the authors' code does.  Only the step's own loss and gradient can skip a step.
-    * ``η'`` is clamped to ``[min_lr, max_lr]``.
-    * ``t*`` is capped at ``max_growth`` (this option is this package's addition): the quadratic
-      is fitted on ``[0, 1]`` and is not to be trusted far beyond it.  When the loss is nearly
-      linear up to the trial point (``a2 ≈ 0⁺``), ``t*`` is huge; on the digits MLP below, an
-      AdamW run without the cap took a step 130 trial steps long and diverged.
-    * The trial step uses ``max(η, min_trial_lr)``: when η is tiny, ``a2`` is the difference of
-      nearly equal losses and drowns in float rounding, which would make the rate collapse for
-      good.  The authors' code starts the trial rate at 0.1 and caps it at 0.5.
-    * The authors' released code fits along ``g/‖g‖∞`` but steps along ``g``, which collapses the
-      rate when ``‖g‖∞ < 0.5``; here the fit and the step use the same Δ.
-    * ``a1`` uses the gradient in ``.grad`` and the fit uses the losses handed in: weight decay
-      shapes the direction Δ but is not part of the fitted function.  To fit a regularized
-      objective, put the regularizer in the loss (and its gradient in ``.grad``) instead.
-
-    The base rules, each exactly its ``torch.optim`` counterpart at the rate used:
-
-    * ``"sgd"``: ``torch.optim.SGD(lr, weight_decay=wd)``; ``Δ = −η·(g + wd·x)``.
-    * ``"sgdm"``: ``torch.optim.SGD(lr, momentum=momentum, dampening=0, nesterov=False,
-      weight_decay=wd)``: the heavy-ball buffer ``b ← momentum·b + (g + wd·x)`` (``b = g + wd·x``
-      at the first step), ``Δ = −η·b``.  Without dampening the buffer is about ``1/(1−momentum)``
-      times the gradient; the fit absorbs that scale into η.
-    * ``"adam"``: ``torch.optim.Adam(lr, betas, eps, weight_decay=wd)`` (L2 added to the gradient);
-      ``Δ = −η·m̂/(√v̂ + eps)`` with per-parameter bias corrections.
-    * ``"adamw"``: ``torch.optim.AdamW(lr, betas, eps, weight_decay=wd)``;
-      ``Δ = −η·(m̂/(√v̂ + eps) + wd·x)``.
-
-    Every Δ is linear in η, so ``x + (η'/η)·Δ`` is the base rule's step at rate ``η'``.  To put
-    QLAB on another optimizer, use :meth:`QLAB.wrap`.
-
-    The step needs the mini-batch loss and a probe: ``step(loss=loss, probe=probe)``, a probe
-    registered with :meth:`set_probe`, or, in Lightning,
-    :class:`~lightning_adaptive_lr.AdaptiveLRCallback` (which also restores BatchNorm statistics
-    and replays dropout for the probe).  The probe is called exactly once per step, under
-    ``torch.no_grad()``, at the trial point.
-
-    Defaults of the bounds, from measurements with a 64-128-10 tanh MLP on scikit-learn's digits
-    (1400 training images, batch 64, cross-entropy, float32, 10 epochs, 3 seeds, ``lr=0.1``):
-
-    * ``max_growth=2``: the cap that mattered.  Final training loss without any bound → with the
-      defaults: sgd 0.072 → 0.073 (the fit is stable there, so the cap never hurts), sgdm
-      0.119 → 0.041, adam 0.204 → 0.023, adamw (wd 0.01) 84 (one run diverged) → 0.015.
-      (torch's SGD-M at 0.1: 0.058; Adam at 1e-3: 0.270, at 1e-2: 0.025.)
-    * ``max_lr=10``: above the rates the fit chose there (sgd: 0.36 to 3.5, median 0.84; the
-      other bases' medians 0.06 to 0.4); single fits above 10 came only from ``a2 ≈ 0⁺``, which
-      ``max_growth`` already caps.  A last guard that decides nothing on a well-scaled problem;
-      a cap of 0.3 (near the authors' 0.5) doubled sgd's final loss (0.14).
-    * ``min_trial_lr=1e-3``: started at ``lr=1e-6``, sgd's fit drowns in the float32 rounding of
-      the losses without a floor (16 of 220 steps fell back, rates stuck near 1e-5 early on) or
-      with a floor of 1e-4 (5 fallbacks); from 1e-3 up it follows the same path as a run started
-      at 0.1.  The floor moves only the trial point, never the step.
-    * ``min_lr=1e-6``: below every rate the fit chose (the smallest: about 1e-4); it keeps the
-      rate positive after a step with ``t* ≈ 0``.
-
-    Args:
-        params: parameters or param groups.  Groups may differ in every option but ``base``.
-        base: the base rule, one of ``"sgd"``, ``"sgdm"``, ``"adam"``, ``"adamw"``.
-        lr: the first trial rate η (the authors start at 0.1); afterwards the fitted rate.
-        momentum: the heavy-ball coefficient of ``"sgdm"``, in [0, 1).
-        betas: Adam's ``(β1, β2)``, each in [0, 1) (``"adam"``, ``"adamw"``).
-        eps: Adam's denominator term, outside the square root.
-        weight_decay: coupled L2 for ``"sgd"``, ``"sgdm"``, ``"adam"``; decoupled for ``"adamw"``.
-        min_lr: lower bound of the fitted rate η'.
-        max_lr: upper bound of the fitted rate η'.
-        min_trial_lr: lower bound of the trial step's rate (the step taken is still η').
-        max_growth: upper bound of ``t*``: the step is at most this many trial steps long.
-        foreach: use the multi-tensor (``torch._foreach_*``) path; ``False`` updates tensor by tensor.
-        average_across_ranks: average the loss and the probe's loss across ``torch.distributed``
-            ranks (one collective each per step) so replicas stay identical.
-
-    After each step every param group holds ``effective_lr`` (η', the rate used and the next
-    trial rate), ``fitted_lr`` (``t*·η`` before ``max_growth`` and the bounds), ``trial_loss`` (f̃),
-    ``directional_derivative`` (a1) and ``curvature`` (a2); a1 and a2 are over the whole model.
-    ``state["global"]`` holds ``step`` and ``skipped_steps``; ``state[p]`` holds the base rule's
-    buffers under ``torch.optim``'s names (``momentum_buffer``; ``step``, ``exp_avg``,
-    ``exp_avg_sq``).
+    A subclass's ``_update`` takes the trial step (one :class:`_Trial` per param group), then hands
+    the trials and the slope ``a1 = ⟨g, Δ⟩`` to :meth:`_fit_and_move`.
     """
 
     requires_loss: ClassVar[bool] = True
     #: The step needs a loss-only re-evaluation at the trial point (the callback checks this).
     requires_probe: ClassVar[bool] = True
-    shared_options = ("base",)
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base: str = "sgd",
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        min_lr: float = DEFAULT_MIN_LR,
-        max_lr: float = DEFAULT_MAX_LR,
-        min_trial_lr: float = DEFAULT_MIN_TRIAL_LR,
-        max_growth: float = DEFAULT_MAX_GROWTH,
-        *,
-        foreach: bool = True,
-        average_across_ranks: bool = True,
-    ) -> None:
-        name = type(self).__name__
-        check_choice(name, "base", base, BASES)
-        check_range(name, "lr", lr, 0.0, None, low_open=True)
-        check_range(name, "momentum", momentum, 0.0, 1.0, high_open=True)
-        check_betas(name, betas)
-        check_range(name, "eps", eps, 0.0, None)
-        check_range(name, "weight_decay", weight_decay, 0.0, None)
-        _check_bounds(name, min_lr, max_lr, min_trial_lr, max_growth)
-        defaults = dict(
-            base=base,
-            lr=lr,
-            momentum=momentum,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            min_lr=min_lr,
-            max_lr=max_lr,
-            min_trial_lr=min_trial_lr,
-            max_growth=max_growth,
-        )
-        super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
-
-    # ------------------------------------------------------------------ construction on an optimizer
-
-    @classmethod
-    def wrap(
-        cls,
-        optimizer: Optimizer,
-        *,
-        min_lr: float = DEFAULT_MIN_LR,
-        max_lr: float = DEFAULT_MAX_LR,
-        min_trial_lr: float = DEFAULT_MIN_TRIAL_LR,
-        max_growth: float = DEFAULT_MAX_GROWTH,
-        average_across_ranks: bool = True,
-    ) -> QLABWrapper:
-        """Put QLAB on top of an existing optimizer instance (``torch.optim.RAdam``, your own, ...).
-
-        The returned optimizer shares ``optimizer.param_groups`` (the same list and dicts), so an
-        lr scheduler attached to either acts on both, and ``param_groups[i]["lr"]`` is the rate
-        the next trial step uses.  Each :meth:`step` snapshots the parameters that have a
-        gradient, calls ``optimizer.step()`` once (its buffers are updated exactly once), takes
-        ``Δ = x_trial − x`` as the direction, probes the loss at ``x_trial`` and moves to
-        ``x + (η'/η)·Δ``.  The snapshot costs one copy of those parameters.
-
-        The wrapped optimizer must step without a closure and without a loss, and leave
-        parameters without a gradient alone (as ``torch.optim`` optimizers do).  Its groups'
-        ``foreach`` flag also chooses the wrapper's own kernels (anything but ``False``: foreach).
-        Step through the wrapper only: stepping the wrapped optimizer directly bypasses QLAB.
-
-        Args:
-            optimizer: the base optimizer.  ``QLAB.wrap(torch.optim.SGD(...))`` and
-                ``QLAB.wrap(torch.optim.Adam(...))`` follow the same trajectories as
-                ``QLAB(base="sgd"/"sgdm"/"adam")`` with the same settings.
-            min_lr, max_lr, min_trial_lr, max_growth, average_across_ranks: as for :class:`QLAB`.
-        """
-        return QLABWrapper(
-            optimizer,
-            min_lr=min_lr,
-            max_lr=max_lr,
-            min_trial_lr=min_trial_lr,
-            max_growth=max_growth,
-            average_across_ranks=average_across_ranks,
-        )
-
-    # ------------------------------------------------------------------ probe intake
 
     def _init_transient(self) -> None:
         super()._init_transient()
-        # The registered probe is a function: not state, not pickled (register it again after
-        # loading or copying the optimizer).
-        self._registered_probe: tuple[Probe, bool] | None = None
         self._active_probe: tuple[Probe, bool] | None = None
-
-    def set_probe(self, probe: Probe | None, *, reduced: bool = False) -> None:
-        """Register the probe used by every later :meth:`step` that is not given ``probe=``.
-
-        Args:
-            probe: returns the loss of the mini-batch whose gradient is in ``.grad``, evaluated
-                at the current parameters without backward (called under ``torch.no_grad()``).
-                ``None`` unregisters it.
-            reduced: ``True`` if the value it returns is already averaged across data-parallel
-                ranks (otherwise the optimizer averages it, like the loss).
-        """
-        if probe is not None and not callable(probe):
-            raise TypeError(f"{type(self).__name__}.set_probe: `probe` must be callable, got {probe!r}")
-        self._registered_probe = None if probe is None else (probe, reduced)
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -350,26 +242,20 @@ class QLAB(AdaptiveOptimizer):
         """This step's probe: ``probe=`` if given, else the registered one; a clear error if neither."""
         active = self._active_probe or self._registered_probe
         if active is None:
-            raise RuntimeError(f"{type(self).__name__}.step() needs the mini-batch loss and a probe: {_PROBE_FIXES}.")
+            raise RuntimeError(f"{self._name}.step() needs the mini-batch loss and a probe: {_PROBE_FIXES}.")
         return active
 
     def _probe_at_trial_point(self, device: torch.device) -> Tensor:
-        """f̃: the probe's loss at the trial point, as a float64 0-d tensor averaged across ranks."""
+        """f̃: the probe's loss at the trial point, as a 0-d tensor averaged across ranks."""
         probe, reduced = self._require_probe()
         with torch.no_grad():
             value = probe()
         if value is None:
-            raise RuntimeError(f"{type(self).__name__}: the probe returned None; it must return the loss")
+            raise RuntimeError(f"{self._name}: the probe returned None; it must return the loss")
         return self._loss_tensor(value, reduced, device)
 
-    # ------------------------------------------------------------------ the fit, shared with the wrapper
-
-    @staticmethod
-    def _trial_rate(group: dict[str, Any]) -> float:
-        return max(float(group["lr"]), group["min_trial_lr"])
-
-    def _fit_and_move(self, trials: list[_Trial], loss: float, directional: Tensor, device: torch.device) -> None:
-        """Probe the trial point, fit the quadratic, move every group to its fitted point."""
+    def _fit_and_move(self, trials: list[_Trial], loss: float, slope: Tensor, device: torch.device) -> None:
+        """Probe the trial point, fit the quadratic, move every group to its fitted point, record."""
         try:
             trial_loss = self._probe_at_trial_point(device)
         except BaseException:
@@ -379,160 +265,272 @@ class QLAB(AdaptiveOptimizer):
         # The step's second device-to-host read (the first is the gate): t* decides every group's
         # rate, which must be a number in param_groups.  The probe's forward pass has just run on
         # the device, so this read waits for little more than that pass.
-        f_trial, a1 = torch.stack([trial_loss, directional.to(trial_loss)]).tolist()
+        f_trial, a1 = torch.stack([trial_loss, slope.to(trial_loss)]).tolist()
         a2 = f_trial - loss - a1
         t_star = qlab_step_factor(a1, a2)
         for trial in trials:
             group = trial.group
-            fitted = t_star * trial.rate
-            new_rate = min(max(min(t_star, group["max_growth"]) * trial.rate, group["min_lr"]), group["max_lr"])
+            new_rate = qlab_rate(
+                t_star, trial.rate, max_growth=group["max_growth"], min_lr=group["min_lr"], max_lr=group["max_lr"]
+            )
             trial.move(new_rate)
             _set_lr(group, new_rate)
             self._record(
                 group,
                 effective_lr=new_rate,
-                fitted_lr=fitted,
+                fitted_lr=t_star * trial.rate,
                 trial_loss=f_trial,
                 directional_derivative=a1,
                 curvature=a2,
             )
-        self.global_state["step"] += 1
 
-    # ------------------------------------------------------------------ the step of the built-in bases
+    def _record_unfitted(self, groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> None:
+        """The state-initialization step's records: every key a fitted step writes, at rest (t* = 1)."""
+        for group, _, _ in groups:
+            rate = float(group["lr"])
+            self._record(
+                group, effective_lr=rate, fitted_lr=rate, trial_loss=0.0, directional_derivative=0.0, curvature=0.0
+            )
+
+    def _with_grads(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+        """The param groups that have parameters with a gradient, with those and their gradients."""
+        groups = [(group, *self._params_and_grads(group)) for group in self.param_groups]
+        return [(group, params, grads) for group, params, grads in groups if params]
+
+
+class QLAB(_QLABFit):
+    r"""QLAB: a base rule whose learning rate is set each step by a quadratic fit of the loss.
+
+    Fu and Wu, "QLAB: Quadratic Loss Approximation-Based Optimal Learning Rate for Deep
+    Learning", 2023 (AAAI 2024 as QLABGrad).  docs/algorithms.md §2.
+
+    Each step costs one extra forward pass without backward on the same mini-batch (the *probe*),
+    evaluated at the trial point ``x + Δ``, where ``Δ`` is the base rule's step with its current
+    rate ``η = param_groups[i]["lr"]``.  With ``a1 = ⟨g, Δ⟩`` and ``a2 = f̃ − f − a1`` the step is
+    ``x ← x + (η'/η)·Δ``, ``η' = clamp(min(t*, max_growth)·η, min_lr, max_lr)``,
+    ``t* = −a1/(2·a2)`` (:func:`qlab_step_factor`, :func:`qlab_rate`), and ``η'`` is the next
+    step's rate (written to ``param_groups[i]["lr"]``).  One ``t*`` serves every param group (the
+    fit is along the whole model's displacement), so groups keep the ratio of their rates, up to
+    the bounds.  An lr scheduler therefore sets the next *trial* rate; the fit then chooses the step.
+
+    [reconstructed] The displacement formulation (the fit is along the base rule's own step, which
+    makes QLAB work on top of any optimizer) and the safeguards:
+
+    * ``a1 ≥ 0`` (not a descent direction), ``a2 ≤ 0`` (no positive curvature along Δ), or a
+      non-finite probe loss: the rate is kept (``t* = 1``; the parameters stay at the trial
+      point), as the authors' code does.  Only the step's own loss and gradient can skip a step.
+    * ``η'`` is clamped to ``[min_lr, max_lr]``.
+    * ``t*`` is capped at ``max_growth`` (this option is this package's addition): the quadratic
+      is fitted on ``[0, 1]`` and is not to be trusted far beyond it.  When the loss is nearly
+      linear up to the trial point (``a2 ≈ 0⁺``), ``t*`` is huge; without the cap such a step can
+      be many trial steps long and diverge.
+    * The trial step uses ``max(η, min_trial_lr)``: when η is tiny, ``a2`` is the difference of
+      nearly equal losses and drowns in float rounding, which would make the rate collapse for
+      good.  The authors' code starts the trial rate at 0.1 and caps it at 0.5.
+    * The authors' released code fits along ``g/‖g‖∞`` but steps along ``g``, which collapses the
+      rate when ``‖g‖∞ < 0.5``; here the fit and the step use the same Δ.
+    * ``a1`` uses the gradient in ``.grad`` and the fit uses the losses handed in: weight decay
+      shapes the direction Δ but is not part of the fitted function.  To fit a regularized
+      objective, put the regularizer in the loss (and its gradient in ``.grad``) instead.
+
+    The base rules (:mod:`._directions`), each exactly its ``torch.optim`` counterpart at the
+    rate used:
+
+    * ``"sgd"``: ``torch.optim.SGD(lr, weight_decay=wd)``; ``Δ = −η·(g + wd·x)``.
+    * ``"sgdm"``: ``torch.optim.SGD(lr, momentum=momentum, dampening=0, nesterov=False,
+      weight_decay=wd)``: the heavy-ball buffer ``b ← momentum·b + (g + wd·x)`` (``b = g + wd·x``
+      at the first step), ``Δ = −η·b``.  Without dampening the buffer is about ``1/(1−momentum)``
+      times the gradient; the fit absorbs that scale into η.
+    * ``"adam"``: ``torch.optim.Adam(lr, betas, eps, weight_decay=wd)`` (L2 added to the gradient);
+      ``Δ = −η·m̂/(√v̂ + eps)`` with per-parameter bias corrections.
+    * ``"adamw"``: ``torch.optim.AdamW(lr, betas, eps, weight_decay=wd)``;
+      ``Δ = −η·(m̂/(√v̂ + eps) + wd·x)``.
+
+    Every Δ is linear in η, so ``x + (η'/η)·Δ`` is the base rule's step at rate ``η'``.  To put
+    QLAB on another optimizer, use :meth:`QLAB.wrap`.
+
+    The step needs the mini-batch loss and a probe: ``step(loss=loss, probe=probe)``, a probe
+    registered with :meth:`set_probe`, or, in Lightning,
+    :class:`~lightning_adaptive_lr.AdaptiveLRCallback` (which also restores BatchNorm statistics
+    and replays dropout for the probe).  The probe is called exactly once per step, under
+    ``torch.no_grad()``, at the trial point.
+
+    The defaults of the bounds were chosen by measurement (an MLP on scikit-learn's digits, every
+    base, with and without each bound; the numbers are in docs/benchmarks.md):
+
+    * ``max_growth=2``: the cap that mattered.  It never hurt where the fit is stable (sgd) and
+      it kept sgdm, adam and adamw from the overlong steps that ``a2 ≈ 0⁺`` proposes (an adamw run
+      without it diverged).
+    * ``max_lr=10``: above every rate the fit chose there; single fits above it came only from
+      ``a2 ≈ 0⁺``, which ``max_growth`` already caps.  A last guard that decides nothing on a
+      well-scaled problem; a cap near the authors' 0.5 made sgd clearly worse.
+    * ``min_trial_lr=1e-3``: started at a tiny rate, sgd's fit drowned in the float32 rounding of
+      the losses without a floor (or with a lower one) and the rate stayed stuck; from 1e-3 up the
+      run followed the same path as one started at 0.1.  The floor moves only the trial point,
+      never the step.
+    * ``min_lr=1e-6``: below every rate the fit chose; it keeps the rate positive after a step
+      with ``t* ≈ 0``.
+
+    Args:
+        params: parameters or param groups.  Groups may differ in every option but ``base``.
+        base: the base rule, one of ``"sgd"``, ``"sgdm"``, ``"adam"``, ``"adamw"``.
+        lr: the first trial rate η (the authors start at 0.1); afterwards the fitted rate.
+        momentum: the heavy-ball coefficient of ``"sgdm"``, in [0, 1).
+        betas: Adam's ``(β1, β2)``, each in [0, 1) (``"adam"``, ``"adamw"``).
+        eps: Adam's denominator term, outside the square root.
+        weight_decay: coupled L2 for ``"sgd"``, ``"sgdm"``, ``"adam"``; decoupled for ``"adamw"``.
+        min_lr: lower bound of the fitted rate η'.
+        max_lr: upper bound of the fitted rate η'.
+        min_trial_lr: lower bound of the trial step's rate (the step taken is still η').
+        max_growth: upper bound of ``t*``: the step is at most this many trial steps long.
+        foreach: use the multi-tensor (``torch._foreach_*``) path; ``False`` updates tensor by tensor.
+        average_across_ranks: average the loss and the probe's loss across ``torch.distributed``
+            ranks (one collective each per step) so replicas stay identical.
+
+    After each step every param group holds ``effective_lr`` (η', the rate used and the next
+    trial rate), ``fitted_lr`` (``t*·η`` before ``max_growth`` and the bounds), ``trial_loss`` (f̃),
+    ``directional_derivative`` (a1) and ``curvature`` (a2); a1 and a2 are over the whole model.
+    Every param group also holds ``step`` and ``skipped_steps`` (equal in all groups); ``state[p]``
+    holds the base rule's buffers under ``torch.optim``'s names (``momentum_buffer``; ``step``,
+    ``exp_avg``, ``exp_avg_sq``).
+
+    Example:
+        >>> import torch
+        >>> from lightning_adaptive_lr import QLAB
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> def probe():  # the same mini-batch's loss at the current parameters, no backward
+        ...     return torch.nn.functional.mse_loss(model(x), y)
+        >>> opt = QLAB(model.parameters(), base="adam", lr=1e-2)
+        >>> loss = torch.nn.functional.mse_loss(model(x), y)
+        >>> loss.backward()
+        >>> _ = opt.step(loss=loss, probe=probe)
+        >>> opt.param_groups[0]["step"], opt.param_groups[0]["lr"] == opt.param_groups[0]["effective_lr"]
+        (1, True)
+    """
+
+    shared_options = ("base",)
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base: str = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        min_lr: float = DEFAULT_MIN_LR,
+        max_lr: float = DEFAULT_MAX_LR,
+        min_trial_lr: float = DEFAULT_MIN_TRIAL_LR,
+        max_growth: float = DEFAULT_MAX_GROWTH,
+        *,
+        foreach: bool = True,
+        average_across_ranks: bool = True,
+    ) -> None:
+        name = type(self).__name__
+        defaults = checked(
+            name, locals(), base=one_of(*BASES), lr=POSITIVE, momentum=FRACTION, betas=BETAS, eps=NONNEGATIVE,
+            weight_decay=NONNEGATIVE,
+        )  # fmt: skip
+        _check_bounds(name, min_lr, max_lr, min_trial_lr, max_growth)
+        defaults.update(min_lr=min_lr, max_lr=max_lr, min_trial_lr=min_trial_lr, max_growth=max_growth)
+        super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
+
+    @classmethod
+    def wrap(cls, optimizer: Optimizer, **options: Any) -> QLABWrapper:
+        """Put QLAB on top of an existing optimizer instance (``torch.optim.RAdam``, your own, ...).
+
+        The result, ``QLAB.wrap(RAdam)``, shares ``optimizer.param_groups`` (the same list and
+        dicts) and ``optimizer.state``, so an lr scheduler attached to either acts on both, and
+        ``param_groups[i]["lr"]`` is the rate the next trial step uses.  Each step snapshots the
+        parameters that have a gradient, calls ``optimizer.step()`` once (its buffers are updated
+        exactly once), takes ``Δ = x_trial − x`` as the direction, probes the loss at ``x_trial``
+        and moves to ``x + (η'/η)·Δ``.  The snapshot costs one copy of those parameters.
+
+        The wrapped optimizer must step without a closure and without a loss, and leave
+        parameters without a gradient alone (as ``torch.optim`` optimizers do).  Its groups'
+        ``foreach`` flag also chooses the wrapper's own kernels (anything but ``False``: foreach).
+        Step through the wrapper only: stepping the wrapped optimizer directly bypasses QLAB.
+
+        Args:
+            optimizer: the base optimizer.  ``QLAB.wrap(torch.optim.SGD(...))`` and
+                ``QLAB.wrap(torch.optim.Adam(...))`` follow the same trajectories as
+                ``QLAB(base="sgd"/"sgdm"/"adam")`` with the same settings.
+            options: keyword-only ``min_lr``, ``max_lr``, ``min_trial_lr``, ``max_growth``,
+                ``average_across_ranks``, as for :class:`QLAB` (with its defaults); see
+                :class:`QLABWrapper`.
+
+        Example:
+            >>> import torch
+            >>> from lightning_adaptive_lr import QLAB
+            >>> model = torch.nn.Linear(3, 1)
+            >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+            >>> base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            >>> opt = QLAB.wrap(base)
+            >>> opt.param_groups is base.param_groups
+            True
+            >>> loss = torch.nn.functional.mse_loss(model(x), y)
+            >>> loss.backward()
+            >>> _ = opt.step(loss=loss, probe=lambda: torch.nn.functional.mse_loss(model(x), y))
+            >>> repr(opt).startswith("QLAB.wrap(SGD)"), "momentum_buffer" in base.state[model.weight]
+            (True, True)
+        """
+        return QLABWrapper(optimizer, **options)
 
     def _update(self, loss: Tensor | None) -> None:
         assert loss is not None
-        self._require_probe()  # before anything changes
-        groups = [(g, *self._params_and_grads(g)) for g in self.param_groups]
-        groups = [(g, ps, gs) for g, ps, gs in groups if ps]
+        groups = self._with_grads()
         if not groups:
             return
-        device = loss.device
-        grad_sqnorms = [sqnorm(gs, device) for _, _, gs in groups]
-        # The gate: the step's one synchronization before anything changes.
-        gated = self._gate(loss, *grad_sqnorms)
-        if gated is None:
+        if self._is_state_initialization():
+            # torch.distributed.checkpoint lays out the state (lr = 0, zero gradients, no loss, no
+            # probe): the base rule's buffers are created; nothing moves, there is nothing to fit.
+            for group, params, grads in groups:
+                _base_direction(group, self.state, params, grads)
+            self._record_unfitted(groups)
             return
-        f, group_sqnorms = gated[0], gated[1:]
+        for group, params, _ in groups:
+            if group["base"] in ("adam", "adamw") and any(p.dtype == torch.float16 for p in params):
+                raise TypeError(
+                    f"{self._name}(base={group['base']!r}) does not support float16 parameters: `eps` is 0 in "
+                    "float16, so an element whose gradient is 0 would divide 0 by 0. Keep the parameters in "
+                    "float32 (mixed precision: precision='16-mixed') or use bfloat16."
+                )
+        self._require_probe()  # before anything changes
+        device = loss.device
+        values = self._gate(loss=loss, grad_sqnorms=torch.stack([sqnorm(grads, device) for _, _, grads in groups]))
+        if values is None:
+            return
 
-        trials, slopes = [], []
-        for (group, params, grads), grad_sqnorm in zip(groups, group_sqnorms):
-            rate = self._trial_rate(group)
-            buckets = []
-            for ps, gs in group_by_device_and_dtype(params, grads):
-                ds = self._directions(group, ps, gs)
-                buckets.append((ps, gs, ds))
-            for ps, _, ds in buckets:  # the trial step Δ = −η·d
-                add_scaled_(ps, ds, -rate, foreach=group["foreach"])
-            if group["base"] == "sgd" and group["weight_decay"] == 0:
-                slopes.append(torch.tensor(-rate * grad_sqnorm, dtype=loss.dtype, device=device))  # d = g
+        trials, slope = [], torch.zeros((), dtype=accumulation_dtype(device), device=device)
+        for (group, params, grads), grad_sqnorm in zip(groups, values["grad_sqnorms"]):
+            rate = _trial_rate(group)
+            directions = _base_direction(group, self.state, params, grads)
+            add_scaled_(params, directions, -rate, foreach=group["foreach"])  # the trial step Δ = −η·d
+            if group["base"] == "sgd" and group["weight_decay"] == 0:  # d = g: ⟨g, d⟩ is the gate's ‖g‖²
+                slope = slope - rate * grad_sqnorm
             else:
-                slope = sum((dot(gs, ds, device) for _, gs, ds in buckets), torch.zeros((), dtype=loss.dtype, device=device))
-                slopes.append(-rate * slope)
-            trials.append(_Trial(group, rate, rate, buckets))
-        self._fit_and_move(trials, f, torch.stack(slopes).sum(), device)
-
-    def _directions(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        """The base rule's unit-rate direction ``d`` (``Δ = −η·d``); updates its buffers once."""
-        base, wd, foreach = group["base"], group["weight_decay"], group["foreach"]
-        if base == "sgd":
-            return _with_l2(params, grads, wd, foreach=foreach)
-        if base == "sgdm":
-            return self._momentum_buffers(params, _with_l2(params, grads, wd, foreach=foreach), group["momentum"], foreach)
-        coupled = wd if base == "adam" else 0.0
-        directions = self._adam_directions(group, params, _with_l2(params, grads, coupled, foreach=foreach))
-        if base == "adamw" and wd != 0:
-            add_scaled_(directions, params, wd, foreach=foreach)  # decoupled: x(1 − η·wd) − η·u
-        return directions
-
-    def _momentum_buffers(self, params: list[Tensor], grads: list[Tensor], momentum: float, foreach: bool) -> list[Tensor]:
-        """``b ← momentum·b + g`` (``b = g`` at a parameter's first step), as torch's SGD."""
-        existing, existing_grads, buffers = [], [], []
-        for p, g in zip(params, grads):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = g.detach().clone()
-            else:
-                existing.append(state["momentum_buffer"])
-                existing_grads.append(g)
-            buffers.append(state["momentum_buffer"])
-        if existing:
-            if foreach:
-                torch._foreach_mul_(existing, momentum)
-                torch._foreach_add_(existing, existing_grads)
-            else:
-                for b, g in zip(existing, existing_grads):
-                    b.mul_(momentum).add_(g)
-        return buffers
-
-    def _adam_directions(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        """New tensors ``m̂/(√v̂ + eps)`` after the moment updates, with per-parameter step counts."""
-        beta1, beta2 = group["betas"]
-        eps, foreach = group["eps"], group["foreach"]
-        avgs, sq_avgs, steps = [], [], []
-        for p in params:
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            avgs.append(state["exp_avg"])
-            sq_avgs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        bias1 = [1.0 - beta1**k for k in steps]
-        # m̂/(√v̂ + eps) = m / (bc1·(√v/√bc2 + eps)): the denominator absorbs both corrections.
-        scale = [b1 / math.sqrt(1.0 - beta2**k) for b1, k in zip(bias1, steps)]
-        shift = [eps * b1 for b1 in bias1]
-        if foreach:
-            torch._foreach_lerp_(avgs, grads, 1.0 - beta1)
-            torch._foreach_mul_(sq_avgs, beta2)
-            torch._foreach_addcmul_(sq_avgs, grads, grads, 1.0 - beta2)
-            directions = torch._foreach_sqrt(sq_avgs)
-            torch._foreach_mul_(directions, scale)
-            torch._foreach_add_(directions, shift)
-            # m / denominator, written into the denominator's memory: one fresh allocation per step
-            # instead of two (on the CPU each fresh one is paid again in page faults).
-            torch._foreach_reciprocal_(directions)
-            torch._foreach_mul_(directions, avgs)
-            return list(directions)
-        directions = []
-        for m, v, g, c, s in zip(avgs, sq_avgs, grads, scale, shift):
-            m.lerp_(g, 1.0 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            directions.append(v.sqrt().mul_(c).add_(s).reciprocal_().mul_(m))
-        return directions
+                slope = slope - rate * dot(grads, directions, device)
+            trials.append(_Trial(group, rate, rate, params, directions))
+        self._fit_and_move(trials, values["loss"], slope, device)
+        self._set_shared(step=self._shared("step") + 1)
 
 
-def _with_l2(params: list[Tensor], grads: list[Tensor], weight_decay: float, *, foreach: bool) -> list[Tensor]:
-    """``g + wd·x`` as new tensors (the gradients themselves when ``wd = 0``)."""
-    if weight_decay == 0:
-        return list(grads)
-    if foreach:
-        return list(torch._foreach_add(grads, params, alpha=weight_decay))
-    return [g.add(p, alpha=weight_decay) for p, g in zip(params, grads)]
+class QLABWrapper(_QLABFit):
+    """``QLAB.wrap(optimizer)``: QLAB on top of an existing optimizer instance (see :meth:`QLAB.wrap`).
 
+    Holds the wrapped optimizer as ``base_optimizer`` and shares its ``param_groups`` and
+    ``state``: its groups gain the keys ``min_lr``, ``max_lr``, ``min_trial_lr``, ``max_growth``,
+    ``average_across_ranks``, ``step``, ``skipped_steps`` and the recorded quantities, so that
+    :meth:`state_dict` is the wrapped optimizer's own state dict and :meth:`load_state_dict`
+    restores both and resumes bit for bit.  It shows itself as ``QLAB.wrap(SGD)``,
+    ``QLAB.wrap(RAdam)``, ...
 
-def _set_lr(group: dict[str, Any], rate: float) -> None:
-    """Write the next rate, in place where the group keeps it as a tensor (capturable optimizers)."""
-    if isinstance(group["lr"], Tensor):
-        group["lr"].fill_(rate)
-    else:
-        group["lr"] = rate
-
-
-class QLABWrapper(QLAB):
-    """QLAB on top of an existing optimizer instance: build it with :meth:`QLAB.wrap`.
-
-    Shares the wrapped optimizer's ``param_groups`` (its groups gain the keys ``min_lr``,
-    ``max_lr``, ``min_trial_lr``, ``max_growth``, ``average_across_ranks`` and the recorded
-    quantities).  Its ``state`` holds only ``state["global"]`` (``step``, ``skipped_steps``); the
-    wrapped optimizer's buffers stay in ``base_optimizer.state``.  :meth:`state_dict` holds both
-    (the wrapped optimizer's state dict, with this wrapper's global scalars under
-    ``state["global"]``), so :meth:`load_state_dict` restores both and resumes bit for bit.
+    When the wrapped optimizer is one of this package's, its groups already hold ``step`` and
+    ``skipped_steps``: the wrapper then leaves ``step`` to it (they count the same steps) and adds
+    its own skips to ``skipped_steps``.
     """
-
-    shared_options = ()
 
     def __init__(  # noqa: D107 - built by QLAB.wrap, which documents the arguments
         self,
@@ -544,98 +542,107 @@ class QLABWrapper(QLAB):
         max_growth: float = DEFAULT_MAX_GROWTH,
         average_across_ranks: bool = True,
     ) -> None:
-        name = "QLAB.wrap"
+        owner = "QLAB.wrap"
         if not isinstance(optimizer, Optimizer):
-            raise ValueError(f"{name}: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(optimizer, QLAB):
-            raise ValueError(f"{name}: `optimizer` is already a QLAB optimizer")
-        _check_bounds(name, min_lr, max_lr, min_trial_lr, max_growth)
+            raise ValueError(f"{owner}: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, _QLABFit):
+            raise ValueError(f"{owner}: `optimizer` is already a QLAB optimizer")
+        _check_bounds(owner, min_lr, max_lr, min_trial_lr, max_growth)
         own = dict(min_lr=min_lr, max_lr=max_lr, min_trial_lr=min_trial_lr, max_growth=max_growth)
         self.base_optimizer = optimizer
-        self._wrapping = True
-        # The base's own group dicts are registered here (torch's add_param_group appends the
-        # dict it is given), then the list itself is shared.
-        AdaptiveOptimizer.__init__(
-            self,
-            list(optimizer.param_groups),
-            {**optimizer.defaults, **own},
-            foreach=True,
-            average_across_ranks=average_across_ranks,
+        # Registers the wrapped optimizer's own group dicts (see add_param_group), which gain
+        # QLAB's options; then the wrapper holds the wrapped optimizer's list and state themselves.
+        super().__init__(
+            optimizer.param_groups, {**optimizer.defaults, **own}, average_across_ranks=average_across_ranks
         )
-        self.param_groups = optimizer.param_groups
-        self._wrapping = False
+        self._share_base()
+
+    def _share_base(self) -> None:
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    @property
+    def _name(self) -> str:
+        return f"QLAB.wrap({type(self.base_optimizer).__name__})"
+
+    def __repr__(self) -> str:
+        return f"{self._name} ({super().__repr__().partition(' (')[2]}"
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["base_optimizer"] = self.base_optimizer  # the shared param_groups list stays shared
-        state["_wrapping"] = False
+        state["base_optimizer"] = self.base_optimizer  # the shared list and state stay shared
         return state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add the group to the wrapped optimizer (with its defaults), then QLAB's options."""
-        if self.__dict__.get("_wrapping", False):
-            super().add_param_group(param_group)
+        if any(param_group is group for group in self.base_optimizer.param_groups):
+            super().add_param_group(param_group)  # one of the wrapped optimizer's groups, at construction
             return
         self.base_optimizer.add_param_group(param_group)
+        self._adopt(self.param_groups[-1])
+
+    def _adopt(self, group: dict[str, Any]) -> None:
+        """Give a group of the wrapped optimizer QLAB's options and the optimizer-wide state."""
+        for key in self.group_state:
+            group.setdefault(key, self.param_groups[0][key])
         for key, value in self.defaults.items():
-            self.param_groups[-1].setdefault(key, value)
+            group.setdefault(key, value)
+
+    @property
+    def _base_counts_steps(self) -> bool:
+        return isinstance(self.base_optimizer, AdaptiveOptimizer)
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict, plus this wrapper's scalars at ``state["global"]``."""
-        inner = self.base_optimizer.state_dict()
-        state = dict(inner["state"])
-        if GLOBAL in state:  # a wrapped optimizer of this package has a "global" entry too
-            state["base_" + GLOBAL] = state.pop(GLOBAL)
-        state[GLOBAL] = copy.deepcopy(self.global_state)
-        return {**inner, "state": state}
+        """The wrapped optimizer's state dict (its groups hold this wrapper's options and scalars)."""
+        return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the wrapped optimizer and this wrapper (from :meth:`state_dict`'s layout)."""
-        state = dict(state_dict["state"])
-        own = state.pop(GLOBAL, None)
-        if "base_" + GLOBAL in state:
-            state[GLOBAL] = state.pop("base_" + GLOBAL)
-        self.base_optimizer.load_state_dict({**state_dict, "state": state})
-        self.param_groups = self.base_optimizer.param_groups  # torch's load builds new group dicts
-        self.state = defaultdict(dict)
-        if own is not None:
-            self.state[GLOBAL] = copy.deepcopy(own)
+        """Restore the wrapped optimizer and this wrapper, also from a release-0.1 state dict.
+
+        Release 0.1 kept this wrapper's scalars in ``state["global"]`` and those of a wrapped
+        optimizer of this package in ``state["base_global"]``.
+        """
+        legacy = state_dict.get("state", {}).get(LEGACY_GLOBAL)
+        converted = self._convert_legacy(state_dict)  # this wrapper's scalars → the groups
+        state = dict(converted["state"])
+        if LEGACY_BASE_GLOBAL in state:  # the wrapped optimizer converts its own
+            state[LEGACY_GLOBAL] = state.pop(LEGACY_BASE_GLOBAL)
+        self.base_optimizer.load_state_dict({**converted, "state": state})
+        self._share_base()  # torch's load_state_dict builds new groups and a new state
+        if legacy is not None and self._base_counts_steps:
+            self._set_shared(skipped_steps=self._shared("skipped_steps") + legacy.get("skipped_steps", 0))
 
     def _update(self, loss: Tensor | None) -> None:
         assert loss is not None
-        self._require_probe()  # before anything changes
         for group in self.param_groups:  # groups added to the wrapped optimizer directly
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        groups = [(g, *self._params_and_grads(g)) for g in self.param_groups]
-        groups = [(g, ps, gs) for g, ps, gs in groups if ps]
+            self._adopt(group)
+        groups = self._with_grads()
         if not groups:
             return
+        if self._is_state_initialization():
+            # torch.distributed.checkpoint lays out the state: the wrapped optimizer's own step at
+            # lr = 0 creates its buffers without moving anything.
+            self.base_optimizer.step()
+            self._record_unfitted(groups)
+            return
+        self._require_probe()  # before anything changes
         device = loss.device
         grads = [g for _, _, gs in groups for g in gs]
         # The gate: the step's one synchronization before anything changes (the base included).
-        gated = self._gate(loss, dot(grads, grads, device))
-        if gated is None:
+        values = self._gate(loss=loss, grad_sqnorm=sqnorm(grads, device))
+        if values is None:
             return
-        f = gated[0]
 
         trials = []
-        for group, params, grads_ in groups:
-            rate = self._trial_rate(group)
+        for group, params, _ in groups:
+            rate = _trial_rate(group)
             _set_lr(group, rate)
-            buckets = []
-            for ps, gs in group_by_device_and_dtype(params, grads_):
-                snapshot = torch._foreach_mul(ps, 1.0) if _uses_foreach(group) else [p.detach().clone() for p in ps]
-                buckets.append((ps, gs, list(snapshot)))
-            trials.append(_Trial(group, rate, 1.0, buckets))
+            trials.append(_Trial(group, rate, 1.0, params, clone(params, foreach=_uses_foreach(group))))
         self.base_optimizer.step()
-        slope = torch.zeros((), dtype=loss.dtype, device=device)
-        for trial in trials:
-            for ps, gs, snapshot in trial.buckets:  # the snapshot becomes x − x_trial = −Δ
-                if _uses_foreach(trial.group):
-                    torch._foreach_sub_(snapshot, ps)
-                else:
-                    for s, p in zip(snapshot, ps):
-                        s.sub_(p)
-                slope = slope - dot(gs, snapshot, device)
-        self._fit_and_move(trials, f, slope, device)
+        slope = torch.zeros((), dtype=accumulation_dtype(device), device=device)
+        for trial, (_, _, grads_) in zip(trials, groups):
+            subtract_(trial.directions, trial.params, foreach=_uses_foreach(trial.group))  # x − x_trial = −Δ
+            slope = slope - dot(grads_, trial.directions, device)
+        self._fit_and_move(trials, values["loss"], slope, device)
+        if not self._base_counts_steps:
+            self._set_shared(step=self._shared("step") + 1)
