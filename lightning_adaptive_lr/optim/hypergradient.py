@@ -3,40 +3,114 @@
 Jie, Gao, Vasnev, Tran. "Adaptive hierarchical hyper-gradient descent." arXiv:2008.07277 (2020),
 International Journal of Machine Learning and Cybernetics (2022).  Built on Baydin, Cornish,
 Martínez Rubio, Schmidt, Wood. "Online learning rate adaptation with hypergradient descent."
-ICLR 2018.  ALGORITHMS.md §3: the base rule and the single-level method are [exact]; the
+ICLR 2018.  docs/algorithms.md §3: the base rule and the single-level method are [exact]; the
 combination of levels is [reconstructed] (see :class:`HierarchicalHD`).
 
-The learning rate is itself learned by gradient descent: the derivative of the loss at ``x_t`` with
-respect to the rate applied at the previous step is ``−⟨g_t, s_{t−1}⟩``, where ``s`` is the base
-rule's direction for a unit rate.  Several *levels* of rates (one for the model, one per tensor,
-one per output unit, one per element) each follow their share of that derivative, and the rate
-actually applied is their convex combination.
+The learning rate is itself learned by gradient descent.  With ``s_t`` the base rule's direction
+for a unit rate, each step, before the update::
+
+    α⁽ᵏ⁾ ← clip(α⁽ᵏ⁾ + β_k·w_k·Σ_group g_t ⊙ s_{t−1} − 2β_k·λ_k·(α⁽ᵏ⁾ − α⁽ᵖᵃʳᵉⁿᵗ⁾))   per level k
+    x    ← x − (Σ_k w_k·α⁽ᵏ⁾) ⊙ s_t
+
+(``−⟨g_t, s_{t−1}⟩`` is the derivative of the loss with respect to the rate applied at the
+previous step).  The levels are one rate for the model, one per tensor, one per output unit, one
+per element; the weights ``w`` may learn too, by projected hypergradient descent on the simplex.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from ._base import AdaptiveOptimizer, check_betas, check_choice, check_flag, check_range
-from ._scalars import Scalar
-from ._tensorlists import accumulation_dtype, group_by_device_and_dtype, pair_dot, work_dtype
+from ._base import BETAS, FLAG, FRACTION, NONNEGATIVE, AdaptiveOptimizer, check_choice, check_range, checked, one_of
+from ._directions import adam_denominators, adam_directions, adam_moments_, adam_step_, momentum_, nesterov, with_l2
+from ._reduce import tensor_dots, tensor_extrema, tensor_sums, unit_dots, work_dtype
+from ._scalars import Scalar, smax, smin
+from ._tensorlists import add_scaled_, clamp_, copy_
 
-__all__ = ["HierarchicalHD", "DEFAULT_HYPER_LR", "LEVELS", "BASES", "project_simplex"]
+__all__ = [
+    "BASES",
+    "DEFAULT_HYPER_LR",
+    "LEVELS",
+    "HierarchicalHD",
+    "hd_rate",
+    "project_simplex",
+    "rate_step_factor",
+    "scalar_rate",
+    "weight_hypergradients",
+]
 
 #: The levels, coarsest first: the parent of a level is the next coarser *active* one.
 LEVELS: tuple[str, ...] = ("global", "layer", "unit", "param")
 #: The base rules: plain SGD, SGD with Nesterov momentum, Adam.
 BASES: tuple[str, ...] = ("sgd", "sgdn", "adam")
-#: ``hyper_lr`` used when ``hyper_lr=None``: chosen per base by a sweep (see :class:`HierarchicalHD`).
+#: ``hyper_lr`` used when ``hyper_lr=None`` (see :class:`HierarchicalHD`).
 DEFAULT_HYPER_LR: dict[str, float] = {"sgd": 1e-1, "sgdn": 1e-3, "adam": 1e-4}
 
-_LEVEL_KEYS = {level: f"hd_rate_{level}" for level in LEVELS}
+#: The state key of the levels kept per parameter (``layer``: a float; ``unit``, ``param``: tensors).
+_RATE_KEYS = {"layer": "hd_rate_layer", "unit": "hd_rate_unit", "param": "hd_rate_param"}
+
+
+# =========================================================================== the scalar rules
+
+
+def rate_step_factor(lr: float, lr_ref: float, scale: float) -> float:
+    """The factor that turns ``⟨g_t, prev⟩`` into a step of a rate stored as a multiple of ``lr``.
+
+    ``s_{t−1} = scale·prev`` and the applied rate is ``lr·ρ``; the hypergradient step is taken on
+    the unscheduled rate ``lr_ref·ρ``, so ``ρ`` moves by ``β·scale·lr/lr_ref²·⟨g_t, prev⟩`` (Baydin's
+    ``β·⟨g_t, s_{t−1}⟩`` in absolute units when ``lr = lr_ref``).  0 when either rate is 0.
+    """
+    return scale * lr / lr_ref**2 if lr_ref > 0 and lr > 0 else 0.0
+
+
+def hd_rate(
+    rate: Scalar,
+    alignment: Scalar,
+    step: float,
+    *,
+    pull: float = 0.0,
+    parent: Scalar = 0.0,
+    low: float = 0.0,
+    high: float = math.inf,
+) -> Scalar:
+    """One scalar rate's update: ``ρ ← clip(ρ + step·⟨g_t, s_{t−1}⟩ − pull·(ρ − parent), low, high)``.
+
+    ``step = w_k·β_k`` (times :func:`rate_step_factor` for a tensor's rate), ``pull = 2·β_k·λ_k``.
+    The tensor-valued levels apply the same rule element by element (:func:`_move_tensor_rates_`).
+    """
+    return smin(smax(rate + step * alignment - pull * (rate - parent), low), high)
+
+
+def weight_hypergradients(
+    levels: Sequence[str],
+    absolute: Sequence[float],
+    dots: Sequence[float],
+    global_rate: float,
+    layer_rates: Sequence[float],
+    partials: Mapping[str, Sequence[float]],
+) -> dict[str, float]:
+    """``∂/∂w_k = Σ_i h_i·α⁽ᵏ⁾_i`` with ``h = −g_t ⊙ s_{t−1}``, at the previous rates.
+
+    Per tensor ``j``: ``absolute[j] = lr_j·scale_j`` turns its multiples into absolute rates,
+    ``dots[j] = ⟨g_j, prev_j⟩``, and ``partials[level][j] = Σ_i g_i·prev_i·ρ_i`` over the tensor for
+    the tensor-valued levels (``unit``, ``param``).
+    """
+    weighted = [a * d for a, d in zip(absolute, dots)]
+    out: dict[str, float] = {}
+    if "global" in levels:
+        out["global"] = -global_rate * sum(weighted)
+    if "layer" in levels:
+        out["layer"] = -sum(r * x for r, x in zip(layer_rates, weighted))
+    for level in ("unit", "param"):
+        if level in levels:
+            out[level] = -sum(p * a for p, a in zip(partials[level], absolute))
+    return out
 
 
 def project_simplex(values: Sequence[float]) -> list[float]:
@@ -57,75 +131,157 @@ def project_simplex(values: Sequence[float]) -> list[float]:
     return [max(v - theta, 0.0) for v in values]
 
 
+def scalar_rate(weights: Mapping[str, float], global_rate: float, layer_rate: float) -> float:
+    """``w_global·ρ_global + w_layer·ρ_layer``: the scalar levels' part of a tensor's applied multiple."""
+    return weights.get("global", 0.0) * global_rate + weights.get("layer", 0.0) * layer_rate
+
+
+# =========================================================================== the bodies
+
+
 def _unit_view_shape(tensor: Tensor) -> tuple[int, ...]:
     """Shape that broadcasts one value per output unit (dim 0) over ``tensor``."""
-    if tensor.dim() == 0:
-        return ()
-    return (tensor.shape[0],) + (1,) * (tensor.dim() - 1)
+    return () if tensor.dim() == 0 else (tensor.shape[0],) + (1,) * (tensor.dim() - 1)
 
 
-def _units(tensor: Tensor) -> int:
-    """Number of output units of a tensor: its size along dim 0 (a scalar parameter is one unit)."""
-    return tensor.shape[0] if tensor.dim() > 0 else 1
+def _sgd_step_(
+    group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], rates: list[float]
+) -> list[Tensor]:
+    """``s = g`` (sgd) or Nesterov's ``s = g + μ·v`` (sgdn), stored as ``prev_direction``; ``x ← x − rate·s``.
 
-
-def _rate_dtype(tensor: Tensor) -> torch.dtype:
-    """Tensor-valued rates are kept in at least float32: small hypergradient steps vanish in 16 bits."""
-    return work_dtype(tensor.dtype)
-
-
-def _hypergradient_dots(grads: list[Tensor], prevs: list[Tensor | None], acc: torch.dtype) -> Tensor:
-    """``⟨g_j, prev_j⟩`` per tensor as one vector of ``acc`` on the first tensor's device.
-
-    Each dot is one BLAS call in the tensors' precision (16-bit promoted to float32), converted to
-    ``acc`` once for the whole vector.  A tensor without a previous direction contributes ``0·Σg``:
-    zero, but non-finite when its gradient is, so the gate sees every gradient.
+    torch.optim.SGD's operations in its order, so that ``hyper_lr=0`` reproduces it bit for bit.
+    ``grads`` are written into when they are this step's temporaries (``weight_decay ≠ 0``).
     """
-    device = grads[0].device
-    parts = []
-    for g, s in zip(grads, prevs):
-        if g.dtype in (torch.float16, torch.bfloat16):
-            g = g.float()
-            s = None if s is None else s.float()
-        part = torch.dot(g.reshape(-1), s.reshape(-1)) if s is not None else g.sum() * 0.0
-        parts.append(part)
-    if all(p.dtype == parts[0].dtype and p.device == device for p in parts):
-        return torch.stack(parts).to(acc)
-    return torch.stack([p.to(device=device, dtype=acc) for p in parts])
+    foreach = group["foreach"]
+    owned = group["weight_decay"] != 0
+    directions = grads if owned else [st["prev_direction"] for st in states]
+    if group["base"] == "sgdn":
+        buffers = momentum_(states, grads, group["momentum"], foreach=foreach)
+        nesterov(grads, buffers, group["momentum"], foreach=foreach, out=directions)
+    elif not owned:
+        copy_(directions, grads, foreach=foreach)
+    add_scaled_(params, directions, [-r for r in rates], foreach=foreach)
+    for st, s in zip(states, directions):
+        st["prev_direction"] = s
+    return directions
 
 
-def _unit_sums(x: Tensor, y: Tensor) -> Tensor:
-    """Per-output-unit inner products ``Σ_{i in unit u} x_i·y_i`` (a batched dot, no product temporary)."""
-    dtype = _rate_dtype(x)
-    n = _units(x)
-    a = x.reshape(n, 1, -1).to(dtype)
-    b = y.reshape(n, -1, 1).to(dtype)
-    return torch.bmm(a, b).reshape(n)
+def _adam_step_(
+    group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], rates: list[float]
+) -> list[Tensor]:
+    """Adam's moments and step (torch.optim.Adam's operations); ``u = m/(√v̂ + eps)`` stored.
+
+    ``s_t = u/bc1``: ``prev_direction = u`` with ``direction_scale = 1/bc1``, which saves a pass.
+    """
+    foreach = group["foreach"]
+    beta1, beta2 = group["betas"]
+    for st in states:
+        st["step"] += 1
+    bc1 = [1 - beta1 ** st["step"] for st in states]
+    roots = [(1 - beta2 ** st["step"]) ** 0.5 for st in states]
+    avgs, sq_avgs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+    adam_moments_(avgs, sq_avgs, grads, 1 - beta1, 1 - beta2, foreach=foreach)
+    targets = grads if group["weight_decay"] != 0 else [st["prev_direction"] for st in states]
+    denominators = adam_denominators(sq_avgs, roots, group["eps"], foreach=foreach, out=targets)
+    adam_step_(params, avgs, denominators, [-(r / b) for r, b in zip(rates, bc1)], foreach=foreach)
+    directions = adam_directions(avgs, denominators, foreach=foreach, out=targets)
+    for st, u, b in zip(states, directions, bc1):
+        st["prev_direction"] = u
+        st["direction_scale"] = 1.0 / b
+    return directions
 
 
-@dataclass
-class _Tensors:
-    """One step's tensors that have a gradient, flattened over the param groups."""
+def _move_tensor_rates_(
+    rates: list[Tensor],
+    grads: list[Tensor],
+    prevs: list[Tensor | None],
+    unit_sums: list[Tensor | None] | None,
+    steps: list[float],
+    parents: list[Scalar | None],
+    pull: float,
+    bounds: tuple[float, float],
+    *,
+    foreach: bool,
+) -> None:
+    """:func:`hd_rate` for a tensor-valued level, in place: per output unit (``unit_sums`` given) or per element.
 
-    groups: list[dict[str, Any]]
-    params: list[Tensor]
-    #: Effective gradients ``g + weight_decay·x``.
-    grads: list[Tensor]
-    #: Stored previous directions (``None`` before a tensor's first step); ``s_{t−1} = prev·scale``.
-    prevs: list[Tensor | None] = field(default_factory=list)
-    scales: list[float] = field(default_factory=list)
-    #: ``⟨g_t, prev⟩`` per tensor, as read by the gate.
-    dots: list[float] = field(default_factory=list)
-    #: The parameters' states (after the gate).
-    states: list[dict[str, Any]] = field(default_factory=list)
+    ``ρ ← clip(ρ·(1 − pull) + pull·parent + step·Σ_group g ⊙ prev)``; ``steps`` already hold the
+    factor of :func:`rate_step_factor`.
+    """
+    for j, (rate, g, s, step, parent) in enumerate(zip(rates, grads, prevs, steps, parents)):
+        if pull > 0 and parent is not None:
+            rate.mul_(1.0 - pull)
+            if isinstance(parent, Tensor):
+                rate.add_(parent, alpha=pull)
+            else:
+                rate.add_(pull * parent)
+        if s is None or step == 0:
+            continue
+        if unit_sums is None:
+            rate.addcmul_(g, s, value=step)
+        else:
+            rate.add_(unit_sums[j], alpha=step)  # type: ignore[arg-type]
+    clamp_(rates, *bounds, foreach=foreach)
+
+
+def _parent_rates(
+    parent: str | None,
+    global_rate: float,
+    layer_rates: list[float],
+    states: list[dict[str, Any]],
+    params: list[Tensor],
+) -> list[Scalar | None]:
+    """Each tensor's parent rate (before this step): the global or its layer's multiple, or its
+    unit rates broadcast over its elements; ``None`` for the coarsest level."""
+    if parent is None:
+        return [None] * len(params)
+    if parent == "global":
+        return [global_rate] * len(params)
+    if parent == "layer":
+        return list(layer_rates)
+    return [st["hd_rate_unit"].view(_unit_view_shape(p)) for st, p in zip(states, params)]
+
+
+def _tensor_levels_step_(
+    lr: float,
+    params: list[Tensor],
+    directions: list[Tensor],
+    states: list[dict[str, Any]],
+    weights: Mapping[str, float],
+) -> None:
+    """``x ← x − lr·(w_unit·ρ_unit + w_param·ρ_param) ⊙ s_t`` (``s_t = direction_scale·direction``)."""
+    for level in ("unit", "param"):
+        w = weights.get(level, 0.0)
+        if w == 0:
+            continue
+        for p, s, st in zip(params, directions, states):
+            rate = st[_RATE_KEYS[level]]
+            if level == "unit":
+                rate = rate.view(_unit_view_shape(p))
+            p.addcmul_(rate.to(p.dtype), s, value=-lr * st.get("direction_scale", 1.0) * w)
+
+
+# =========================================================================== the optimizer
 
 
 @dataclass(frozen=True)
-class _OldRates:
-    """The scalar levels' rates (multiples of lr) before this step's update."""
+class _Reads:
+    """What one param group's step reads, taken before the gate (nothing is written before it)."""
 
-    global_: float
-    layer: list[float]
+    group: dict[str, Any]
+    params: list[Tensor]
+    #: ``g + weight_decay·x``: new tensors when ``weight_decay ≠ 0``, else the ``.grad`` tensors.
+    grads: list[Tensor]
+    #: The stored ``s_{t−1}/scale`` (``None`` before a tensor's first step: ``s_0 = 0``) and ``scale``.
+    prevs: list[Tensor | None]
+    scales: list[float]
+    #: The parameters' states as found (``{}`` before a tensor's first step; nothing created).
+    states: list[Mapping[str, Any]]
+
+
+def _flat(reads: Sequence[_Reads], field: str) -> list[Any]:
+    """One field of every group's reads, as one list over the tensors of all groups."""
+    return [x for r in reads for x in getattr(r, field)]
 
 
 class HierarchicalHD(AdaptiveOptimizer):
@@ -152,8 +308,8 @@ class HierarchicalHD(AdaptiveOptimizer):
     SGD-HD, SGDN-HD and Adam-HD [exact].  (The authors' Adam-HD code updates its rate tensor by
     tensor; this class does not copy that quirk.)
 
-    **Levels** [reconstructed: the paper's full text was not available; this is ALGORITHMS.md §3's
-    reading].  ``levels`` may combine ``"global"`` (one rate), ``"layer"`` (one per parameter
+    **Levels** [reconstructed: the paper's full text was not available; this is docs/algorithms.md
+    §3.2's reading].  ``levels`` may combine ``"global"`` (one rate), ``"layer"`` (one per parameter
     tensor), ``"unit"`` (one per output unit: dim 0 of each tensor; a bias has one per element) and
     ``"param"`` (one per element).  Per step, with the rates and weights of the previous step:
 
@@ -185,24 +341,19 @@ class HierarchicalHD(AdaptiveOptimizer):
 
     **Cost.** One extra pass over the gradients for the dot products, plus, for ``sgd``, a copy of
     the gradient into ``s``: plain SGD-HD cannot come close to ``torch.optim.SGD``'s single fused
-    pass (about 3× on CPU), while the Nesterov and Adam bases stay within about 1.5× of their torch
-    counterparts.  The ``"unit"`` and ``"param"`` levels add a few passes each.
+    pass, while the Nesterov and Adam bases, which already make several passes, add relatively
+    little.  The ``"unit"`` and ``"param"`` levels add a few passes each.  Measured step times:
+    see docs/benchmarks.md.
 
     **Default ``hyper_lr``.**  ``hyper_lr=None`` takes :data:`DEFAULT_HYPER_LR` for the base:
     1e-1 for ``sgd``, 1e-3 for ``sgdn``, 1e-4 for ``adam``.  No single number serves all three:
     ``⟨g, s⟩`` is about ``‖g‖²`` for SGD, about ``‖g‖²/(1−μ)`` for Nesterov, and about ``‖g‖₁`` (unit-sized
-    entries summed over every parameter) for Adam.  The values come from a sweep: an MLP
-    64-W-W-10 (ReLU) on scikit-learn's 8×8 digits (1437 training images), batch 64, 10 epochs, the
-    default levels, widths W ∈ {64, 512} (5k and 300k parameters), two ``lr`` per base (1e-3 and
-    1e-1 for the SGD family, 1e-3 and 1e-2 for Adam), seeds {0, 1}, β on a decade grid; the score
-    is the geometric mean of the 8 final training losses, a diverged run disqualifies.  Score at the
-    chosen β (at β = 0): sgd 0.40 (0.81; β = 1 diverges), sgdn 0.054 (0.175; β = 0.1 diverges),
-    adam 0.013 (0.058; β = 1e-3 breaks the wide net).  Mostly the hypergradient rescues a too-small
+    entries summed over every parameter) for Adam.  The values come from a sweep over small MLPs
+    (its setup and scores: see docs/benchmarks.md).  Mostly the hypergradient rescues a too-small
     ``lr``; at a well-tuned ``lr`` it changes little.  Adam's ``⟨g, s⟩`` grows with the number of
-    parameters, so for models much larger than these lower it (Baydin et al. used 1e-7 on a
-    1.8M-parameter MLP and 1e-8 on VGG; 1e-3 for the SGD family).  ``weight_lr=1`` moved the
-    learned weights within a few epochs on the same MLP; 1e2 and more drove them to a vertex of
-    the simplex (a single level).
+    parameters, so for models much larger than a small MLP lower it (Baydin et al. used 1e-7 on a
+    1.8M-parameter MLP and 1e-8 on VGG; 1e-3 for the SGD family).  Too large a ``weight_lr`` drives
+    the learned weights to a vertex of the simplex (a single level); see docs/benchmarks.md.
 
     Args:
         params: parameters or param groups.  Groups may differ in ``lr``, ``weight_decay``,
@@ -219,7 +370,7 @@ class HierarchicalHD(AdaptiveOptimizer):
         weights: the combination weights, one per entry of ``levels``, on the simplex; ``None``
             means uniform.  The initial values when ``learn_weights``.
         learn_weights: learn the combination weights by projected hypergradient descent.
-        weight_lr: the step size of the weights' hypergradient descent (see the sweep note above).
+        weight_lr: the step size of the weights' hypergradient descent (see the note above).
         level_pull: λ of the pull toward the parent level: one number for every level or one per
             entry of ``levels`` (ignored for the coarsest active level, which has no parent).
         rate_bounds: ``(low, high)`` bounds of every level's rate, in multiples of the group's
@@ -231,8 +382,9 @@ class HierarchicalHD(AdaptiveOptimizer):
     A loss may be passed (``step(loss=...)``) but is not needed: it only joins the finiteness
     gate.  A non-finite gradient (or loss) skips the step: parameters and state unchanged.
 
-    State: ``state["global"]`` holds ``step``, ``skipped_steps``, ``hd_rate_global`` (the global
-    rate as a multiple of ``lr``) and ``hd_weights``; ``state[p]`` holds ``prev_direction``
+    State: every param group holds, equal in all groups, ``step``, ``skipped_steps``,
+    ``global_rate_multiple`` (the global rate as a multiple of ``lr``) and ``level_weights`` (the
+    current combination weights, in the order of ``levels``); ``state[p]`` holds ``prev_direction``
     (``s_{t−1}``; for Adam the unnormalised ``m/(sqrt(v̂)+eps)``, with ``direction_scale = 1/(1−β1^k)``),
     the base buffers (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``, ``step``) and the tensor
     levels' rates ``hd_rate_layer`` (a float), ``hd_rate_unit``, ``hd_rate_param`` (tensors).
@@ -241,6 +393,16 @@ class HierarchicalHD(AdaptiveOptimizer):
     group's elements), ``hd_rate_global``, ``hd_rate_<level>_min`` / ``_mean`` / ``_max`` for the
     tensor-valued levels (absolute rates; means weighted by elements), and ``hd_weight_<level>``.
     On accelerators the unit and param statistics stay 0-d tensors: the step synchronizes once.
+
+    Example:
+        >>> import torch
+        >>> from lightning_adaptive_lr import HierarchicalHD
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = HierarchicalHD(model.parameters(), base="sgdn", lr=1e-2)
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward()
+        >>> opt.step()
+        >>> opt.param_groups[0]["hd_rate_global"]  # s_0 = 0: the first step runs at lr
+        0.01
     """
 
     requires_loss = False
@@ -254,6 +416,11 @@ class HierarchicalHD(AdaptiveOptimizer):
         "level_pull",
         "rate_bounds",
     )
+    group_state: ClassVar[dict[str, Any]] = {
+        **AdaptiveOptimizer.group_state,
+        "global_rate_multiple": 1.0,
+        "level_weights": (),  # set from `weights` by the constructor
+    }
 
     def __init__(
         self,
@@ -276,8 +443,7 @@ class HierarchicalHD(AdaptiveOptimizer):
         average_across_ranks: bool = True,
     ) -> None:
         name = type(self).__name__
-        check_choice(name, "base", base, BASES)
-        check_range(name, "lr", lr, 0.0, None)
+        check_choice(name, "base", base, BASES)  # the default hyper_lr depends on it
         active = self._check_levels(levels)
         hyper = self._per_level(
             "hyper_lr", DEFAULT_HYPER_LR[base] if hyper_lr is None else hyper_lr, levels, active
@@ -290,28 +456,18 @@ class HierarchicalHD(AdaptiveOptimizer):
                     f"of the gap to the parent closed per step); got β={hyper[level]:g}, λ={pull[level]:g} "
                     f"for level {level!r}"
                 )
-        check_range(name, "momentum", momentum, 0.0, 1.0, high_open=True)
-        check_betas(name, betas)
-        check_range(name, "eps", eps, 0.0, None)
-        check_range(name, "weight_decay", weight_decay, 0.0, None)
+        defaults = checked(
+            name, locals(), base=one_of(*BASES), lr=NONNEGATIVE, momentum=FRACTION, betas=BETAS, eps=NONNEGATIVE,
+            weight_decay=NONNEGATIVE, learn_weights=FLAG, weight_lr=NONNEGATIVE,
+        )  # fmt: skip
         initial_weights = self._check_weights(weights, levels, active)
-        check_flag(name, "learn_weights", learn_weights)
-        check_range(name, "weight_lr", weight_lr, 0.0, None)
-        bounds = self._check_bounds(rate_bounds)
-        defaults = dict(
-            base=base,
-            lr=lr,
+        defaults.update(
             levels=active,
             hyper_lr=tuple(hyper[level] for level in active),
-            momentum=momentum,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
             weights=initial_weights,
-            learn_weights=learn_weights,
-            weight_lr=weight_lr,
             level_pull=tuple(pull[level] for level in active),
-            rate_bounds=bounds,
+            rate_bounds=self._check_bounds(rate_bounds),
+            level_weights=initial_weights,
         )
         super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
 
@@ -374,6 +530,21 @@ class HierarchicalHD(AdaptiveOptimizer):
             )
         return (float(bounds[0]), float(bounds[1]))
 
+    # ------------------------------------------------------------------ state dicts
+
+    def _legacy_group_state(self, legacy: dict[str, Any]) -> dict[str, Any]:
+        """Release 0.1 kept ``hd_rate_global`` and ``hd_weights`` in ``state["global"]``.
+
+        ``hd_rate_global`` is also the name of the rate recorded in the groups (in absolute
+        units), so the multiple is kept as ``global_rate_multiple``.
+        """
+        return {
+            "step": legacy.get("step", 0),
+            "skipped_steps": legacy.get("skipped_steps", 0),
+            "global_rate_multiple": legacy.get("hd_rate_global", 1.0),
+            "level_weights": tuple(legacy.get("hd_weights", self.param_groups[0]["weights"])),
+        }
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         # torch casts floating-point state to its parameter's dtype; the unit and param rates are
@@ -387,456 +558,206 @@ class HierarchicalHD(AdaptiveOptimizer):
                 if key in saved:
                     self.state[p][key] = saved[key].detach().clone().to(device=p.device)
 
-    # ------------------------------------------------------------------ the step
-
-    def _update(self, loss: Tensor | None) -> None:
-        options = self.param_groups[0]
-        levels: tuple[str, ...] = options["levels"]
-        entries = [(group, *self._params_and_grads(group)) for group in self.param_groups]
-        if not any(ps for _, ps, _ in entries):
-            return
-        # Everything up to the gate only reads: a skipped step leaves parameters and state untouched.
-        tensors = _Tensors(groups=[], params=[], grads=[])
-        for group, ps, gs in entries:
-            tensors.groups.extend(group for _ in ps)
-            tensors.params.extend(ps)
-            tensors.grads.extend(self._effective_grads(group, ps, gs))
-        found = [self.state.get(p) or {} for p in tensors.params]  # .get: the defaultdict creates nothing
-        tensors.prevs = [st.get("prev_direction") for st in found]
-        tensors.scales = [st.get("direction_scale", 1.0) for st in found]
-        acc = accumulation_dtype(tensors.params[0].device)
-        dots = _hypergradient_dots(tensors.grads, tensors.prevs, acc)
-        unit_sums = (
-            [_unit_sums(g, s) if s is not None else None for g, s in zip(tensors.grads, tensors.prevs)]
-            if "unit" in levels
-            else []
-        )
-        partials = self._weight_partials(tensors, found, unit_sums, acc) if options["learn_weights"] else {}
-
-        # The step's one synchronization: the loss, every ⟨g, s⟩, the weights' tensor partials.
-        head = [loss] if loss is not None else []
-        gated = self._gate(*head, *dots.unbind(), *partials.values())
-        if gated is None:
-            return
-        tensors.dots = gated[len(head) : len(head) + len(tensors.params)]
-        host_partials = dict(zip(partials, gated[len(head) + len(tensors.params) :]))
-
-        st = self.global_state
-        st["step"] += 1
-        tensors.states = [self._init_state(p, levels, options["base"]) for p in tensors.params]
-        old = _OldRates(
-            global_=st.get("hd_rate_global", 1.0), layer=[s.get("hd_rate_layer", 1.0) for s in tensors.states]
-        )
-        weights = dict(zip(levels, st.get("hd_weights", options["weights"])))
-        new_weights = (
-            self._moved_weights(tensors, weights, old, host_partials) if options["learn_weights"] else weights
-        )
-        self._move_rates(tensors, unit_sums, weights, old)
-        st["hd_weights"] = tuple(new_weights[level] for level in levels)
-
-        # The step with the new rates and weights: the scalar part (global + layer) through the base
-        # rule's own kernels, then the tensor-valued levels.
-        start = 0
-        for group, ps, _ in entries:
-            span = slice(start, start + len(ps))
-            start += len(ps)
-            states = tensors.states[span]
-            rates = [group["lr"] * self._scalar_rate(state, new_weights) for state in states]
-            directions = self._base_step(group, ps, tensors.grads[span], states, rates)
-            self._apply_tensor_levels(group, ps, directions, states, new_weights)
-        self._record_all(levels, new_weights)
-
-    # ------------------------------------------------------------------ pieces of the step
-
-    def _effective_grads(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        """``g + weight_decay·x`` (new tensors), or the gradients themselves (never written to)."""
-        wd = group["weight_decay"]
-        if wd == 0 or not params:
-            return grads
-        if not group["foreach"]:
-            return [g.add(p, alpha=wd) for p, g in zip(params, grads)]
-        out: list[Tensor] = [grads[0]] * len(params)
-        for ps, gs, index in group_by_device_and_dtype(params, grads, range(len(params))):
-            for i, e in zip(index, torch._foreach_add(gs, ps, alpha=wd)):
-                out[i] = e
-        return out
-
-    def _weight_partials(
-        self, tensors: _Tensors, found: list[dict[str, Any]], unit_sums: list[Tensor | None], acc: torch.dtype
-    ) -> dict[str, Tensor]:
-        """``Σ_i g_i·s_{t−1,i}·α⁽ᵏ⁾_i`` of the tensor-valued levels, on the device, for the gate to read."""
-        levels = self.param_groups[0]["levels"]
-        device = tensors.params[0].device
-        out: dict[str, Tensor] = {}
-        for level in ("unit", "param"):
-            if level not in levels:
-                continue
-            terms = []
-            for j, (group, g, s, scale, state) in enumerate(
-                zip(tensors.groups, tensors.grads, tensors.prevs, tensors.scales, found)
-            ):
-                if s is None:
-                    continue
-                rate = state[_LEVEL_KEYS[level]]
-                if level == "unit":
-                    unit_sum = unit_sums[j]
-                    assert unit_sum is not None
-                    term = torch.dot(unit_sum.to(acc), rate.to(acc))
-                else:
-                    term = pair_dot(g * s, rate, acc)
-                terms.append(term.to(device) * (group["lr"] * scale))
-            out[level] = torch.stack(terms).sum() if terms else torch.zeros((), dtype=acc, device=device)
-        return out
-
-    def _init_state(self, p: Tensor, levels: tuple[str, ...], base: str) -> dict[str, Any]:
-        """A parameter's state, created on its first successful step (s_0 = 0, rates = 1)."""
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        """A parameter's state, created at its first step: ``s_0 = 0``, every rate 1 (× ``lr``)."""
         state = self.state[p]
         if "prev_direction" in state:
             return state
+        options = self.param_groups[0]
         state["prev_direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if base == "adam":
+        if options["base"] == "sgdn":  # 0 then μ·0 + g: the first g, as torch.optim.SGD starts it
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if options["base"] == "adam":
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["direction_scale"] = 1.0
-        if "layer" in levels:
+        if "layer" in options["levels"]:
             state["hd_rate_layer"] = 1.0
-        if "unit" in levels:
-            state["hd_rate_unit"] = torch.ones(_units(p), dtype=_rate_dtype(p), device=p.device)
-        if "param" in levels:
-            state["hd_rate_param"] = torch.ones_like(p, dtype=_rate_dtype(p), memory_format=torch.preserve_format)
+        if "unit" in options["levels"]:
+            units = p.shape[0] if p.dim() > 0 else 1
+            state["hd_rate_unit"] = torch.ones(units, dtype=work_dtype(p.dtype), device=p.device)
+        if "param" in options["levels"]:
+            state["hd_rate_param"] = torch.ones_like(p, dtype=work_dtype(p.dtype), memory_format=torch.preserve_format)
         return state
 
-    def _moved_weights(
-        self, tensors: _Tensors, weights: dict[str, float], old: _OldRates, partials: dict[str, float]
-    ) -> dict[str, float]:
-        """``w ← Π_simplex(w − weight_lr·∂/∂w)`` with ``∂/∂w_k = Σ_i h_i·α⁽ᵏ⁾_i`` at the previous rates."""
-        options = self.param_groups[0]
-        levels = options["levels"]
-        # lr_j·scale_j·⟨g_j, prev_j⟩: multiplied by a tensor's scalar rate, its share of ∂/∂w.
-        weighted = [group["lr"] * scale * d for group, scale, d in zip(tensors.groups, tensors.scales, tensors.dots)]
-        grad = {}
-        if "global" in levels:
-            grad["global"] = -old.global_ * sum(weighted)
-        if "layer" in levels:
-            grad["layer"] = -sum(r * x for r, x in zip(old.layer, weighted))
-        for level in ("unit", "param"):
-            if level in levels:
-                grad[level] = -partials[level]
-        moved = project_simplex([weights[k] - options["weight_lr"] * grad[k] for k in levels])
-        return dict(zip(levels, moved))
+    # ------------------------------------------------------------------ the step
 
-    def _move_rates(
-        self, tensors: _Tensors, unit_sums: list[Tensor | None], weights: dict[str, float], old: _OldRates
-    ) -> None:
-        """Each level's hypergradient step, pull toward its parent, and clip (finest level first, so
-        that every pull reads its parent's previous value)."""
+    def _gather(self) -> list[_Reads]:
+        """Every group's parameters with a gradient, their effective gradients and states (read only)."""
+        reads = []
+        for group in self.param_groups:
+            params, grads = self._params_and_grads(group)
+            if params:
+                grads = with_l2(params, grads, group["weight_decay"], foreach=group["foreach"])
+                states = [self.state.get(p, {}) for p in params]  # .get: the defaultdict creates nothing
+                prevs = [st.get("prev_direction") for st in states]
+                scales = [st.get("direction_scale", 1.0) for st in states]
+                reads.append(_Reads(group, params, grads, prevs, scales, states))
+        return reads
+
+    def _update(self, loss: Tensor | None) -> None:
+        reads = self._gather()
+        if not reads:
+            return
         options = self.param_groups[0]
         levels: tuple[str, ...] = options["levels"]
-        beta = dict(zip(levels, options["hyper_lr"]))
-        pull = dict(zip(levels, options["level_pull"]))
-        bounds: tuple[float, float] = options["rate_bounds"]
-        low, high = bounds
-        # Per tensor, the factor that turns Σ g·prev into a step of the stored multiple:
-        # scale·lr/lr_ref² (see the class docstring); 0 for a group that does not move.
-        coefs = []
-        for group, scale in zip(tensors.groups, tensors.scales):
-            ref = group.get("initial_lr", group["lr"])
-            coefs.append(scale * group["lr"] / ref**2 if ref > 0 and group["lr"] > 0 else 0.0)
+        params, grads, prevs, found = (_flat(reads, k) for k in ("params", "grads", "prevs", "states"))
+        if options["base"] == "adam" and any(p.dtype == torch.float16 for p in params):
+            raise TypeError(
+                f"{type(self).__name__}(base='adam') does not support float16 parameters: `eps` is 0 in "
+                "float16, so an element whose gradient is 0 would divide 0 by 0. Keep the parameters in "
+                "float32 (mixed precision: precision='16-mixed') or use bfloat16."
+            )
+        if self._is_state_initialization():  # torch.distributed.checkpoint lays out the state
+            for p in params:
+                self._init_state(p)
+            self._record_all(levels, dict(zip(levels, self._shared("level_weights"))))
+            return
 
-        def parent_rate(level: str, j: int) -> Scalar | None:
-            coarser = [c for c in levels if LEVELS.index(c) < LEVELS.index(level)]
-            if not coarser:
-                return None
-            if coarser[-1] == "global":
-                return old.global_
-            if coarser[-1] == "layer":
-                return old.layer[j]
-            return tensors.states[j]["hd_rate_unit"].view(_unit_view_shape(tensors.params[j]))
+        # Reductions: ⟨g_j, prev_j⟩ per tensor and per output unit, and the weights' partials
+        # Σ_i g_i·prev_i·ρ_i per tensor (a tensor without s_{t−1} has h = 0: tensor_dots' None).
+        device = grads[0].device
+        scalars = {"dots": tensor_dots(grads, prevs, device)}
+        if loss is not None:
+            scalars["loss"] = loss
+        unit_sums = [None if s is None else unit_dots(g, s) for g, s in zip(grads, prevs)] if "unit" in levels else []
+        if options["learn_weights"] and "unit" in levels:
+            terms = [g if u is None else u for g, u in zip(grads, unit_sums)]
+            unit_rates = [None if s is None else st["hd_rate_unit"] for s, st in zip(prevs, found)]
+            scalars["unit_partial"] = tensor_dots(terms, unit_rates, device)
+        if options["learn_weights"] and "param" in levels:
+            terms = [g if s is None else g * s for g, s in zip(grads, prevs)]
+            param_rates = [None if s is None else st["hd_rate_param"] for s, st in zip(prevs, found)]
+            scalars["param_partial"] = tensor_dots(terms, param_rates, device)
 
-        for level in ("param", "unit"):
-            if level not in levels:
-                continue
-            step, kappa = weights[level] * beta[level], 2.0 * beta[level] * pull[level]
-            rates = [state[_LEVEL_KEYS[level]] for state in tensors.states]
-            for j, (rate, c) in enumerate(zip(rates, coefs)):
-                target = parent_rate(level, j) if kappa > 0 else None
-                if target is not None:
-                    rate.mul_(1.0 - kappa)
-                    if isinstance(target, Tensor):
-                        rate.add_(target, alpha=kappa)
-                    else:
-                        rate.add_(kappa * target)
-                s = tensors.prevs[j]
-                if s is None or step * c == 0:
-                    continue
-                if level == "param":
-                    rate.addcmul_(tensors.grads[j], s, value=step * c)
-                else:
-                    rate.add_(unit_sums[j], alpha=step * c)  # type: ignore[arg-type]
-            _clamp_(rates, bounds, foreach=options["foreach"])
+        values = self._gate(**scalars)  # the step's one synchronization
+        if values is None:
+            return
+
+        states = [self._init_state(p) for p in params]
+        weights, global_rate = self._move_rates(reads, states, values, unit_sums)
+
+        # The step with the new rates and weights: the scalar levels through the base rule's own
+        # kernels, then the tensor-valued levels.
+        base_step_ = _adam_step_ if options["base"] == "adam" else _sgd_step_
+        for r in reads:
+            sts = [self.state[p] for p in r.params]
+            rates = [r.group["lr"] * scalar_rate(weights, global_rate, st.get("hd_rate_layer", 1.0)) for st in sts]
+            directions = base_step_(r.group, r.params, r.grads, sts, rates)
+            _tensor_levels_step_(r.group["lr"], r.params, directions, sts, weights)
+        self._record_all(levels, weights)
+
+    def _move_rates(
+        self,
+        reads: list[_Reads],
+        states: list[dict[str, Any]],
+        values: dict[str, Any],
+        unit_sums: list[Tensor | None],
+    ) -> tuple[dict[str, float], float]:
+        """The rules, on the previous rates and weights: every level's rates and (if learned) the
+        weights move; returns the new weights and global rate (also written to the groups)."""
+        options = self.param_groups[0]
+        levels: tuple[str, ...] = options["levels"]
+        beta, lam = dict(zip(levels, options["hyper_lr"])), dict(zip(levels, options["level_pull"]))
+        low, high = options["rate_bounds"]
+        params, grads, prevs, scales = (_flat(reads, k) for k in ("params", "grads", "prevs", "scales"))
+        groups = [r.group for r in reads for _ in r.params]
+        dots = values["dots"]
+        weights = dict(zip(levels, self._shared("level_weights")))
+        old_global = self._shared("global_rate_multiple")
+        old_layer = [st.get("hd_rate_layer", 1.0) for st in states]
+        coefs = [rate_step_factor(g["lr"], g.get("initial_lr", g["lr"]), a) for g, a in zip(groups, scales)]
+
+        new_weights = weights
+        if options["learn_weights"]:
+            partials = {k: values[f"{k}_partial"] for k in ("unit", "param") if k in levels}
+            absolute = [g["lr"] * a for g, a in zip(groups, scales)]
+            gradient = weight_hypergradients(levels, absolute, dots, old_global, old_layer, partials)
+            moved = project_simplex([weights[k] - options["weight_lr"] * gradient[k] for k in levels])
+            new_weights = dict(zip(levels, moved))
+
+        for level in ("param", "unit"):  # finest first: every pull reads its parent's previous value
+            if level in levels:
+                step = weights[level] * beta[level]
+                _move_tensor_rates_(
+                    [st[_RATE_KEYS[level]] for st in states],
+                    grads,
+                    prevs,
+                    unit_sums if level == "unit" else None,
+                    [step * c for c in coefs],
+                    _parent_rates(self._parent(level), old_global, old_layer, states, params),
+                    2.0 * beta[level] * lam[level],
+                    (low, high),
+                    foreach=options["foreach"],
+                )
         if "layer" in levels:
             step = weights["layer"] * beta["layer"]
-            kappa = 2.0 * beta["layer"] * pull["layer"] if "global" in levels else 0.0
-            for state, r, d, c in zip(tensors.states, old.layer, tensors.dots, coefs):
-                moved = r + step * c * d - kappa * (r - old.global_)
-                state["hd_rate_layer"] = min(max(moved, low), high)
+            pull = 2.0 * beta["layer"] * lam["layer"] if "global" in levels else 0.0
+            for st, r, d, c in zip(states, old_layer, dots, coefs):
+                st["hd_rate_layer"] = hd_rate(r, d, step * c, pull=pull, parent=old_global, low=low, high=high)
+        new_global = old_global
         if "global" in levels:
-            moved = old.global_ + weights["global"] * beta["global"] * sum(c * d for c, d in zip(coefs, tensors.dots))
-            self.global_state["hd_rate_global"] = min(max(moved, low), high)
+            alignment = sum(c * d for c, d in zip(coefs, dots))
+            new_global = hd_rate(old_global, alignment, weights["global"] * beta["global"], low=low, high=high)
 
-    def _scalar_rate(self, state: dict[str, Any], weights: dict[str, float]) -> float:
-        """``w_global·ρ_global + w_layer·ρ_layer`` of one tensor (a multiple of its group's lr)."""
-        rate = 0.0
-        if "global" in weights:
-            rate += weights["global"] * self.global_state["hd_rate_global"]
-        if "layer" in weights:
-            rate += weights["layer"] * state["hd_rate_layer"]
-        return rate
+        self._set_shared(
+            step=self._shared("step") + 1,
+            global_rate_multiple=new_global,
+            level_weights=tuple(new_weights[k] for k in levels),
+        )
+        return new_weights, new_global
 
-    def _base_step(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        geffs: list[Tensor],
-        states: list[dict[str, Any]],
-        rates: list[float],
-    ) -> list[Tensor]:
-        """Advance the base rule, store ``s_t``, take ``x ← x − rate·s_t``; return the directions."""
-        if not params:
-            return []
-        base = group["base"]
-        foreach = group["foreach"]
-        owned = group["weight_decay"] != 0  # the effective gradients are this step's temporaries
-        directions: list[Tensor] = list(geffs)
-        for ps, gs, sts, rs, index in group_by_device_and_dtype(params, geffs, states, rates, range(len(params))):
-            if base == "adam":
-                ds = self._adam_direction(group, ps, gs, rs, sts, owned, foreach)
-            else:
-                ds = self._sgd_direction(group, gs, sts, owned, foreach)
-                if any(r != 0 for r in rs):
-                    _add_scaled_each_(ps, ds, [-r for r in rs], foreach=foreach)
-            for i, s in zip(index, ds):
-                directions[i] = s
-        return directions
-
-    def _sgd_direction(
-        self,
-        group: dict[str, Any],
-        geffs: list[Tensor],
-        states: list[dict[str, Any]],
-        owned: bool,
-        foreach: bool,
-    ) -> list[Tensor]:
-        """``s = g`` (sgd) or ``s = g + μ·v`` with ``v ← μ·v + g`` (sgdn), written into ``prev_direction``.
-
-        The operations and their order are torch.optim.SGD's, so that ``hyper_lr=0`` reproduces it.
-        """
-        base = group["base"]
-        if base == "sgdn":
-            mu = group["momentum"]
-            # A new buffer starts at the first gradient, as torch.optim.SGD's does.
-            old = [i for i, st in enumerate(states) if "momentum_buffer" in st]
-            for st, g in zip(states, geffs):
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = g.clone()
-            bufs = [states[i]["momentum_buffer"] for i in old]
-            if bufs:
-                news = [geffs[i] for i in old]
-                if foreach:
-                    torch._foreach_mul_(bufs, mu)
-                    torch._foreach_add_(bufs, news)
-                else:
-                    for b, g in zip(bufs, news):
-                        b.mul_(mu).add_(g)
-            bufs = [st["momentum_buffer"] for st in states]
-        if owned:  # the effective gradients are this step's temporaries: they become s_t
-            targets = list(geffs)
-            if base == "sgdn":
-                _add_into_(targets, geffs, bufs, mu, foreach=foreach)
-        else:
-            targets = [st["prev_direction"] for st in states]
-            if base == "sgdn":
-                _add_into_(targets, geffs, bufs, mu, foreach=foreach)
-            elif foreach:
-                torch._foreach_copy_(targets, geffs)
-            else:
-                for t, g in zip(targets, geffs):
-                    t.copy_(g)
-        for st, t in zip(states, targets):
-            st["prev_direction"] = t
-        return targets
-
-    def _adam_direction(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        geffs: list[Tensor],
-        rates: list[float],
-        states: list[dict[str, Any]],
-        owned: bool,
-        foreach: bool,
-    ) -> list[Tensor]:
-        """Adam's moments and step (as torch.optim.Adam computes them); ``u = m/(sqrt(v̂)+eps)`` stored."""
-        beta1, beta2 = group["betas"]
-        eps = group["eps"]
-        ms = [st["exp_avg"] for st in states]
-        vs = [st["exp_avg_sq"] for st in states]
-        for st in states:
-            st["step"] += 1
-        bc1 = [1 - beta1 ** st["step"] for st in states]
-        bc2_sqrt = [(1 - beta2 ** st["step"]) ** 0.5 for st in states]
-        targets = list(geffs) if owned else [st["prev_direction"] for st in states]
-        if foreach:
-            torch._foreach_lerp_(ms, geffs, 1 - beta1)
-            torch._foreach_mul_(vs, beta2)
-            torch._foreach_addcmul_(vs, geffs, geffs, 1 - beta2)
-            _sqrt_into_(targets, vs, foreach=True)
-            torch._foreach_div_(targets, bc2_sqrt)
-            torch._foreach_add_(targets, eps)
-            if any(r != 0 for r in rates):
-                torch._foreach_addcdiv_(params, ms, targets, [-(r / b) for r, b in zip(rates, bc1)])
-        else:
-            for p, g, m, v, t, r, b1, b2 in zip(params, geffs, ms, vs, targets, rates, bc1, bc2_sqrt):
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                torch.sqrt(v, out=t)
-                t.div_(b2).add_(eps)
-                if r != 0:
-                    p.addcdiv_(m, t, value=-(r / b1))
-        for m, t in zip(ms, targets):
-            torch.div(m, t, out=t)
-        for st, t, b1 in zip(states, targets, bc1):
-            st["prev_direction"] = t
-            st["direction_scale"] = 1.0 / b1
-        return targets
-
-    def _apply_tensor_levels(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        directions: list[Tensor],
-        states: list[dict[str, Any]],
-        w: dict[str, float],
-    ) -> None:
-        """``x ← x − lr·(w_unit·ρ_unit + w_param·ρ_param) ⊙ s_t`` (for Adam ``s = u·direction_scale``)."""
-        if w.get("unit", 0.0) == 0 and w.get("param", 0.0) == 0:
-            return
-        lr = group["lr"]
-        for p, s, state in zip(params, directions, states):
-            factor = -lr * state.get("direction_scale", 1.0)
-            if "hd_rate_unit" in state and w.get("unit", 0.0) != 0:
-                p.addcmul_(state["hd_rate_unit"].view(_unit_view_shape(p)).to(p.dtype), s, value=factor * w["unit"])
-            if "hd_rate_param" in state and w.get("param", 0.0) != 0:
-                p.addcmul_(state["hd_rate_param"].to(p.dtype), s, value=factor * w["param"])
+    def _parent(self, level: str) -> str | None:
+        """The next coarser active level (``None`` for the coarsest)."""
+        levels = self.param_groups[0]["levels"]
+        coarser = [c for c in levels if LEVELS.index(c) < LEVELS.index(level)]
+        return coarser[-1] if coarser else None
 
     # ------------------------------------------------------------------ recording
 
-    def _record_all(self, levels: tuple[str, ...], w: dict[str, float]) -> None:
-        """Write effective_lr, the levels' rates and the weights into every param group."""
-        st = self.global_state
+    def _record_all(self, levels: tuple[str, ...], weights: Mapping[str, float]) -> None:
+        """Write effective_lr, the levels' rates (absolute) and the weights into every param group."""
+        global_rate = self._shared("global_rate_multiple")
         for group in self.param_groups:
             lr = group["lr"]
-            found = [(p, self.state.get(p) or {}) for p in group["params"]]
-            stated = [(p, state) for p, state in found if "prev_direction" in state]
+            stated = [(p, self.state[p]) for p in group["params"] if "prev_direction" in self.state.get(p, {})]
             sizes = [p.numel() for p, _ in stated]
             total = float(sum(sizes))
             values: dict[str, Scalar] = {}
-            mean_rate: Scalar = 0.0  # Σ_k w_k · (element mean of level k's multiple)
+            mean: Scalar = 0.0  # Σ_k w_k · (element mean of level k's multiple)
             if "global" in levels:
-                rate = st.get("hd_rate_global", 1.0)
-                values["hd_rate_global"] = lr * rate
-                mean_rate = mean_rate + w["global"] * rate
+                values["hd_rate_global"] = lr * global_rate
+                mean = mean + weights["global"] * global_rate
             if "layer" in levels:
-                rates = [state["hd_rate_layer"] for _, state in stated] or [1.0]
-                mean = sum(r * n for r, n in zip(rates, sizes)) / total if total else 1.0
+                rates = [st["hd_rate_layer"] for _, st in stated] or [1.0]
+                layer_mean = sum(r * n for r, n in zip(rates, sizes)) / total if total else 1.0
                 values.update(
-                    hd_rate_layer_min=lr * min(rates), hd_rate_layer_mean=lr * mean, hd_rate_layer_max=lr * max(rates)
+                    hd_rate_layer_min=lr * min(rates),
+                    hd_rate_layer_mean=lr * layer_mean,
+                    hd_rate_layer_max=lr * max(rates),
                 )
-                mean_rate = mean_rate + w["layer"] * mean
+                mean = mean + weights["layer"] * layer_mean
             for level in ("unit", "param"):
-                if level not in levels:
-                    continue
-                key = _LEVEL_KEYS[level]
-                if stated:
-                    lows, highs, sums = [], [], []
-                    for p, state in stated:
-                        r = state[key]
-                        lo, hi = torch.aminmax(r)
-                        lows.append(lo)
-                        highs.append(hi)
-                        sums.append(r.sum(dtype=torch.float64) * (p.numel() / r.numel()))
-                    lo_t, hi_t, mean_t = self._to_host_if_free(
-                        torch.stack(lows).min(), torch.stack(highs).max(), torch.stack(sums).sum() / total
-                    )
-                else:
-                    lo_t = hi_t = mean_t = 1.0
-                values[f"{key}_min"] = lr * lo_t
-                values[f"{key}_mean"] = lr * mean_t
-                values[f"{key}_max"] = lr * hi_t
-                mean_rate = mean_rate + w[level] * mean_t
-            values["effective_lr"] = lr * mean_rate
-            values.update({f"hd_weight_{level}": w[level] for level in levels})
+                if level in levels:
+                    low, high, level_mean = self._rate_statistics(level, stated, total)
+                    key = _RATE_KEYS[level]
+                    values.update({f"{key}_min": lr * low, f"{key}_mean": lr * level_mean, f"{key}_max": lr * high})
+                    mean = mean + weights[level] * level_mean
+            values["effective_lr"] = lr * mean
+            values.update({f"hd_weight_{level}": weights[level] for level in levels})
             self._record(group, **values)
 
-
-def _clamp_(tensors: list[Tensor], bounds: tuple[float, float], *, foreach: bool) -> None:
-    """Clip every tensor to ``[low, high]`` in place (skipping infinite sides)."""
-    low, high = bounds
-    if not tensors:
-        return
-    if foreach:
-        for bucket in group_by_device_and_dtype(tensors):
-            ts = bucket[0]
-            if low != -math.inf:
-                torch._foreach_clamp_min_(ts, low)
-            if high != math.inf:
-                torch._foreach_clamp_max_(ts, high)
-        return
-    for t in tensors:
-        t.clamp_(min=None if low == -math.inf else low, max=None if high == math.inf else high)
-
-
-def _on_cpu(xs: list[Tensor]) -> bool:
-    """Whether the tensors live on the CPU, where ``torch._foreach_*`` kernels are plain loops and
-    writing into an existing buffer (``out=``) beats allocating a parameter-sized result."""
-    return bool(xs) and xs[0].device.type == "cpu"
-
-
-def _add_into_(outs: list[Tensor], xs: list[Tensor], ys: list[Tensor], alpha: float, *, foreach: bool) -> None:
-    """``outs[i] = xs[i] + alpha·ys[i]`` (``outs`` may alias ``xs``)."""
-    if foreach and not _on_cpu(xs):
-        if any(o is not x for o, x in zip(outs, xs)):
-            torch._foreach_copy_(outs, xs)
-        torch._foreach_add_(outs, ys, alpha=alpha)
-        return
-    for o, x, y in zip(outs, xs, ys):
-        torch.add(x, y, alpha=alpha, out=o)
-
-
-def _sqrt_into_(outs: list[Tensor], xs: list[Tensor], *, foreach: bool) -> None:
-    """``outs[i] = sqrt(xs[i])``."""
-    if foreach and not _on_cpu(xs):
-        torch._foreach_copy_(outs, xs)
-        torch._foreach_sqrt_(outs)
-        return
-    for o, x in zip(outs, xs):
-        torch.sqrt(x, out=o)
-
-
-def _add_scaled_each_(xs: list[Tensor], ys: list[Tensor], alphas: list[float], *, foreach: bool) -> None:
-    """``xs[i] += alphas[i] * ys[i]`` in place, one scale per tensor.
-
-    With one scale for all, one ``torch._foreach_add_``.  Otherwise, on accelerators a scaled
-    temporary (``_foreach_mul``) and one add; on the CPU, where foreach kernels are loops anyway and
-    a parameter-sized temporary costs more than it saves, a loop of fused ``add_(alpha=...)``.
-    """
-    if not xs:
-        return
-    if foreach and all(a == alphas[0] for a in alphas):
-        torch._foreach_add_(xs, ys, alpha=alphas[0])
-    elif foreach and not _on_cpu(xs):
-        torch._foreach_add_(xs, torch._foreach_mul(ys, alphas))
-    else:
-        for x, y, a in zip(xs, ys, alphas):
-            x.add_(y, alpha=a)
+    def _rate_statistics(
+        self, level: str, stated: list[tuple[Tensor, dict[str, Any]]], total: float
+    ) -> tuple[Scalar, Scalar, Scalar]:
+        """Min, max and element-weighted mean of a tensor-valued level's multiples (1 before any step)."""
+        if not stated:
+            return 1.0, 1.0, 1.0
+        rates = [st[_RATE_KEYS[level]] for _, st in stated]
+        device = rates[0].device
+        low, high = tensor_extrema(rates, device)
+        # Elements per rate: a unit's rate covers its row, a param's rate its element.
+        counts = torch.tensor([p.numel() / r.numel() for (p, _), r in zip(stated, rates)], dtype=low.dtype)
+        mean = (tensor_sums(rates, device) * counts.to(device)).sum() / total
+        return self._to_host_if_free(low, high, mean)  # type: ignore[return-value]
