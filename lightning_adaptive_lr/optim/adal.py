@@ -1,7 +1,7 @@
-"""AdaL: Adam on a transformed gradient that is amplified early in training and shrunk later.
+r"""AdaL: Adam on a transformed gradient that is amplified early in training and shrunk later.
 
 Zhang et al., "AdaL: Adaptive Gradient Transformation Contributes to Convergences and
-Generalizations", 2021 (ALGORITHMS.md §4).  The idea is the paper's (abstract verified); the
+Generalizations", 2021 (docs/algorithms.md §4).  The idea is the paper's (abstract verified); the
 update is **reconstructed from a secondary source**, because the paper's full text could not be
 read.  The choices that reading leaves open are options, documented on :class:`AdaL`.
 
@@ -11,129 +11,151 @@ With ``s`` the scale of the transform (``‖g‖₁`` by default) the step is::
     m ← β1·m + (1 − β1)·ĝ          v ← β2·v + (1 − β2)·ĝ²
     x ← x − η_k · m̂ · (1/√v̂ + eps)            (eps_mode="preconditioner", the source's form)
     x ← x − η_k · m̂ / (√v̂ + eps)              (eps_mode="denominator", Adam's form)
+
+The base direction is Adam's (:mod:`._directions`); what is AdaL's own is the scale ``s`` and the
+per-tensor scalars it turns into (:func:`adal_scalars`, on floats).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._base import AdaptiveOptimizer, check_betas, check_choice, check_range
-from ._tensorlists import accumulation_dtype, group_by_device_and_dtype, work_dtype
+from ._base import BETAS, NONNEGATIVE, AdaptiveOptimizer, checked, one_of
+from ._directions import adam_denominators, adam_moments_, adam_preconditioners, adam_step_, rsqrt_cap
+from ._reduce import l1_norms
+from ._tensorlists import multiply_
 
-__all__ = ["AdaL"]
+__all__ = ["AdaL", "AdaLScalars", "adal_rate", "adal_scalars"]
 
 TRANSFORMS = ("l1", "tensor_l1", "none")
 EPS_MODES = ("preconditioner", "denominator")
 LR_DECAYS = ("none", "inv_sqrt")
 
 
-def _l1_norms(tensors: Sequence[Tensor], device: torch.device, *, foreach: bool) -> Tensor:
-    """Per-tensor ℓ1 norms, in input order, as a 1-d tensor on ``device`` in the accumulation dtype.
+# --------------------------------------------------------------------------- the scalar rule
 
-    Each norm is reduced in the tensor's precision promoted to at least float32 (a half-precision
-    ‖g‖₁ overflows easily); nothing leaves the device here.  On accelerators the multi-tensor
-    path is one fused ``_foreach_norm`` kernel; on the CPU, where that kernel is a loop over a
-    norm that is several times slower than ``abs().sum()``, both paths take the latter.
+
+def adal_rate(lr: float, step: int, lr_decay: str) -> float:
+    """``η_k``: ``lr`` (``lr_decay="none"``) or ``lr/√k`` (``"inv_sqrt"``, the source's schedule).
+
+    >>> adal_rate(0.1, 4, "inv_sqrt")
+    0.05
     """
-    acc = accumulation_dtype(device)
-    positions: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        positions.setdefault((t.device, t.dtype), []).append(i)
-    parts = []
-    for (where, dtype), indices in positions.items():
-        work = work_dtype(dtype)
-        chunk = [tensors[i] for i in indices]
-        if foreach and where.type != "cpu":
-            norms = torch._foreach_norm(chunk, 1, dtype=work)
-        else:
-            norms = [t.abs().sum(dtype=work) for t in chunk]
-        parts.append(torch.stack(norms).to(device, acc))
-    if len(parts) == 1:
-        return parts[0]
-    out = torch.empty(len(tensors), device=device, dtype=acc)
-    for part, indices in zip(parts, positions.values()):
-        out[torch.tensor(indices, device=device)] = part
-    return out
+    return lr / math.sqrt(step) if lr_decay == "inv_sqrt" else lr
 
 
-def _rsqrt_cap(dtype: torch.dtype) -> float:
-    """Cap on 1/√ṽ: 1/√(smallest normal number), i.e. √ṽ is floored there.
+@dataclass(frozen=True)
+class AdaLScalars:
+    """One tensor's scalars for one step (see :func:`adal_scalars`)."""
 
-    A coordinate whose gradient is always zero has m̃ = ṽ = 0, where 1/√ṽ is infinite; with the
-    cap its step is exactly 0, never 0·∞.  Where ṽ underflowed to 0 (g² too small for the
-    dtype) but m̃ did not, m̃·cap stays of the order of the bounded ratio m̃/√ṽ instead of
-    overflowing.  Coordinates whose ṽ is a normal number are not affected.
+    #: Λ1 and Λ2 after this step: the moving averages of ``s`` and ``s²``.
+    scale_avg: float
+    scale_sq_avg: float
+    #: the weights of the moment updates ``m̃ ← lerp(m̃, g, w1)``, ``ṽ ← (1 − w2)·ṽ + w2·g²``.
+    avg_weight: float
+    sq_weight: float
+    #: whether the tensor moves (Λ2 > 0: its ĝ has not been exactly 0 at every step so far).
+    moves: bool
+    #: the signed coefficient of ``m̃`` in the step (0 when the tensor does not move).
+    step_size: float
+    #: what is added to ``√ṽ`` (eps in the denominator) or to ``1/√ṽ`` (eps in the preconditioner).
+    shift: float
+
+
+def adal_scalars(
+    scale: float,
+    scale_avg: float,
+    scale_sq_avg: float,
+    step: int,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    eps_in_denominator: bool,
+    floor: float,
+) -> AdaLScalars:
+    r"""One tensor's step, as scalars: the averages Λ1, Λ2, the moment weights, the step coefficient and eps term.
+
+    The averages of ĝ = s·g are kept factored, ``m = Λ1·m̃`` and ``v = Λ2·ṽ`` (docs/algorithms.md
+    §4.3): Λ1 ← β1·Λ1 + (1 − β1)·s and Λ2 ← β2·Λ2 + (1 − β2)·s² are floats, and m̃, ṽ move toward
+    g, g² by ``w1 = (1 − β1)·s/Λ1`` and ``w2 = (1 − β2)·s²/Λ2``.  With ``σ = √(Λ2/(1 − β2^k))``
+    (so that √v̂ = σ·√ṽ) and ``m̂ = Λ1/(1 − β1^k)·m̃`` the step is::
+
+        x += c·m̃ / (√ṽ + e)     c = −lr·Λ1/((1 − β1^k)·σ),   e = max(eps/σ, floor)   (denominator)
+        x += c·m̃ · (1/√ṽ + e)   c as above,                  e = eps·σ               (preconditioner)
+
+    Args:
+        scale: this step's ``s``.
+        scale_avg, scale_sq_avg: Λ1 and Λ2 before this step (0 for a new tensor).
+        step: ``k``, the tensor's own step count, this step included.
+        lr: ``η_k``.
+        betas: ``(β1, β2)``.
+        eps: the user's ``eps``.
+        eps_in_denominator: Adam's placement (only when ``eps > 0``; with ``eps = 0`` both forms
+            are the capped ``1/√ṽ``).
+        floor: the least ``eps/σ`` may be, so that it does not round to 0 in the tensor's dtype
+            when σ is huge: ``1/rsqrt_cap(dtype)``, that is √(smallest normal number).
+
+    >>> r = adal_scalars(4.0, 0.0, 0.0, 1, lr=1.0, betas=(0.9, 0.999), eps=0.01,
+    ...                  eps_in_denominator=False, floor=0.0)
+    >>> round(r.avg_weight, 12), round(r.step_size, 12), round(r.shift, 12)
+    (1.0, -1.0, 0.04)
     """
-    return 1.0 / math.sqrt(torch.finfo(dtype).tiny)
+    beta1, beta2 = betas
+    scale_avg = beta1 * scale_avg + (1.0 - beta1) * scale
+    scale_sq_avg = beta2 * scale_sq_avg + (1.0 - beta2) * scale * scale
+    avg_weight = (1.0 - beta1) * scale / scale_avg if scale_avg > 0 else 0.0
+    sq_weight = (1.0 - beta2) * scale * scale / scale_sq_avg if scale_sq_avg > 0 else 0.0
+    sigma = math.sqrt(scale_sq_avg / (1.0 - beta2**step))
+    if not sigma > 0:
+        return AdaLScalars(scale_avg, scale_sq_avg, avg_weight, sq_weight, False, 0.0, 0.0)
+    step_size = -lr * scale_avg / ((1.0 - beta1**step) * sigma)
+    shift = max(eps / sigma, floor) if eps_in_denominator else eps * sigma
+    return AdaLScalars(scale_avg, scale_sq_avg, avg_weight, sq_weight, True, step_size, shift)
 
 
-def _one_or_all(values: list[float]) -> float | list[float]:
-    """One scalar when every tensor gets the same value (the common case), else one per tensor."""
-    first = values[0]
-    return first if all(v == first for v in values) else values
+# --------------------------------------------------------------------------- the body
 
 
-def _moments_per_tensor(
-    grads: list[Tensor], avgs: list[Tensor], sq_avgs: list[Tensor], avg_weights: list[float], sq_weights: list[float]
-) -> None:
-    """``m̃ ← lerp(m̃, g, w1)``, ``ṽ ← (1 − w2)·ṽ + w2·g²``, one tensor at a time."""
-    for g, m, v, w1, w2 in zip(grads, avgs, sq_avgs, avg_weights, sq_weights):
-        m.lerp_(g, w1)
-        v.mul_(1.0 - w2).addcmul_(g, g, value=w2)
-
-
-def _moments_foreach(
-    grads: list[Tensor], avgs: list[Tensor], sq_avgs: list[Tensor], avg_weights: list[float], sq_weights: list[float]
-) -> None:
-    """The same with ``torch._foreach_*`` kernels (tensors of one device and dtype)."""
-    torch._foreach_lerp_(avgs, grads, _one_or_all(avg_weights))
-    torch._foreach_mul_(sq_avgs, _one_or_all([1.0 - w for w in sq_weights]))
-    torch._foreach_addcmul_(sq_avgs, grads, grads, _one_or_all(sq_weights))
-
-
-def _step_per_tensor(
+def _adal(
     params: list[Tensor],
+    grads: list[Tensor],
     avgs: list[Tensor],
     sq_avgs: list[Tensor],
-    coefficients: list[float],
-    eps_terms: list[float] | None,
+    scalars: Sequence[AdaLScalars],
+    *,
+    decay: float,
     eps_in_denominator: bool,
+    foreach: bool,
 ) -> None:
-    """``x += c·m̃/(√ṽ + e)`` (denominator) or ``x += c·m̃·(1/√ṽ + e)`` (preconditioner), per tensor."""
-    for i, (p, m, v) in enumerate(zip(params, avgs, sq_avgs)):
-        if eps_in_denominator and eps_terms is not None:
-            p.addcdiv_(m, v.sqrt().add_(eps_terms[i]), value=coefficients[i])
-        else:
-            r = v.rsqrt().clamp_max_(_rsqrt_cap(v.dtype))
-            if eps_terms is not None:
-                r.add_(eps_terms[i])
-            p.addcmul_(m, r, value=coefficients[i])
+    """Decoupled weight decay, the factored moments, then the step of the tensors that move.
 
-
-def _step_foreach(
-    params: list[Tensor],
-    avgs: list[Tensor],
-    sq_avgs: list[Tensor],
-    coefficients: list[float],
-    eps_terms: list[float] | None,
-    eps_in_denominator: bool,
-) -> None:
-    """The same with ``torch._foreach_*`` kernels (tensors of one device and dtype)."""
-    if eps_in_denominator and eps_terms is not None:
-        denom = torch._foreach_sqrt(sq_avgs)
-        torch._foreach_add_(denom, _one_or_all(eps_terms))
-        torch._foreach_addcdiv_(params, avgs, denom, _one_or_all(coefficients))
+    ``x ← decay·x``; ``m̃ ← lerp(m̃, g, w1)``, ``ṽ ← (1 − w2)·ṽ + w2·g²``; then
+    ``x += c·m̃/(√ṽ + e)`` or ``x += c·m̃·(1/√ṽ + e)`` (``1/√ṽ`` capped at :func:`rsqrt_cap`).
+    """
+    if decay != 1.0:  # decoupled weight decay first, as AdamW
+        multiply_(params, decay, foreach=foreach)
+    weights1, weights2 = [s.avg_weight for s in scalars], [s.sq_weight for s in scalars]
+    adam_moments_(avgs, sq_avgs, grads, weights1, weights2, foreach=foreach)
+    moving = [i for i, s in enumerate(scalars) if s.moves]
+    if not moving:
+        return
+    ps, ms, vs = ([xs[i] for i in moving] for xs in (params, avgs, sq_avgs))
+    steps, shifts = [scalars[i].step_size for i in moving], [scalars[i].shift for i in moving]
+    if eps_in_denominator:
+        adam_step_(ps, ms, adam_denominators(vs, 1.0, shifts, foreach=foreach), steps, divide=True, foreach=foreach)
     else:
-        r = torch._foreach_rsqrt(sq_avgs)
-        torch._foreach_clamp_max_(r, _rsqrt_cap(sq_avgs[0].dtype))
-        if eps_terms is not None:
-            torch._foreach_add_(r, _one_or_all(eps_terms))
-        torch._foreach_addcmul_(params, avgs, r, _one_or_all(coefficients))
+        adam_step_(ps, ms, adam_preconditioners(vs, 1.0, shifts, foreach=foreach), steps, divide=False, foreach=foreach)
+
+
+# --------------------------------------------------------------------------- the optimizer
 
 
 class AdaL(AdaptiveOptimizer):
@@ -143,8 +165,8 @@ class AdaL(AdaptiveOptimizer):
     Generalizations", 2021.  The paper's idea (abstract verified): transform the raw gradient so
     that it is amplified early in training, while gradients are large, and shrunk later, which
     speeds up the start and keeps some gradient noise for generalization.  The update below is
-    **reconstructed from a secondary source** (ALGORITHMS.md §4); the choices it leaves open are
-    the options ``transform``, ``eps_mode`` and ``lr_decay``::
+    **reconstructed from a secondary source** (docs/algorithms.md §4); the choices it leaves open
+    are the options ``transform``, ``eps_mode`` and ``lr_decay``::
 
         ĝ = s·g,   s = ‖g‖₁ (over every parameter of every group)
         m ← β1·m + (1 − β1)·ĝ,   v ← β2·v + (1 − β2)·ĝ²,   m̂ = m/(1 − β1^k),   v̂ = v/(1 − β2^k)
@@ -161,9 +183,10 @@ class AdaL(AdaptiveOptimizer):
     How it is computed: the averages of ĝ are kept factored as ``m = Λ1·m̃`` and ``v = Λ2·ṽ``,
     where ``Λ1``, ``Λ2`` are the moving averages of ``s`` and ``s²`` (host floats, per tensor) and
     ``m̃``, ``ṽ`` the ``s``-weighted moving averages of ``g`` and ``g²``
-    (``m̃ ← lerp(m̃, g, (1 − β1)·s/Λ1)``, likewise ``ṽ``).  This is the same arithmetic as the
-    formulas above, but ``m̃`` takes one ``lerp`` (as in Adam) instead of a scale-and-add, and
-    ``ĝ² = s²g²``, which overflows half precision for moderate ``s``, is never formed.
+    (``m̃ ← lerp(m̃, g, (1 − β1)·s/Λ1)``, likewise ``ṽ``): :func:`adal_scalars`.  This is the same
+    arithmetic as the formulas above, but ``m̃`` takes one ``lerp`` (as in Adam) instead of a
+    scale-and-add, and ``ĝ² = s²g²``, which overflows half precision for moderate ``s``, is never
+    formed.
 
     Args:
         params: parameters or param groups.  Groups may differ in ``lr``, ``betas``, ``eps``,
@@ -203,14 +226,24 @@ class AdaL(AdaptiveOptimizer):
           then on the host for free, so the scale enters the kernels as a plain Python number on
           every device; no other scalar of the step is computed on the device.
         * A non-finite gradient (or given loss) skips the step: parameters and state unchanged,
-          ``state["global"]["skipped_steps"]`` incremented.
+          every group's ``skipped_steps`` incremented.
 
     After each step every param group holds ``effective_lr`` (η_k) and ``grad_scale``: ``s`` for
     ``"l1"``, 1.0 for ``"none"``, and for ``"tensor_l1"`` the mean of ``s`` over the group's tensors
     that had a gradient (0.0 if none had).  ``state[p]`` holds ``step`` (its own count),
     ``scale_avg`` (Λ1), ``scale_sq_avg`` (Λ2), ``grad_avg`` (m̃) and ``grad_avg_sq`` (ṽ), so that
-    ``m = scale_avg·grad_avg`` and ``v = scale_sq_avg·grad_avg_sq``; ``state["global"]`` holds
-    ``step`` and ``skipped_steps``.
+    ``m = scale_avg·grad_avg`` and ``v = scale_sq_avg·grad_avg_sq``; every param group holds the
+    optimizer-wide ``step`` and ``skipped_steps``.
+
+    Example:
+        >>> import torch
+        >>> from lightning_adaptive_lr import AdaL
+        >>> model = torch.nn.Linear(3, 1)
+        >>> optimizer = AdaL(model.parameters(), lr=1e-3)
+        >>> model(torch.ones(4, 3)).pow(2).mean().backward()
+        >>> optimizer.step()
+        >>> optimizer.param_groups[0]["step"], optimizer.param_groups[0]["effective_lr"]
+        (1, 0.001)
     """
 
     requires_loss = False
@@ -230,123 +263,93 @@ class AdaL(AdaptiveOptimizer):
         foreach: bool = True,
         average_across_ranks: bool = True,
     ) -> None:
-        name = type(self).__name__
-        check_range(name, "lr", lr, 0.0, None)
-        check_betas(name, betas)
-        check_range(name, "eps", eps, 0.0, None)
-        check_range(name, "weight_decay", weight_decay, 0.0, None)
-        check_choice(name, "transform", transform, TRANSFORMS)
-        check_choice(name, "eps_mode", eps_mode, EPS_MODES)
-        check_choice(name, "lr_decay", lr_decay, LR_DECAYS)
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            transform=transform,
-            eps_mode=eps_mode,
-            lr_decay=lr_decay,
-        )
+        defaults = checked(
+            type(self).__name__, locals(), lr=NONNEGATIVE, betas=BETAS, eps=NONNEGATIVE, weight_decay=NONNEGATIVE,
+            transform=one_of(*TRANSFORMS), eps_mode=one_of(*EPS_MODES), lr_decay=one_of(*LR_DECAYS),
+        )  # fmt: skip
         super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
 
+    def _state_of(self, p: Tensor) -> dict[str, Any]:
+        """``state[p]``, created at its starting values (no step taken) if new."""
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["scale_avg"] = 0.0
+            state["scale_sq_avg"] = 0.0
+            state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["grad_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
     def _update(self, loss: Tensor | None) -> None:
-        groups = [(g, *self._params_and_grads(g)) for g in self.param_groups]
-        if not any(ps for _, ps, _ in groups):
+        groups = [(group, *self._params_and_grads(group)) for group in self.param_groups]
+        if not any(params for _, params, _ in groups):
             return
         transform = self.param_groups[0]["transform"]
+        if self._is_state_initialization():  # torch.distributed.checkpoint laying out the state
+            for group, params, _ in groups:
+                for p in params:
+                    self._state_of(p)
+                self._record(group, effective_lr=0.0, grad_scale=1.0 if transform == "none" else 0.0)
+            return
+        per_tensor = transform == "tensor_l1"
         device = self._device()
 
         # The gate: ‖g‖₁ (its finiteness is the gradient's) and the loss, read in one sync.
-        norms = torch.cat([_l1_norms(gs, device, foreach=group["foreach"]) for group, _, gs in groups if gs])
-        gated_scalars = list(norms.unbind()) if transform == "tensor_l1" else [norms.sum()]
-        if loss is not None:
-            gated_scalars.append(loss)
-        values = self._gate(*gated_scalars)
+        norms = torch.cat([l1_norms(gs, device, foreach=group["foreach"]) for group, _, gs in groups if gs])
+        values = self._gate(norms=norms if per_tensor else norms.sum(), **({} if loss is None else {"loss": loss}))
         if values is None:
             return
 
-        st = self.global_state
-        k = st["step"] + 1
-        st["step"] = k
-        offset = 0
-        for group, ps, gs in groups:
-            n = len(ps)
-            if transform == "l1":
-                scales, recorded_scale = [values[0]] * n, values[0]
-            elif transform == "tensor_l1":
-                scales = values[offset : offset + n]
-                recorded_scale = math.fsum(scales) / n if n else 0.0
+        k = self._shared("step") + 1
+        self._set_shared(step=k)
+        # s per tensor, in the order of `groups`: each tensor's own norm, the model's, or 1.
+        model_scale = 1.0 if transform == "none" else values["norms"]
+        scales = iter(values["norms"]) if per_tensor else itertools.repeat(model_scale)
+        for group, params, grads in groups:
+            group_scales = list(itertools.islice(scales, len(params)))
+            lr = adal_rate(group["lr"], k, group["lr_decay"])
+            if params:
+                self._step_group(group, params, grads, group_scales, lr)
+            if per_tensor:
+                recorded = math.fsum(group_scales) / len(group_scales) if group_scales else 0.0
             else:
-                scales, recorded_scale = [1.0] * n, 1.0
-            offset += n
-            lr = group["lr"] / math.sqrt(k) if group["lr_decay"] == "inv_sqrt" else group["lr"]
-            if ps:
-                self._update_group(group, ps, gs, scales, lr)
-            self._record(group, effective_lr=lr, grad_scale=recorded_scale)
+                recorded = model_scale
+            self._record(group, effective_lr=lr, grad_scale=recorded)
 
-    def _update_group(
+    def _step_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], scales: list[float], lr: float
     ) -> None:
-        """Advance the group's per-parameter state and update its parameters.
-
-        The per-tensor scalars (averaging weights, step coefficients) are worked out here on the
-        host; the kernels then run over tensors of one device and dtype.
-        """
-        beta1, beta2 = group["betas"]
-        eps, eps_mode = group["eps"], group["eps_mode"]
-        avgs, sq_avgs, avg_weights, sq_weights, coefficients, eps_terms = [], [], [], [], [], []
-        moving = []  # the tensors whose ĝ has not been exactly zero all along (others stay put)
-        for i, (p, s) in enumerate(zip(params, scales)):
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["scale_avg"] = 0.0
-                state["scale_sq_avg"] = 0.0
-                state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["grad_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        """Advance the group's per-parameter scalars (:func:`adal_scalars`), then run the body."""
+        eps = group["eps"]
+        eps_in_denominator = group["eps_mode"] == "denominator" and eps > 0
+        floors: dict[torch.dtype, float] = {}
+        states, scalars = [], []
+        for p, s in zip(params, scales):
+            state = self._state_of(p)
             state["step"] += 1
-            k = state["step"]
-            # m = Λ1·m̃ with Λ1 the average of s and m̃ the s-weighted average of g (see the class
-            # docstring); likewise v = Λ2·ṽ.  Then m̃ moves toward g by w1 = (1 − β1)·s/Λ1.
-            scale_avg = beta1 * state["scale_avg"] + (1.0 - beta1) * s
-            scale_sq_avg = beta2 * state["scale_sq_avg"] + (1.0 - beta2) * s * s
-            state["scale_avg"], state["scale_sq_avg"] = scale_avg, scale_sq_avg
-            avg_weights.append((1.0 - beta1) * s / scale_avg if scale_avg > 0 else 0.0)
-            sq_weights.append((1.0 - beta2) * s * s / scale_sq_avg if scale_sq_avg > 0 else 0.0)
-            avgs.append(state["grad_avg"])
-            sq_avgs.append(state["grad_avg_sq"])
-            # m̂ = (Λ1/bc1)·m̃ and √v̂ = σ·√ṽ with σ = √(Λ2/bc2): fold both into per-tensor scalars.
-            sigma = math.sqrt(scale_sq_avg / (1.0 - beta2**k))
-            if sigma > 0:
-                moving.append(i)
-                coefficients.append(-lr * scale_avg / ((1.0 - beta1**k) * sigma))
-                if eps_mode == "denominator":
-                    # eps/σ must not round to 0 in the tensor's dtype (σ huge): keep it ≥ the floor.
-                    eps_terms.append(max(eps / sigma, 1.0 / _rsqrt_cap(p.dtype)))
-                else:
-                    eps_terms.append(eps * sigma)
-            else:
-                coefficients.append(0.0)
-                eps_terms.append(0.0)
-
-        foreach = group["foreach"]
-        decay = 1.0 - lr * group["weight_decay"]
-        # The helper buckets on the first list's device and dtype; the scalar columns ride along.
-        for ps, gs, ms, vs, w1, w2 in group_by_device_and_dtype(params, grads, avgs, sq_avgs, avg_weights, sq_weights):
-            if decay != 1.0:  # decoupled weight decay first, as AdamW
-                if foreach:
-                    torch._foreach_mul_(ps, decay)
-                else:
-                    for p in ps:
-                        p.mul_(decay)
-            (_moments_foreach if foreach else _moments_per_tensor)(gs, ms, vs, w1, w2)
-
-        def pick(items: list[Any]) -> list[Any]:
-            return [items[i] for i in moving]
-
-        for ps, ms, vs, cs, es in group_by_device_and_dtype(
-            pick(params), pick(avgs), pick(sq_avgs), pick(coefficients), pick(eps_terms)
-        ):
-            (_step_foreach if foreach else _step_per_tensor)(
-                ps, ms, vs, cs, es if eps > 0 else None, eps_in_denominator=eps_mode == "denominator"
+            if eps_in_denominator and p.dtype not in floors:
+                floors[p.dtype] = 1.0 / rsqrt_cap(p.dtype)
+            rule = adal_scalars(
+                s,
+                state["scale_avg"],
+                state["scale_sq_avg"],
+                state["step"],
+                lr=lr,
+                betas=group["betas"],
+                eps=eps,
+                eps_in_denominator=eps_in_denominator,
+                floor=floors.get(p.dtype, 0.0),
             )
+            state["scale_avg"], state["scale_sq_avg"] = rule.scale_avg, rule.scale_sq_avg
+            states.append(state)
+            scalars.append(rule)
+        _adal(
+            params,
+            grads,
+            [state["grad_avg"] for state in states],
+            [state["grad_avg_sq"] for state in states],
+            scalars,
+            decay=1.0 - lr * group["weight_decay"],
+            eps_in_denominator=eps_in_denominator,
+            foreach=group["foreach"],
+        )

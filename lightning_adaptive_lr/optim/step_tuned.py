@@ -1,15 +1,17 @@
-"""Step-Tuned SGD: SGD whose step size is tuned online by a stochastic Barzilai–Borwein gain.
+r"""Step-Tuned SGD: SGD whose step size is tuned online by a stochastic Barzilai–Borwein gain.
 
 Castera, Bolte, Févotte, Pauwels. "Second-order step-size tuning of SGD for non-convex
-optimization." Neural Processing Letters, 2022 (arXiv:2103.03570).  ALGORITHMS.md §5.
+optimization." Neural Processing Letters, 2022 (arXiv:2103.03570).  docs/algorithms.md §5.
 
 Iteration ``k = 0, 1, …`` is two half-steps that share one step size::
 
-    η_k     = lr·γ_k / (k+1)^(1/2+δ)
+    η_k     = lr·γ_k / (k+1)^(1/2+δ)                                   (step_tuned_step_size)
     x_{k+½} = x_k − η_k·g_a,          g_a = ∇f_B(x_k)
     x_{k+1} = x_{k+½} − η_k·g_b,      g_b = ∇f_B'(x_{k+½})
     Δx = x_{k+½} − x_k,   G ← β·G + (1−β)·(g_b − g_a),   Ĝ = G / (1 − β^(k+1))
-    γ_{k+1} = clip(‖Δx‖² / ⟨Ĝ, Δx⟩  if ⟨Ĝ, Δx⟩ > 0  else ν,   m̃, M̃)
+    γ_{k+1} = clip(‖Δx‖² / ⟨Ĝ, Δx⟩  if ⟨Ĝ, Δx⟩ > 0  else ν,   m̃, M̃)   (step_tuned_gain)
+
+The base direction is plain SGD's (with coupled L2, :func:`~._directions.with_l2`).
 
 How the scalars are obtained without a second device-to-host read.  Since ``Δx = −η_k·g_a`` (per
 param group), the gain needs only scalars that exist before the parameters move::
@@ -17,15 +19,16 @@ param group), the gain needs only scalars that exist before the parameters move:
     ‖Δx‖²     = Σ_groups η² · ‖g_a‖²
     ⟨Ĝ, Δx⟩   = Σ_groups η · (β·⟨D, g_a⟩ + (1−β)·(‖g_a‖² − ⟨g_b, g_a⟩)) / (1 − β^(k+1))
 
-where ``D = −G`` is what is stored (the average of ``g_a − g_b``: one fused ``lerp`` updates it).
-``‖g_a‖²`` and ``⟨D, g_a⟩`` are read by the gate of the first half-step (they also tell whether
-``g_a`` is finite), ``⟨g_b, g_a⟩`` by the gate of the second (a non-finite entry of ``g_b`` makes it
-non-finite whatever ``g_a`` holds there), so every ``step()`` reads the device exactly once and the
-gain and step sizes stay Python floats.
+(:func:`step_tuned_curvature`), where ``D = −G`` is what is stored (the average of ``g_a − g_b``:
+one fused ``lerp`` updates it).  ``‖g_a‖²`` and ``⟨D, g_a⟩`` are read by the gate of the first
+half-step (they also tell whether ``g_a`` is finite), ``⟨g_b, g_a⟩`` by the gate of the second (a
+non-finite entry of ``g_b`` makes it non-finite whatever ``g_a`` holds there), so every ``step()``
+reads the device exactly once and the gain and step sizes stay Python floats.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,29 +37,111 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import AdaptiveOptimizer, LossClosure, check_flag, check_range
-from ._tensorlists import add_scaled_, dot, exponential_average_, group_by_device_and_dtype, sqnorm
+from ._base import FLAG, FRACTION, LEGACY_GLOBAL, NONNEGATIVE, POSITIVE, AdaptiveOptimizer, LossClosure, check_range, checked, number
+from ._directions import with_l2
+from ._reduce import dot, sqnorm
+from ._tensorlists import add_scaled_, clone, copy_, exponential_average_, subtract_
 
-__all__ = ["StepTunedSGD"]
+__all__ = ["StepTunedSGD", "step_tuned_curvature", "step_tuned_gain", "step_tuned_step_size"]
 
-#: ``state[p]`` key of the running average of ``g_a − g_b`` (that is −G in ALGORITHMS.md §5).
+#: ``state[p]``: the running average of ``g_a − g_b`` (that is −G in docs/algorithms.md §5).
 DIFF_AVG = "neg_grad_diff_avg"
-#: ``state[p]`` key of ``g_a`` (with weight decay) kept between the two half-steps.
+#: ``state[p]`` (``same_batch=False``): ``g_a`` (with weight decay), kept for the second half-step.
 FIRST_GRAD = "first_grad"
-#: ``state["global"]`` keys that exist only between the two half-steps of one iteration.
-PENDING = ("half_step_lrs", "first_half_members", "first_half_avg_dots", "first_half_sqnorms")
+#: ``state[p]`` (``same_batch=False``): whether ``first_grad`` is this iteration's ``g_a``, i.e.
+#: whether the parameter took the pending first half-step (``first_grad`` is scratch otherwise).
+FIRST_GRAD_PENDING = "first_grad_pending"
+#: Param-group keys that hold a value only between the two half-steps (``None`` otherwise): the
+#: group's ``η_k``, and the first half-step's ``⟨D, g_a⟩`` and ``‖g_a‖²`` over the group.
+PENDING = ("half_step_lr", "first_half_avg_dot", "first_half_sqnorm")
+
+
+# --------------------------------------------------------------------------- the scalar rules
+
+
+def step_tuned_step_size(lr: float, gain: float, iteration: int, delta: float) -> float:
+    """``η_k = lr·γ_k/(k+1)^(1/2+δ)``.
+
+    >>> step_tuned_step_size(0.1, 2.0, 3, 0.0)
+    0.1
+    """
+    return lr * gain / (iteration + 1) ** (0.5 + delta)
+
+
+def step_tuned_curvature(
+    lrs: Sequence[float],
+    avg_dots: Sequence[float],
+    sqnorms: Sequence[float],
+    cross_dots: Sequence[float],
+    *,
+    beta: float,
+    iteration: int,
+) -> tuple[float, float]:
+    """``(⟨Ĝ, Δx⟩, ‖Δx‖²)`` of iteration ``k`` from per-group sums (module docstring).
+
+    Per group: ``η_k``, ``⟨D, g_a⟩`` (D before this iteration's update), ``‖g_a‖²`` and
+    ``⟨g_b, g_a⟩``, over the parameters that took both half-steps.
+
+    >>> step_tuned_curvature([0.5], [0.0], [4.0], [1.0], beta=0.0, iteration=0)
+    (1.5, 1.0)
+    """
+    rho = 1.0 - beta ** (iteration + 1)
+    curvature = sum(
+        lr * (beta * a + (1.0 - beta) * (q - c)) for lr, a, q, c in zip(lrs, avg_dots, sqnorms, cross_dots)
+    ) / rho
+    dx_sqnorm = sum(lr * lr * q for lr, q in zip(lrs, sqnorms))
+    return curvature, dx_sqnorm
+
+
+def step_tuned_gain(curvature: float, dx_sqnorm: float, *, nu: float, bounds: tuple[float, float]) -> float:
+    """``γ_{k+1} = clip(‖Δx‖²/⟨Ĝ, Δx⟩ if ⟨Ĝ, Δx⟩ > 0 else ν, m̃, M̃)``.
+
+    >>> step_tuned_gain(1.5, 1.0, nu=2.0, bounds=(0.5, 2.0))
+    0.6666666666666666
+    >>> step_tuned_gain(-1.0, 1.0, nu=2.0, bounds=(0.5, 1.5))
+    1.5
+    """
+    low, high = bounds
+    gain = dx_sqnorm / curvature if curvature > 0 else nu
+    return min(max(gain, low), high)
+
+
+# --------------------------------------------------------------------------- the bodies
+
+
+def _first_half_step(params: list[Tensor], grads: list[Tensor], lr: float, *, foreach: bool) -> None:
+    """``x_{k+½} = x_k − η_k·g_a``."""
+    add_scaled_(params, grads, -lr, foreach=foreach)
+
+
+def _second_half_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    lr: float,
+    diff_avgs: list[Tensor],
+    firsts: list[Tensor],
+    seconds: list[Tensor],
+    beta: float,
+    *,
+    foreach: bool,
+) -> None:
+    """``x_{k+1} = x_{k+½} − η_k·g_b``; ``D ← β·D + (1−β)·(g_a − g_b)`` over the pairs (``firsts`` become scratch)."""
+    add_scaled_(params, grads, -lr, foreach=foreach)
+    subtract_(firsts, seconds, foreach=foreach)
+    exponential_average_(diff_avgs, firsts, 1.0 - beta, foreach=foreach)
+
+
+# --------------------------------------------------------------------------- bookkeeping
 
 
 @dataclass
-class _HalfStep:
+class _Half:
     """One param group's parameters that have a gradient at this half-step."""
 
     group: dict[str, Any]
     params: list[Tensor]
     #: ``g + weight_decay·x`` (the ``.grad`` tensors themselves when there is no weight decay).
     grads: list[Tensor]
-    #: positions of ``params`` in the flat list of every group's parameters (what ``state_dict`` numbers).
-    members: list[int]
 
 
 @dataclass
@@ -68,62 +153,41 @@ class _Pairs:
     first: list[Tensor]
 
 
-def _with_weight_decay(params: list[Tensor], grads: list[Tensor], weight_decay: float, *, foreach: bool) -> list[Tensor]:
-    """New tensors ``g + weight_decay·x`` (coupled L2), in input order; ``grads`` itself if no decay."""
-    if weight_decay == 0 or not params:
-        return grads
-    if not foreach:
-        return [g.add(p, alpha=weight_decay) for p, g in zip(params, grads)]
-    out: dict[int, Tensor] = {}
-    for ps, gs in group_by_device_and_dtype(params, grads):
-        out.update((id(g), d) for g, d in zip(gs, torch._foreach_add(gs, ps, alpha=weight_decay)))
-    return [out[id(g)] for g in grads]
+def _pairs(half: _Half, first_of: dict[int, Tensor]) -> _Pairs:
+    """The group's parameters with a gradient at both half-steps: ``(x, g_b, g_a)``; ``first_of``: ``id(x) → g_a``."""
+    pairs = _Pairs([], [], [])
+    for p, g in zip(half.params, half.grads):
+        first = first_of.get(id(p))
+        if first is not None:
+            pairs.params.append(p)
+            pairs.second.append(g)
+            pairs.first.append(first)
+    return pairs
 
 
-def _copy_(dst: list[Tensor], src: list[Tensor], *, foreach: bool) -> None:
-    if foreach:
-        for d, s in group_by_device_and_dtype(dst, src):
-            torch._foreach_copy_(d, s)
-    else:
-        for d, s in zip(dst, src):
-            d.copy_(s)
+def _loss(loss: Tensor | None) -> dict[str, Tensor]:
+    """The gate's ``loss`` entry, when there is a loss."""
+    return {} if loss is None else {"loss": loss}
 
 
-def _clone(xs: list[Tensor], *, foreach: bool) -> list[Tensor]:
-    if not foreach:
-        return [x.clone() for x in xs]
-    out: dict[int, Tensor] = {}
-    for (bucket,) in group_by_device_and_dtype(xs):
-        out.update((id(x), c) for x, c in zip(bucket, torch._foreach_clone(bucket)))
-    return [out[id(x)] for x in xs]
+def _or_zero(value: float | None) -> float:
+    """A group's pending sum, 0 for a group added between the two half-steps (it has no first half)."""
+    return 0.0 if value is None else value
 
 
-def _subtract_(xs: list[Tensor], ys: list[Tensor], *, foreach: bool) -> None:
-    """``xs -= ys`` in place."""
-    if foreach:
-        for a, b in group_by_device_and_dtype(xs, ys):
-            torch._foreach_sub_(a, b)
-    else:
-        for a, b in zip(xs, ys):
-            a.sub_(b)
-
-
-def _descend(params: list[Tensor], grads: list[Tensor], lr: float, *, foreach: bool) -> None:
-    """``x ← x − lr·g``."""
-    for ps, gs in group_by_device_and_dtype(params, grads):
-        add_scaled_(ps, gs, -lr, foreach=foreach)
+# --------------------------------------------------------------------------- the optimizer
 
 
 class StepTunedSGD(AdaptiveOptimizer):
     r"""Step-Tuned SGD: SGD with a step size tuned by a stochastic Barzilai–Borwein gain.
 
     Castera, Bolte, Févotte, Pauwels, "Second-order step-size tuning of SGD for non-convex
-    optimization", Neural Processing Letters, 2022.  See ALGORITHMS.md §5 and the module docstring
-    for the update.  One scalar gain ``γ`` (``γ_0 = 1``) for the whole model rescales a step size
-    ``lr/(k+1)^(1/2+δ)`` that decays with the iteration count ``k``; the gain is the inverse of a
-    curvature estimate along the last displacement, clipped to ``gain_bounds``, or ``nu`` where the
-    estimate says the loss is locally concave.  Gradient-only: no loss is needed (a loss, when
-    given, is still checked, so that a non-finite loss skips the step).
+    optimization", Neural Processing Letters, 2022.  See docs/algorithms.md §5 and the module
+    docstring for the update.  One scalar gain ``γ`` (``γ_0 = 1``) for the whole model rescales a
+    step size ``lr/(k+1)^(1/2+δ)`` that decays with the iteration count ``k``; the gain is the
+    inverse of a curvature estimate along the last displacement, clipped to ``gain_bounds``, or
+    ``nu`` where the estimate says the loss is locally concave.  Gradient-only: no loss is needed
+    (a loss, when given, is still checked, so that a non-finite loss skips the step).
 
     **Which mini-batch the second half-step uses [reconstructed].**  Each iteration takes two
     half-steps, the second at the midpoint ``x_{k+½}``.  The paper's footnote says that computing a
@@ -168,22 +232,43 @@ class StepTunedSGD(AdaptiveOptimizer):
     After each step every param group holds ``effective_lr`` (``η_k``, the step size of the
     half-step just taken), ``gain`` (the current ``γ``: ``γ_{k+1}`` after a second half-step) and
     ``curvature`` (``⟨Ĝ, Δx⟩`` of the last completed iteration; NaN before the first).
-    ``state["global"]`` holds ``step`` (half-steps taken; iterations with ``same_batch``),
-    ``iteration`` (``k``), ``phase`` (1 between the two half-steps), ``gain``, ``curvature``,
-    ``skipped_steps`` and, between the two half-steps, what the second needs.  ``state[p]`` holds
-    ``neg_grad_diff_avg`` (the running average of ``g_a − g_b``, i.e. ``−G``: stored with this sign
-    so that one fused ``lerp`` updates it) and, without ``same_batch``, ``first_grad`` (``g_a``;
-    scratch after the second half-step).  Extra memory: two parameter-sized buffers (with
-    ``same_batch``, one, plus copies of ``x_k`` and ``g_a`` during the step).
+
+    State.  Every param group holds, equal in all groups, ``step`` (half-steps taken; iterations
+    with ``same_batch``), ``skipped_steps``, ``iteration`` (``k``), ``phase`` (1 between the two
+    half-steps) and ``gamma`` (``γ_k``, the gain the next half-step uses; recorded as ``gain``);
+    and, of its own, what the second half-step needs: ``half_step_lr`` (its ``η_k``),
+    ``first_half_avg_dot`` and ``first_half_sqnorm`` (its ``⟨D, g_a⟩`` and ``‖g_a‖²``), ``None``
+    outside an iteration.  ``state[p]`` holds ``neg_grad_diff_avg`` (the running average of
+    ``g_a − g_b``, i.e. ``−G``: stored with this sign so that one fused ``lerp`` updates it) and,
+    without ``same_batch``, ``first_grad`` (``g_a``; scratch after the second half-step) and
+    ``first_grad_pending`` (whether ``first_grad`` is the pending iteration's ``g_a``).  The keys
+    of ``state[p]`` do not change from the first step on, which distributed checkpoints need.
+    Extra memory: two parameter-sized buffers (with ``same_batch``, one, plus copies of ``x_k``
+    and ``g_a`` during the step).
 
     Cost of the optimizer's own work per pair of calls: five element-wise passes (two parameter
     updates, keeping ``g_a``, and two to update ``G``) and three reductions (``‖g_a‖²``,
     ``⟨D, g_a⟩``, ``⟨g_b, g_a⟩``), against SGD's two element-wise passes; keeping ``G`` and ``g_a``
     is what the method needs, so this is its floor with PyTorch's in-place multi-tensor kernels.
+
+    Example:
+        >>> import torch
+        >>> from lightning_adaptive_lr import StepTunedSGD
+        >>> model = torch.nn.Linear(3, 1)
+        >>> optimizer = StepTunedSGD(model.parameters(), lr=0.1)
+        >>> for _ in range(2):  # one iteration: a first and a second half-step
+        ...     optimizer.zero_grad()
+        ...     model(torch.ones(4, 3)).pow(2).mean().backward()
+        ...     optimizer.step()
+        >>> optimizer.param_groups[0]["iteration"], optimizer.param_groups[0]["phase"]
+        (1, 0)
+        >>> 0.5 <= optimizer.param_groups[0]["gain"] <= 2.0
+        True
     """
 
     requires_loss = False
     shared_options = ("nu", "beta", "gain_bounds", "delta", "same_batch")
+    group_state = {**AdaptiveOptimizer.group_state, "iteration": 0, "phase": 0, "gamma": 1.0}
 
     def __init__(
         self,
@@ -200,24 +285,17 @@ class StepTunedSGD(AdaptiveOptimizer):
         average_across_ranks: bool = True,
     ) -> None:
         name = type(self).__name__
-        check_range(name, "lr", lr, 0.0, None)
-        check_range(name, "nu", nu, 0.0, None, low_open=True)
-        check_range(name, "beta", beta, 0.0, 1.0, high_open=True)
         if not (isinstance(gain_bounds, (tuple, list)) and len(gain_bounds) == 2):
             raise ValueError(f"{name}: `gain_bounds` must be a pair (low, high), got {gain_bounds!r}")
         check_range(name, "gain_bounds[0]", gain_bounds[0], 0.0, None, low_open=True)
         check_range(name, "gain_bounds[1]", gain_bounds[1], gain_bounds[0], None)
-        check_range(name, "delta", delta, 0.0, 0.5, high_open=True)
-        check_range(name, "weight_decay", weight_decay, 0.0, None)
-        check_flag(name, "same_batch", same_batch)
-        defaults = dict(
-            lr=lr,
-            nu=nu,
-            beta=beta,
+        defaults = checked(
+            name, locals(), lr=NONNEGATIVE, nu=POSITIVE, beta=FRACTION, delta=number(0.0, 0.5, high_open=True),
+            weight_decay=NONNEGATIVE, same_batch=FLAG,
+        )  # fmt: skip
+        defaults.update(
             gain_bounds=(float(gain_bounds[0]), float(gain_bounds[1])),
-            delta=delta,
-            weight_decay=weight_decay,
-            same_batch=same_batch,
+            **dict.fromkeys(PENDING),  # per group, not shared: a group added later has none pending
         )
         super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
 
@@ -247,6 +325,9 @@ class StepTunedSGD(AdaptiveOptimizer):
         if not self.calls_closure_twice:
             return super().step(closure, loss=loss)
         if closure is None:
+            if self._is_state_initialization():
+                self._create_state()
+                return loss
             raise ValueError(
                 f"{type(self).__name__}(same_batch=True) takes both half-steps on the same mini-batch, so "
                 "`step()` needs a closure: `optimizer.step(closure)`, where the closure zeroes the gradients, "
@@ -257,64 +338,57 @@ class StepTunedSGD(AdaptiveOptimizer):
         return self._same_batch_step(closure, loss)
 
     def _update(self, loss: Tensor | None) -> None:
-        if self._iteration_state()["phase"] == 0:
-            self._first_half_step(loss)
+        if self._is_state_initialization():  # torch.distributed.checkpoint laying out the state
+            self._create_state()
+        elif self._shared("phase") == 0:
+            self._first_half(loss)
         else:
-            self._second_half_step(loss)
+            self._second_half(loss)
 
     # ------------------------------------------------------------------ the two modes
 
-    def _first_half_step(self, loss: Tensor | None) -> None:
+    def _first_half(self, loss: Tensor | None) -> None:
         """Odd calls (``same_batch=False``): ``x_{k+½} = x_k − η_k·g_a``; keep ``g_a`` for the second."""
         halves = self._gather()
         if not any(h.params for h in halves):
             return
-        device = self._device()
-        terms = self._first_half_terms(halves, [h.grads for h in halves], device)
-        values = self._gate(*([] if loss is None else [loss]), *terms)
+        sums = self._first_half_sums([h.params for h in halves], [h.grads for h in halves])
+        values = self._gate(**sums, **_loss(loss))
         if values is None:
             return
-        avg_dots, sqnorms = _split_pairs(values[0 if loss is None else 1 :])
         lrs = self._step_sizes()
-        for half, lr in zip(halves, lrs):
+        for half, lr, avg_dot, sq in zip(halves, lrs, values["avg_dots"], values["sqnorms"]):
             self._keep_first_grads(half)
-            _descend(half.params, half.grads, lr, foreach=half.group["foreach"])
-        st = self.global_state
-        st["step"] += 1
-        st["phase"] = 1
-        st["half_step_lrs"] = lrs
-        st["first_half_members"] = [m for h in halves for m in h.members]
-        st["first_half_avg_dots"] = avg_dots
-        st["first_half_sqnorms"] = sqnorms
-        self._record_all(lrs)
+            _first_half_step(half.params, half.grads, lr, foreach=half.group["foreach"])
+            half.group.update(half_step_lr=lr, first_half_avg_dot=avg_dot, first_half_sqnorm=sq)
+        self._set_shared(step=self._shared("step") + 1, phase=1)
+        # `curvature` is only a record: a first half-step repeats the last completed iteration's.
+        self._record_all(lrs, self.param_groups[0].get("curvature", math.nan))
 
-    def _second_half_step(self, loss: Tensor | None) -> None:
+    def _second_half(self, loss: Tensor | None) -> None:
         """Even calls: ``x_{k+1} = x_{k+½} − η_k·g_b``, then the running average and the gain."""
-        st = self.global_state
         halves = self._gather()
         if not any(h.params for h in halves):
             return
-        device = self._device()
-        members = st["first_half_members"]
-        first_of = self._kept_first_grads(halves, set(members))
-        matched = [m for h in halves for m in h.members] == members
-        terms = self._second_half_terms(halves, first_of, matched, device)
-        values = self._gate(*([] if loss is None else [loss]), *terms)
+        kept = self._pending_first_grads()
+        pairs = [_pairs(h, {i: state[FIRST_GRAD] for i, state in kept.items()}) for h in halves]
+        matched = len(kept) == sum(len(h.params) for h in halves) == sum(len(p.params) for p in pairs)
+        values = self._gate(**self._pair_sums(halves, pairs, matched), **_loss(loss))
         if values is None:
             return
-        values = values[0 if loss is None else 1 :]
-        n = len(halves)
-        cross_dots = values[:n]
+        now = self._step_sizes()  # for groups added between the two half-steps
+        lrs = [now[i] if g["half_step_lr"] is None else g["half_step_lr"] for i, g in enumerate(self.param_groups)]
         if matched:  # the sums the first half-step read are the ones the gain needs
-            avg_dots, sqnorms = st["first_half_avg_dots"], st["first_half_sqnorms"]
+            avg_dots = [_or_zero(g["first_half_avg_dot"]) for g in self.param_groups]
+            sqnorms = [_or_zero(g["first_half_sqnorm"]) for g in self.param_groups]
         else:
-            avg_dots, sqnorms = _split_pairs(values[n : 3 * n])
-        first_lrs = st["half_step_lrs"]
-        lrs = first_lrs + self._step_sizes()[len(first_lrs) :]  # groups added in between
-        self._second_half(halves, first_of, lrs)
-        for key in PENDING:
-            del st[key]
-        self._end_iteration(lrs, avg_dots, sqnorms, cross_dots)
+            avg_dots, sqnorms = values["paired_avg_dots"], values["paired_sqnorms"]
+        self._second_halves(halves, pairs, lrs)
+        for state in kept.values():
+            state[FIRST_GRAD_PENDING] = False
+        for group in self.param_groups:
+            group.update(dict.fromkeys(PENDING))
+        self._end_iteration(lrs, avg_dots, sqnorms, values["cross_dots"])
 
     def _same_batch_step(self, closure: LossClosure, loss: Tensor | float | None) -> Any:
         """``same_batch=True``: both half-steps on the closure's mini-batch, in one call.
@@ -322,8 +396,7 @@ class StepTunedSGD(AdaptiveOptimizer):
         The first half-step is taken before anything is read from the device; the one gate at the
         end checks both gradients (and losses), and a skipped step puts the saved ``x_k`` back.
         """
-        st = self._iteration_state()
-        if st["phase"] != 0:
+        if self._shared("phase") != 0:
             raise RuntimeError(
                 f"{type(self).__name__}(same_batch=True) was given a state saved between the two half-steps of "
                 "a same_batch=False run; finish that iteration with same_batch=False first."
@@ -332,79 +405,66 @@ class StepTunedSGD(AdaptiveOptimizer):
             first_loss = closure()
         value, reduced = self._resolve_loss(loss, first_loss)
         device = self._device()
-        losses = [] if value is None else [self._loss_tensor(value, reduced, device)]
+        losses = {} if value is None else {"loss": self._loss_tensor(value, reduced, device)}
 
         firsts = self._gather()
         if not any(h.params for h in firsts):
             return first_loss
         # g_a must outlive the second closure call, which overwrites `.grad`; with weight decay the
         # effective gradients are new tensors already.
-        first_grads = [h.grads if h.group["weight_decay"] != 0 else _clone(h.grads, foreach=h.group["foreach"]) for h in firsts]
-        terms = self._first_half_terms(firsts, first_grads, device)
-        saved = [_clone(h.params, foreach=h.group["foreach"]) for h in firsts]
+        first_grads = [
+            h.grads if h.group["weight_decay"] != 0 else clone(h.grads, foreach=h.group["foreach"]) for h in firsts
+        ]
+        first_sums = self._first_half_sums([h.params for h in firsts], first_grads)
+        saved = [clone(h.params, foreach=h.group["foreach"]) for h in firsts]
         lrs = self._step_sizes()
         for half, grads, lr in zip(firsts, first_grads, lrs):
-            _descend(half.params, grads, lr, foreach=half.group["foreach"])
+            _first_half_step(half.params, grads, lr, foreach=half.group["foreach"])
 
         with torch.enable_grad():
             second_loss = closure()
         if second_loss is not None:
-            losses.append(self._loss_tensor(second_loss, False, device))
+            losses["second_loss"] = self._loss_tensor(second_loss, False, device)
         halves = self._gather()
-        first_of = {m: g for h, grads in zip(firsts, first_grads) for m, g in zip(h.members, grads)}
-        matched = [m for h in halves for m in h.members] == list(first_of)
-        second_terms = self._second_half_terms(halves, first_of, matched, device)
-        values = self._gate(*losses, *terms, *second_terms)
+        first_of = {id(p): g for h, grads in zip(firsts, first_grads) for p, g in zip(h.params, grads)}
+        pairs = [_pairs(h, first_of) for h in halves]
+        matched = [id(p) for h in halves for p in h.params] == list(first_of)
+        values = self._gate(**losses, **first_sums, **self._pair_sums(halves, pairs, matched))
         if values is None:
             for half, x_k in zip(firsts, saved):
-                _copy_(half.params, x_k, foreach=half.group["foreach"])
+                copy_(half.params, x_k, foreach=half.group["foreach"])
             return first_loss
-        values = values[len(losses) :]
-        n = len(halves)
-        avg_dots, sqnorms = _split_pairs(values[: 2 * n])
-        cross_dots = values[2 * n : 3 * n]
-        if not matched:
-            avg_dots, sqnorms = _split_pairs(values[3 * n : 5 * n])
-        self._second_half(halves, first_of, lrs)
-        self._end_iteration(lrs, avg_dots, sqnorms, cross_dots)
+        if matched:
+            avg_dots, sqnorms = values["avg_dots"], values["sqnorms"]
+        else:
+            avg_dots, sqnorms = values["paired_avg_dots"], values["paired_sqnorms"]
+        self._second_halves(halves, pairs, lrs)
+        self._end_iteration(lrs, avg_dots, sqnorms, values["cross_dots"])
         return first_loss
 
     # ------------------------------------------------------------------ pieces shared by both modes
 
-    def _iteration_state(self) -> dict[str, Any]:
-        st = self.global_state
-        if "iteration" not in st:
-            st.update(iteration=0, phase=0, gain=1.0)
-        return st
-
     def _step_sizes(self) -> list[float]:
-        """``η_k = lr·γ_k/(k+1)^(1/2+δ)`` for every param group."""
-        st = self._iteration_state()
-        decay = (st["iteration"] + 1) ** (0.5 + self.param_groups[0]["delta"])
-        return [group["lr"] * st["gain"] / decay for group in self.param_groups]
+        """``η_k`` for every param group (:func:`step_tuned_step_size`)."""
+        gamma, k, delta = self._shared("gamma"), self._shared("iteration"), self.param_groups[0]["delta"]
+        return [step_tuned_step_size(group["lr"], gamma, k, delta) for group in self.param_groups]
 
-    def _gather(self) -> list[_HalfStep]:
+    def _gather(self) -> list[_Half]:
         """Every group's parameters that have a gradient, with their effective gradients."""
-        halves, offset = [], 0
+        halves = []
         for group in self.param_groups:
             params, grads = self._params_and_grads(group)
-            members = [offset + i for i, p in enumerate(group["params"]) if p.grad is not None]
-            offset += len(group["params"])
-            grads = _with_weight_decay(params, grads, group["weight_decay"], foreach=group["foreach"])
-            halves.append(_HalfStep(group, params, grads, members))
+            halves.append(_Half(group, params, with_l2(params, grads, group["weight_decay"], foreach=group["foreach"])))
         return halves
 
-    def _first_half_terms(self, halves: list[_HalfStep], firsts: list[list[Tensor]], device: torch.device) -> list[Tensor]:
-        """Per group ``⟨D, g_a⟩`` and ``‖g_a‖²`` (interleaved); ``‖g_a‖²`` is also ``g_a``'s finiteness check."""
-        terms = []
-        for half, grads in zip(halves, firsts):
-            terms.extend(self._curvature_terms(half.params, grads, device, foreach=half.group["foreach"]))
-        return terms
+    def _first_half_sums(self, params: list[list[Tensor]], firsts: list[list[Tensor]]) -> dict[str, Tensor]:
+        """Per group ``⟨D, g_a⟩`` and ``‖g_a‖²`` (the latter is also ``g_a``'s finiteness check)."""
+        sums = [self._curvature_sums(ps, gs) for ps, gs in zip(params, firsts)]
+        return {"avg_dots": torch.stack([a for a, _ in sums]), "sqnorms": torch.stack([q for _, q in sums])}
 
-    def _curvature_terms(
-        self, params: list[Tensor], firsts: list[Tensor], device: torch.device, *, foreach: bool
-    ) -> tuple[Tensor, Tensor]:
+    def _curvature_sums(self, params: list[Tensor], firsts: list[Tensor]) -> tuple[Tensor, Tensor]:
         """``⟨D, g_a⟩`` (a parameter without ``D`` yet counts 0: ``G_0 = 0``) and ``‖g_a‖²``."""
+        device = self._device()
         avgs, grads = [], []
         for p, g in zip(params, firsts):
             state = self.state.get(p)
@@ -413,10 +473,8 @@ class StepTunedSGD(AdaptiveOptimizer):
                 grads.append(g)
         return dot(avgs, grads, device), sqnorm(firsts, device)
 
-    def _second_half_terms(
-        self, halves: list[_HalfStep], first_of: dict[int, Tensor], matched: bool, device: torch.device
-    ) -> list[Tensor]:
-        """What the second half-step's gate reads.
+    def _pair_sums(self, halves: list[_Half], pairs: list[_Pairs], matched: bool) -> dict[str, Tensor]:
+        """What the gate of a second half-step reads.
 
         Per group ``⟨g_b, g_a⟩`` over the parameters with both gradients: a non-finite entry of
         ``g_b`` makes it non-finite (``±inf`` or ``inf·0 = NaN``), so it is also the finiteness check.
@@ -424,20 +482,52 @@ class StepTunedSGD(AdaptiveOptimizer):
         sums are recomputed over the parameters with both gradients, and the gradients of the others
         are checked by their squared norm.
         """
-        pairs = [_pairs_of(h, first_of) for h in halves]
-        terms = [dot(pair.second, pair.first, device) for pair in pairs]
+        device = self._device()
+        sums = {"cross_dots": torch.stack([dot(pair.second, pair.first, device) for pair in pairs])}
         if not matched:
-            for half, pair in zip(halves, pairs):
-                terms.extend(self._curvature_terms(pair.params, pair.first, device, foreach=half.group["foreach"]))
-            alone = [g for h in halves for m, g in zip(h.members, h.grads) if m not in first_of]
-            terms.append(sqnorm(alone, device))
-        return terms
+            paired = self._first_half_sums([pair.params for pair in pairs], [pair.first for pair in pairs])
+            paired_ids = {id(p) for pair in pairs for p in pair.params}
+            alone = [g for h in halves for p, g in zip(h.params, h.grads) if id(p) not in paired_ids]
+            sums.update(
+                paired_avg_dots=paired["avg_dots"],
+                paired_sqnorms=paired["sqnorms"],
+                unpaired_sqnorm=sqnorm(alone, device),
+            )
+        return sums
 
-    def _keep_first_grads(self, half: _HalfStep) -> None:
+    def _pending_first_grads(self) -> dict[int, dict[str, Any]]:
+        """``id(p) → state[p]`` for the parameters that took the pending first half-step."""
+        return {
+            id(p): self.state[p]
+            for group in self.param_groups
+            for p in group["params"]
+            if p in self.state and self.state[p].get(FIRST_GRAD_PENDING)
+        }
+
+    def _diff_avg(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if DIFF_AVG not in state:
+            state[DIFF_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state[DIFF_AVG]
+
+    def _create_state(self) -> None:
+        """The full state at its starting values, no step taken, and the records (distributed checkpoints)."""
+        self._record_all([0.0] * len(self.param_groups), self.param_groups[0].get("curvature", math.nan))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._diff_avg(p)
+                if not group["same_batch"]:
+                    self.state[p][FIRST_GRAD] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self.state[p][FIRST_GRAD_PENDING] = False
+
+    def _keep_first_grads(self, half: _Half) -> None:
         """``state[p]["first_grad"] = g_a``: reuse the buffer (a new tensor with weight decay is kept as is)."""
         fresh = half.group["weight_decay"] != 0  # the effective gradients are new tensors
         copy_to, copy_from = [], []
         for p, g in zip(half.params, half.grads):
+            self._diff_avg(p)
             state = self.state[p]
             kept = state.get(FIRST_GRAD)
             if fresh:
@@ -447,75 +537,63 @@ class StepTunedSGD(AdaptiveOptimizer):
             else:
                 copy_to.append(kept)
                 copy_from.append(g)
-        _copy_(copy_to, copy_from, foreach=half.group["foreach"])
+            state[FIRST_GRAD_PENDING] = True
+        copy_(copy_to, copy_from, foreach=half.group["foreach"])
 
-    def _kept_first_grads(self, halves: list[_HalfStep], first_members: set[int]) -> dict[int, Tensor]:
-        """``g_a`` of the parameters that have a gradient now and had one at the first half-step."""
-        return {
-            m: self.state[p][FIRST_GRAD]
-            for h in halves
-            for m, p in zip(h.members, h.params)
-            if m in first_members
-        }
-
-    def _second_half(self, halves: list[_HalfStep], first_of: dict[int, Tensor], lrs: list[float]) -> None:
-        """``x ← x − η_k·g_b``; ``D ← β·D + (1−β)·(g_a − g_b)`` (``g_a`` is overwritten: scratch)."""
+    def _second_halves(self, halves: list[_Half], pairs: list[_Pairs], lrs: list[float]) -> None:
         beta = self.param_groups[0]["beta"]
-        for half, lr in zip(halves, lrs):
-            foreach = half.group["foreach"]
-            _descend(half.params, half.grads, lr, foreach=foreach)
-            pair = _pairs_of(half, first_of)
-            _subtract_(pair.first, pair.second, foreach=foreach)
-            avgs = []
-            for p in pair.params:
-                state = self.state[p]
-                if DIFF_AVG not in state:
-                    state[DIFF_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                avgs.append(state[DIFF_AVG])
-            exponential_average_(avgs, pair.first, 1.0 - beta, foreach=foreach)
+        for half, pair, lr in zip(halves, pairs, lrs):
+            diff_avgs = [self._diff_avg(p) for p in pair.params]
+            _second_half_step(
+                half.params, half.grads, lr, diff_avgs, pair.first, pair.second, beta, foreach=half.group["foreach"]
+            )
 
     def _end_iteration(
-        self,
-        lrs: list[float],
-        avg_dots: Sequence[float],
-        sqnorms: Sequence[float],
-        cross_dots: Sequence[float],
+        self, lrs: list[float], avg_dots: Sequence[float], sqnorms: Sequence[float], cross_dots: Sequence[float]
     ) -> None:
-        """The gain ``γ_{k+1}`` from the gated sums (module docstring), then ``k ← k+1``."""
-        options = self.param_groups[0]
-        beta, nu, (low, high) = options["beta"], options["nu"], options["gain_bounds"]
-        st = self.global_state
-        rho = 1.0 - beta ** (st["iteration"] + 1)
-        curvature = sum(
-            lr * (beta * a + (1.0 - beta) * (q - c)) for lr, a, q, c in zip(lrs, avg_dots, sqnorms, cross_dots)
-        ) / rho
-        dx_sqnorm = sum(lr * lr * q for lr, q in zip(lrs, sqnorms))
-        gain = dx_sqnorm / curvature if curvature > 0 else nu
-        st["gain"] = min(max(gain, low), high)
-        st["curvature"] = curvature
-        st["iteration"] += 1
-        st["phase"] = 0
-        st["step"] += 1
-        self._record_all(lrs)
+        """The gain ``γ_{k+1}`` from the gated sums, then ``k ← k+1``."""
+        options, k = self.param_groups[0], self._shared("iteration")
+        curvature, dx_sqnorm = step_tuned_curvature(
+            lrs, avg_dots, sqnorms, cross_dots, beta=options["beta"], iteration=k
+        )
+        gain = step_tuned_gain(curvature, dx_sqnorm, nu=options["nu"], bounds=options["gain_bounds"])
+        self._set_shared(gamma=gain, iteration=k + 1, phase=0, step=self._shared("step") + 1)
+        self._record_all(lrs, curvature)
 
-    def _record_all(self, lrs: list[float]) -> None:
-        st = self.global_state
+    def _record_all(self, lrs: list[float], curvature: float) -> None:
+        gain = self._shared("gamma")
         for group, lr in zip(self.param_groups, lrs):
-            self._record(group, effective_lr=lr, gain=st["gain"], curvature=st.get("curvature", math.nan))
+            self._record(group, effective_lr=lr, gain=gain, curvature=curvature)
 
+    # ------------------------------------------------------------------ release-0.1 state dicts
 
-def _pairs_of(half: _HalfStep, first_of: dict[int, Tensor]) -> _Pairs:
-    """The group's parameters with a gradient at both half-steps: ``(x, g_b, g_a)``."""
-    pairs = _Pairs([], [], [])
-    for m, p, g in zip(half.members, half.params, half.grads):
-        first = first_of.get(m)
-        if first is not None:
-            pairs.params.append(p)
-            pairs.second.append(g)
-            pairs.first.append(first)
-    return pairs
+    def _legacy_group_state(self, legacy: dict[str, Any]) -> dict[str, Any]:
+        """Release 0.1's ``state["global"]``: ``gain`` is now ``gamma``; the pending values go per group."""
+        shared = copy.deepcopy(self.group_state)
+        shared.update((key, legacy[key]) for key in ("step", "skipped_steps", "iteration", "phase") if key in legacy)
+        shared["gamma"] = legacy.get("gain", 1.0)
+        return shared
 
-
-def _split_pairs(values: Sequence[float]) -> tuple[list[float], list[float]]:
-    """``[a0, q0, a1, q1, …]`` → ``([a0, a1, …], [q0, q1, …])``."""
-    return list(values[0::2]), list(values[1::2])
+    def _convert_legacy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Also move a pending first half-step: per group its ``η_k`` and sums, per parameter its flag."""
+        legacy = state_dict.get("state", {}).get(LEGACY_GLOBAL)
+        converted = super()._convert_legacy(state_dict)
+        if legacy is None:
+            return converted
+        pending = legacy.get("phase", 0) == 1 and "half_step_lrs" in legacy
+        members = set(legacy.get("first_half_members", ())) if pending else set()
+        state = {
+            key: {**value, FIRST_GRAD_PENDING: key in members} if FIRST_GRAD in value else value
+            for key, value in converted["state"].items()
+        }
+        groups = []
+        for i, group in enumerate(converted["param_groups"]):
+            values = dict.fromkeys(PENDING)
+            if pending and i < len(legacy["half_step_lrs"]):
+                values.update(
+                    half_step_lr=legacy["half_step_lrs"][i],
+                    first_half_avg_dot=legacy["first_half_avg_dots"][i],
+                    first_half_sqnorm=legacy["first_half_sqnorms"][i],
+                )
+            groups.append({**group, **values})
+        return {**converted, "state": state, "param_groups": groups}
