@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from . import optim
 from .callbacks import AdaptiveLRCallback, AdaptiveLRMonitor
@@ -101,6 +103,8 @@ class AdaptiveLRMixin(pl.LightningModule):
     adaptive_lr_monitor_options: ClassVar[dict[str, Any]] = {}
     #: Replace a ``configure_optimizers`` that a subclass defines by the mixin's.
     adaptive_lr_replace_configure_optimizers: ClassVar[bool] = True
+    #: The ``configure_optimizers`` a subclass defined, when the mixin's replaced it.
+    _adaptive_lr_own_configure_optimizers: ClassVar[Callable[[Any], Any] | None] = None
 
     def __init__(self, *args: Any, adaptive_lr: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -109,7 +113,7 @@ class AdaptiveLRMixin(pl.LightningModule):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         own = cls.__dict__.get("configure_optimizers")
-        if own is not None and getattr(cls, "adaptive_lr_replace_configure_optimizers", True):
+        if own is not None and cls.adaptive_lr_replace_configure_optimizers:
             cls._adaptive_lr_own_configure_optimizers = own
             cls.configure_optimizers = AdaptiveLRMixin.configure_optimizers  # type: ignore[method-assign]
         own_callbacks = cls.__dict__.get("configure_callbacks")
@@ -148,11 +152,9 @@ class AdaptiveLRMixin(pl.LightningModule):
         ``configure_optimizers`` returns, if it has one (their grouping kept, their options dropped:
         the hyperparameters come from ``hparams``); otherwise every parameter that requires a gradient.
         """
-        own = getattr(type(self), "_adaptive_lr_own_configure_optimizers", None)
+        own = type(self)._adaptive_lr_own_configure_optimizers
         if own is None:
             return [p for p in self.parameters() if p.requires_grad]
-        from lightning.pytorch.core.optimizer import _configure_optimizers
-
         optimizers, _, _ = _configure_optimizers(own(self))
         if len(optimizers) != 1:
             raise RuntimeError(
@@ -168,6 +170,7 @@ class AdaptiveLRMixin(pl.LightningModule):
         )
         return [{"params": list(group["params"])} for group in optimizers[0].param_groups]
 
+    @override
     def configure_optimizers(self) -> Any:
         """The method's optimizer over :meth:`adaptive_lr_parameters`, from ``hparams``."""
         return self.adaptive_lr_optimizer_class()(self.adaptive_lr_parameters(), **self.adaptive_lr_options())
@@ -180,7 +183,7 @@ class AdaptiveLRMixin(pl.LightningModule):
         Present means: in ``existing`` or among the Trainer's callbacks, so that one configured by the
         user (with other options) is the one that runs.
         """
-        trainer = getattr(self, "_trainer", None)
+        trainer = self._trainer  # None until the module is attached to a Trainer
         present = list(existing) + (list(trainer.callbacks) if trainer is not None else [])
         added: list[Callback] = []
         if not any(isinstance(c, AdaptiveLRCallback) for c in present):
@@ -189,6 +192,7 @@ class AdaptiveLRMixin(pl.LightningModule):
             added.append(AdaptiveLRMonitor(**self.adaptive_lr_monitor_options))
         return added
 
+    @override
     def configure_callbacks(self) -> list[Callback]:
         """Adds :class:`AdaptiveLRCallback` and :class:`AdaptiveLRMonitor` (see :meth:`adaptive_lr_callbacks`)."""
         return self.adaptive_lr_callbacks()
@@ -197,6 +201,7 @@ class AdaptiveLRMixin(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the optimizer hyperparameters saved in the checkpoint's ``hparams``.
 

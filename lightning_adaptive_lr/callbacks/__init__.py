@@ -1,6 +1,11 @@
-"""Lightning callbacks: feed the optimizers (loss, probe, lower bound) and trace their step sizes."""
+"""Lightning callbacks: feed the optimizers (loss, probe, lower bound) and trace their step sizes.
 
-from .adaptive_lr import AdaptiveLRCallback, lower_bound_from_losses, set_lower_bound
+:class:`AdaptiveLRCallback` is the one callback to add; it composes the parts in
+:mod:`.loss_window`, :mod:`.probe`, :mod:`.qlab_wrapping` and :mod:`.lower_bound`.
+"""
+
+from .adaptive_lr import AdaptiveLRCallback
+from .lower_bound import lower_bound_from_losses, set_lower_bound
 from .monitor import AdaptiveLRMonitor
 
 __all__ = ["AdaptiveLRCallback", "AdaptiveLRMonitor", "lower_bound_from_losses", "set_lower_bound"]

@@ -19,8 +19,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from ..optim._tensorlists import accumulation_dtype, dot
+from ..optim._reduce import accumulation_dtype, dot
 
 __all__ = ["AdaptiveLRMonitor"]
 
@@ -149,9 +150,11 @@ class AdaptiveLRMonitor(Callback):
 
     # ------------------------------------------------------------------ hooks
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._step_at_batch_start = trainer.global_step
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
