@@ -156,7 +156,26 @@ QUIET = [
 ]
 
 
-class ProbingSGD(torch.optim.SGD):
+class ContractSGD(torch.optim.SGD):
+    """Plain SGD that declares the optimizer ↔ training-loop contract (``AdaptiveLROptimizer``).
+
+    As declared here it needs nothing from the loop; test doubles override what they need.
+    """
+
+    requires_loss = False
+    requires_probe = False
+    calls_closure_twice = False
+    average_across_ranks = True
+    has_pending_loss = False
+
+    def set_loss(self, loss: Any, *, reduced: bool = False) -> None:
+        pass
+
+    def set_probe(self, fn: Callable[[], torch.Tensor] | None, *, reduced: bool = False) -> None:
+        pass
+
+
+class ProbingSGD(ContractSGD):
     """A test double of QLAB's Lightning interface: plain SGD that asks for the loss and a probe.
 
     It records the loss handed over and the probe's value, evaluated once per step ``"before"`` the
@@ -174,10 +193,14 @@ class ProbingSGD(torch.optim.SGD):
         self._loss: Any = None
         self._probe: Callable[[], torch.Tensor] | None = None
 
+    @property
+    def has_pending_loss(self) -> bool:  # type: ignore[override]
+        return self._loss is not None
+
     def set_loss(self, loss: Any, *, reduced: bool = False) -> None:
         self._loss = loss
 
-    def set_probe(self, fn: Callable[[], torch.Tensor], *, reduced: bool = False) -> None:
+    def set_probe(self, fn: Callable[[], torch.Tensor] | None, *, reduced: bool = False) -> None:
         self._probe = fn
 
     @torch.no_grad()

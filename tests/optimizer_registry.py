@@ -31,6 +31,12 @@ class OptimizerCase:
             next step's trial rate), so a scheduler sets the next rate rather than the final one.
         groups_interact: why splitting the parameters into groups with equal settings changes the
             trajectory, when it does by design (empty: it must not).
+        float16: whether float16 parameters are supported; when not, the optimizer must refuse
+            them with an error that names float16 (tests/test_dtypes.py).  The Adam-based methods
+            do not support them: ``eps=1e-8`` is 0 in float16, so an element whose gradient is 0
+            divides 0 by 0 (release 0.1 wrote NaN into such parameters without a word).
+        float32_state: per-parameter state kept in at least float32 for 16-bit parameters (as
+            documented by the method); every other state tensor has the parameter's dtype.
     """
 
     id: str
@@ -41,6 +47,8 @@ class OptimizerCase:
     recorded: tuple[str, ...] = ()
     adapts_lr: bool = False
     groups_interact: str = ""
+    float16: bool = True
+    float32_state: tuple[str, ...] = ()
 
     def make(self, params: Any, **overrides: Any) -> torch.optim.Optimizer:
         return self.cls(params, **{**self.kwargs, **overrides})
@@ -73,23 +81,29 @@ _MOMO_ADAM_INVALID = (
     {"weight_decay": -0.1},
 )
 
+#: HierarchicalHD's per-unit and per-element rates: kept in at least float32 (docs/algorithms.md §3).
+_HD_RATES = ("hd_rate_unit", "hd_rate_param")
+
 CASES: list[OptimizerCase] = [
-    # --- MoMo / MoMo-Adam (ALGORITHMS.md §1)
+    # --- MoMo / MoMo-Adam (docs/algorithms.md §1)
     OptimizerCase("MoMo", lalr.MoMo, {"lr": 1.0}, _MOMO_INVALID, recorded=("tau", "lower_bound")),
     OptimizerCase(
         "MoMo-bc-lb-wd",
         lalr.MoMo,
         {"lr": 0.5, "bias_correction": True, "estimate_lb": True, "weight_decay": 1e-2},
         recorded=("tau", "lower_bound"),
-        groups_interact="the lower-bound estimate is updated once per group, in group order (ALGORITHMS.md §1)",
+        groups_interact="the lower-bound estimate is updated once per group, in group order (docs/algorithms.md §1)",
     ),
-    OptimizerCase("MoMoAdam", lalr.MoMoAdam, {"lr": 1e-2}, _MOMO_ADAM_INVALID, recorded=("tau", "lower_bound")),
+    OptimizerCase(
+        "MoMoAdam", lalr.MoMoAdam, {"lr": 1e-2}, _MOMO_ADAM_INVALID, recorded=("tau", "lower_bound"), float16=False
+    ),
     OptimizerCase(
         "MoMoAdam-decoupled-lb",
         lalr.MoMoAdam,
         {"lr": 1e-2, "weight_decay": 1e-2, "decoupled_weight_decay": True, "estimate_lb": True},
         recorded=("tau", "lower_bound"),
-        groups_interact="the lower-bound estimate is updated once per group, in group order (ALGORITHMS.md §1)",
+        groups_interact="the lower-bound estimate is updated once per group, in group order (docs/algorithms.md §1)",
+        float16=False,
     ),
     # --- QLAB (§2): entries go here
     *(
@@ -114,6 +128,7 @@ CASES: list[OptimizerCase] = [
             needs_probe=True,
             recorded=("fitted_lr", "trial_loss", "directional_derivative", "curvature"),
             adapts_lr=True,
+            float16=base not in ("adam", "adamw"),
         )
         for base in ("sgd", "sgdm", "adam", "adamw")
     ),
@@ -168,12 +183,15 @@ CASES: list[OptimizerCase] = [
         )
         + ("hd_rate_global",)
         + tuple(f"hd_weight_{level}" for level in ("global", "layer", "unit", "param")),
+        float16=False,
+        float32_state=_HD_RATES,
     ),
     OptimizerCase(
         "HierarchicalHD-sgd-unit-param",
         lalr.HierarchicalHD,
         {"base": "sgd", "lr": 0.05, "hyper_lr": (1e-2, 1e-3), "levels": ("unit", "param"), "weights": (0.3, 0.7)},
         recorded=tuple(f"hd_rate_{level}_{stat}" for level in ("unit", "param") for stat in ("min", "mean", "max")),
+        float32_state=_HD_RATES,
     ),
     # --- AdaL (§4): entries go here
     OptimizerCase(

@@ -1,4 +1,4 @@
-"""AdaL against ALGORITHMS.md §4, computed independently in float64 NumPy loops, and against Adam."""
+"""AdaL against docs/algorithms.md §4, computed independently in float64 NumPy loops, and against Adam."""
 
 from __future__ import annotations
 
@@ -10,38 +10,15 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import least_squares_loss_and_grads, make_least_squares
 from lightning_adaptive_lr import AdaL
+from lightning_adaptive_lr.optim.adal import adal_rate, adal_scalars
 
 STEPS = 35
-N_IN, N_OUT, BATCH = 5, 3, 8
-
-
-def make_problem(seed: int = 0, dead_feature: int | None = None):
-    """Noisy linear least squares; the inputs' column ``dead_feature`` is always zero if given."""
-    rng = np.random.default_rng(seed)
-    w_true = rng.normal(size=(N_IN, N_OUT))
-    data = []
-    for _ in range(STEPS):
-        x = rng.normal(size=(BATCH, N_IN))
-        if dead_feature is not None:
-            x[:, dead_feature] = 0.0
-        y = x @ w_true + 0.3 * rng.normal(size=(BATCH, N_OUT))
-        data.append((x, y))
-    w0 = rng.normal(size=(N_IN, N_OUT)) * 0.5
-    c0 = rng.normal(size=(N_OUT,)) * 0.5
-    return data, [w0, c0]
-
-
-def loss_grads(params, batch):
-    """The gradient of f = mean((xW + c − y)²), by hand."""
-    (w, c), (x, y) = params, batch
-    r = x @ w + c - y
-    scale = 2.0 / r.size
-    return [scale * x.T @ r, scale * r.sum(axis=0)]
 
 
 def reference_adal(data, params, groups, betas, eps, transform, eps_mode, lr_decay):
-    """ALGORITHMS.md §4, literally.  ``groups``: list of (lr, wd, parameter indices).
+    """docs/algorithms.md §4, literally.  ``groups``: list of (lr, wd, parameter indices).
 
     Returns the final parameters and, per step and group, (η_k, recorded gradient scale).
     """
@@ -51,7 +28,7 @@ def reference_adal(data, params, groups, betas, eps, transform, eps_mode, lr_dec
     v = [np.zeros_like(p) for p in x]
     records = []
     for k, batch in enumerate(data, start=1):
-        g = loss_grads(x, batch)
+        g = least_squares_loss_and_grads(x, batch)[1]
         if transform == "l1":
             total = sum(np.abs(gi).sum() for gi in g)
             scales = [total] * len(g)
@@ -105,7 +82,7 @@ def assert_matches_reference(got, expected, got_records, expected_records):
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "per-tensor"])
 def test_defaults_match_reference(foreach):
-    data, params = make_problem()
+    data, params = make_least_squares(STEPS)
     groups = [(1e-3, 0.0, [0, 1])]
     expected, expected_records = reference_adal(
         data, params, groups, (0.9, 0.999), 1e-8, "l1", "preconditioner", "none"
@@ -124,7 +101,7 @@ OPTION_GRID = list(
 @pytest.mark.parametrize("transform,eps_mode,eps,lr_decay", OPTION_GRID)
 def test_options_match_reference(transform, eps_mode, eps, lr_decay, foreach):
     """Every option, two param groups (their own lr and weight decay), 35 steps."""
-    data, params = make_problem(seed=1)
+    data, params = make_least_squares(STEPS, seed=1)
     betas = (0.8, 0.99)
     expected, expected_records = reference_adal(data, params, TWO_GROUPS, betas, eps, transform, eps_mode, lr_decay)
     got, records, _ = run_adal(
@@ -140,7 +117,7 @@ def test_options_match_reference(transform, eps_mode, eps, lr_decay, foreach):
 
 def test_each_option_changes_the_trajectory():
     """The reference grid is discriminating: flipping any one option moves the result far beyond 1e-10."""
-    data, params = make_problem(seed=1)
+    data, params = make_least_squares(STEPS, seed=1)
     base = dict(transform="l1", eps_mode="preconditioner", eps=0.1, lr_decay="none")
     flips = [
         {"transform": "tensor_l1"},
@@ -205,7 +182,7 @@ def test_late_parameter_gets_adams_bias_correction():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     first = next(iter(models[0].parameters()))
     assert optimizers[0].state[first]["step"] == 15
-    assert optimizers[0].state["global"]["step"] == 20
+    assert optimizers[0].param_groups[0]["step"] == 20
 
 
 def first_step(grad: list[float], **kwargs) -> np.ndarray:
@@ -295,7 +272,7 @@ def test_transform_acts_through_the_moving_averages(eps_mode):
 def test_always_zero_coordinate_stays_finite_and_unchanged(transform, eps_mode, eps, foreach):
     """Where g is always 0, m̂ = v̂ = 0: the step there must be exactly 0 (never 0·∞ = NaN)."""
     dead = 2
-    data, params = make_problem(seed=3, dead_feature=dead)
+    data, params = make_least_squares(STEPS, seed=3, dead_feature=dead)
     groups = [(1e-2, 0.0, [0, 1])]
     got, _, opt = run_adal(
         lambda g: AdaL(g, eps=eps, transform=transform, eps_mode=eps_mode, foreach=foreach),
@@ -308,7 +285,7 @@ def test_always_zero_coordinate_stays_finite_and_unchanged(transform, eps_mode, 
     assert np.all(np.isfinite(w)) and np.all(np.isfinite(got[1]))
     np.testing.assert_array_equal(w[dead], params[0][dead].astype(np.float32))
     assert np.abs(np.delete(w, dead, axis=0) - np.delete(params[0], dead, axis=0)).min() > 1e-3  # the rest moved
-    for state in (s for key, s in opt.state.items() if key != "global"):
+    for state in opt.state.values():
         assert torch.isfinite(state["grad_avg"]).all() and torch.isfinite(state["grad_avg_sq"]).all()
 
 
@@ -358,7 +335,8 @@ def test_non_finite_gradient_skips_the_step():
         opt.step()
     assert torch.equal(p, before[0])
     assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
-    assert opt.state[p]["step"] == 1 and opt.state["global"] == {"step": 1, "skipped_steps": 1}
+    shared = {key: opt.param_groups[0][key] for key in AdaL.group_state}
+    assert opt.state[p]["step"] == 1 and shared == {"step": 1, "skipped_steps": 1}
 
 
 def test_transform_must_be_shared_by_groups():
@@ -438,5 +416,75 @@ def test_all_zero_gradients_leave_parameters_in_place(transform, eps_mode, forea
         if step < 3:
             assert torch.equal(a, torch.ones(3))
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    assert opt.state["global"]["skipped_steps"] == 0
+    assert opt.param_groups[0]["skipped_steps"] == 0
     assert (a - 1).abs().min() > 0.1  # three full steps of ≈ lr once the gradient arrived
+
+
+# ----------------------------------------------------------------------------- the scalar rule, on floats
+
+
+def test_scalar_rule_is_adam_on_the_scaled_gradient():
+    """The factored moments (m = Λ1·m̃, v = Λ2·ṽ) give m̂/(√v̂ + eps) and m̂·(1/√v̂ + eps) of Adam on ĝ = s·g."""
+    beta1, beta2, eps, lr = 0.8, 0.99, 1e-3, 0.1
+    scales = [3.0, 0.5, 7.0, 0.0, 2.0]
+    grads = [1.5, -0.2, 0.7, 4.0, -1.1]
+    for eps_in_denominator in (False, True):
+        m = v = 0.0  # Adam's moments of ĝ, by the book
+        m_t = v_t = lam1 = lam2 = 0.0  # the factored ones
+        for k, (s, g) in enumerate(zip(scales, grads), start=1):
+            m = beta1 * m + (1 - beta1) * s * g
+            v = beta2 * v + (1 - beta2) * (s * g) ** 2
+            m_hat, v_hat = m / (1 - beta1**k), v / (1 - beta2**k)
+            if eps_in_denominator:
+                expected = -lr * m_hat / (math.sqrt(v_hat) + eps)
+            else:
+                expected = -lr * m_hat * (1 / math.sqrt(v_hat) + eps)
+            r = adal_scalars(
+                s, lam1, lam2, k, lr=lr, betas=(beta1, beta2), eps=eps, eps_in_denominator=eps_in_denominator, floor=0.0
+            )
+            lam1, lam2 = r.scale_avg, r.scale_sq_avg
+            m_t += r.avg_weight * (g - m_t)
+            v_t = (1 - r.sq_weight) * v_t + r.sq_weight * g * g
+            assert r.moves
+            if eps_in_denominator:
+                got = r.step_size * m_t / (math.sqrt(v_t) + r.shift)
+            else:
+                got = r.step_size * m_t * (1 / math.sqrt(v_t) + r.shift)
+            assert got == pytest.approx(expected, rel=1e-12)
+            assert lam1 * m_t == pytest.approx(m, rel=1e-12) and lam2 * v_t == pytest.approx(v, rel=1e-12)
+
+
+def test_scalar_rule_keeps_a_tensor_without_scale_still_and_floors_eps():
+    still = adal_scalars(0.0, 0.0, 0.0, 3, lr=1.0, betas=(0.9, 0.999), eps=1e-8, eps_in_denominator=True, floor=1e-19)
+    assert (still.moves, still.step_size, still.avg_weight, still.sq_weight) == (False, 0.0, 0.0, 0.0)
+    huge = adal_scalars(1e30, 0.0, 0.0, 1, lr=1.0, betas=(0.9, 0.999), eps=1e-8, eps_in_denominator=True, floor=1e-19)
+    assert huge.moves and huge.shift == 1e-19  # eps/σ = 1e-38 would round to 0 in float32
+    assert adal_rate(0.3, 9, "inv_sqrt") == pytest.approx(0.1) and adal_rate(0.3, 9, "none") == 0.3
+
+
+# ----------------------------------------------------------------------------- distributed checkpoints
+
+
+@pytest.mark.parametrize("transform", ["l1", "tensor_l1"])
+def test_state_initialization_creates_the_state_and_moves_nothing(transform):
+    """torch.distributed.checkpoint's first step (zero grads, lr = 0): full state at its start, no step counted."""
+    models, _ = adam_pair(0.0, True)
+    opt = AdaL(models[0].parameters(), lr=1e-2, transform=transform)
+    fresh = AdaL(models[1].parameters(), lr=1e-2, transform=transform)
+    before = [p.detach().clone() for p in models[0].parameters()]
+    for p in models[0].parameters():
+        p.grad = torch.zeros_like(p)
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()
+    opt.param_groups[0]["lr"] = 1e-2
+    assert all(torch.equal(p, b) for p, b in zip(models[0].parameters(), before))
+    assert opt.param_groups[0]["step"] == 0 and len(opt.state) == len(before)
+    assert (opt.param_groups[0]["effective_lr"], opt.param_groups[0]["grad_scale"]) == (0.0, 0.0)  # recorded: no step
+    for p in models[0].parameters():
+        state = opt.state[p]
+        assert (state["step"], state["scale_avg"], state["scale_sq_avg"]) == (0, 0.0, 0.0)
+        assert not state["grad_avg"].any() and not state["grad_avg_sq"].any()
+    train_pair(models, (opt, fresh), 5)  # ... and the run is the one a fresh optimizer takes
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    assert opt.state_dict()["state"].keys() == fresh.state_dict()["state"].keys()

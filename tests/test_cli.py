@@ -34,15 +34,12 @@ QUIET = [
 
 
 @pytest.fixture(autouse=True)
-def in_tmp_dir(tmp_path, monkeypatch):
-    """Logs and checkpoints of the runs land in a temporary folder; one thread for small models;
-    pytest's own arguments are not mistaken for the command's."""
+def in_tmp_dir(tmp_path, monkeypatch, one_thread):
+    """Logs and checkpoints of the runs land in a temporary folder; one thread for small models
+    (the shared ``one_thread``); pytest's own arguments are not mistaken for the command's."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lalr"])
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(before)
+    return tmp_path
 
 
 def import_object(path: str) -> object:

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
+import re
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_adaptive_lr.optim._base import GLOBAL
 from optimizer_registry import CASE_IDS, CASES, OptimizerCase, take_step
 
 STEPS = 20
@@ -46,12 +47,28 @@ def params_of(model: nn.Module) -> list[torch.Tensor]:
 
 
 def flat_state(opt: torch.optim.Optimizer) -> dict:
-    """Every tensor and number of the optimizer's state, keyed by position (for exact comparison)."""
+    """Every tensor and number of the optimizer's state, keyed by position (for exact comparison).
+
+    Per-parameter state under ``(index, name)``; the optimizer-wide scalars, which every param
+    group holds (``type(opt).group_state``), under ``("group", i, name)``.
+    """
     out = {}
-    for i, (key, value) in enumerate(opt.state_dict()["state"].items()):
+    state_dict = opt.state_dict()
+    for key, value in state_dict["state"].items():
         for name, item in value.items():
             out[(key, name)] = item.clone() if isinstance(item, torch.Tensor) else copy.deepcopy(item)
+    for i, group in enumerate(state_dict["param_groups"]):
+        for name in getattr(opt, "group_state", {}):
+            item = group[name]
+            out[("group", i, name)] = item.clone() if isinstance(item, torch.Tensor) else copy.deepcopy(item)
     return out
+
+
+def skipped_steps(opt: torch.optim.Optimizer) -> int:
+    """The count of skipped steps, which every param group holds equally."""
+    counts = {group["skipped_steps"] for group in opt.param_groups}
+    assert len(counts) == 1, counts
+    return counts.pop()
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -159,9 +176,9 @@ def test_split_into_groups_equals_one_group(case: OptimizerCase) -> None:
         results.append(params_of(model))
     if case.groups_interact:
         assert any(not torch.allclose(x, y, rtol=1e-6, atol=1e-7) for x, y in zip(*results))
-        return
-    for x, y in zip(*results):
-        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    else:
+        for x, y in zip(*results):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
 
 
 def test_groups_with_their_own_lr_and_weight_decay(case: OptimizerCase) -> None:
@@ -221,7 +238,7 @@ def test_records_what_it_did(case: OptimizerCase) -> None:
         for key in ("effective_lr", *case.recorded):
             assert key in group, key
             value = float(group[key])
-            assert value == value  # a number, not NaN
+            assert math.isfinite(value), (key, value)
 
 
 @pytest.mark.parametrize("where", ["loss", "grad"])
@@ -232,7 +249,7 @@ def test_non_finite_step_is_skipped(case: OptimizerCase, where: str) -> None:
     data = batches(6)
     run(case, model, opt, data[:4])
     params_before, state_before = params_of(model), flat_state(opt)
-    skipped_before = opt.state[GLOBAL]["skipped_steps"]
+    skipped_before = skipped_steps(opt)
 
     x, y = data[4]
     opt.zero_grad()
@@ -251,9 +268,10 @@ def test_non_finite_step_is_skipped(case: OptimizerCase, where: str) -> None:
 
     assert_same_params(params_before, params_of(model))
     after = flat_state(opt)
-    after[(GLOBAL, "skipped_steps")] = after[(GLOBAL, "skipped_steps")] - 1
+    for i in range(len(opt.param_groups)):
+        after[("group", i, "skipped_steps")] = after[("group", i, "skipped_steps")] - 1
     assert_same_state(state_before, after)
-    assert opt.state[GLOBAL]["skipped_steps"] == skipped_before + 1
+    assert skipped_steps(opt) == skipped_before + 1
     run(case, model, opt, data[5:])  # and training goes on
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -274,26 +292,38 @@ def test_non_finite_warns_once(case: OptimizerCase) -> None:
                 kwargs["probe"] = lambda: nn.functional.mse_loss(model(x), y)
             opt.step(**kwargs)
     assert sum("non-finite" in str(w.message) for w in caught) == 1
-    assert opt.state[GLOBAL]["skipped_steps"] == 3
+    assert skipped_steps(opt) == 3
 
 
 def test_missing_loss_names_the_fixes(case: OptimizerCase) -> None:
+    """Without a loss, a method that needs one names the fixes; a gradient-only method takes the
+    same step it takes when given the loss."""
     model = make_model()
+    start = params_of(model)
     opt = case.make(model.parameters())
-    x, y = batches(1)[0]
+    batch = batches(1)[0]
+    x, y = batch
     nn.functional.mse_loss(model(x), y).backward()
-    if not case.requires_loss:
-        opt.step()  # gradient-only methods step without a loss
-        return
-    with pytest.raises(RuntimeError, match=r"loss=.*AdaptiveLRCallback"):
+    if case.requires_loss:
+        with pytest.raises(RuntimeError, match=r"loss=.*AdaptiveLRCallback"):
+            opt.step()
+        assert_same_params(start, params_of(model))
+    else:
         opt.step()
+        reference_model = make_model()
+        take_step(case, case.make(reference_model.parameters()), reference_model, batch)
+        assert_same_params(params_of(reference_model), params_of(model))
+        assert any(not torch.equal(a, b) for a, b in zip(start, params_of(model)))
 
 
 def test_loss_intake_order(case: OptimizerCase) -> None:
     """`loss=` wins over a loss handed over with set_loss, which wins over the closure's value;
-    the closure is called exactly once."""
-    if not case.requires_loss:
-        return
+    the closure is called exactly once.
+
+    The losing values are wrong: scaled for methods that use the loss's value, NaN for
+    gradient-only methods (which check only its finiteness, so a NaN that won would skip the step).
+    """
+    wrong_closure, wrong_handed = (7.0, 5.0) if case.requires_loss else (float("nan"), float("nan"))
     data = batches(STEPS)
     reference_model = make_model()
     reference = case.make(reference_model.parameters())
@@ -309,20 +339,20 @@ def test_loss_intake_order(case: OptimizerCase) -> None:
             opt.zero_grad()
             out = nn.functional.mse_loss(model(x), y)
             out.backward()
-            return out * 7.0  # a wrong value: must lose against set_loss
+            return out * wrong_closure  # must lose against set_loss
         with torch.no_grad():
             true_loss = nn.functional.mse_loss(model(x), y)
-        opt.set_loss(true_loss * 5.0)  # a wrong value: must lose against loss=
+        opt.set_loss(true_loss * wrong_handed)  # must lose against loss=
         kwargs = {"probe": lambda: nn.functional.mse_loss(model(x), y)} if case.needs_probe else {}
         opt.step(closure, loss=true_loss, **kwargs)
     assert calls == len(data)
+    assert skipped_steps(opt) == 0
     for a, b in zip(params_of(reference_model), params_of(model)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_closure_loss_is_used(case: OptimizerCase) -> None:
-    if not case.requires_loss:
-        return
+    """A closure alone drives the step: its loss (where the method needs one) and its gradient."""
     data = batches(STEPS)
     reference_model = make_model()
     reference = case.make(reference_model.parameters())
@@ -342,13 +372,34 @@ def test_closure_loss_is_used(case: OptimizerCase) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def names_of(bad: dict) -> str:
+    """A pattern matching an error message that names one of ``bad``'s arguments (`name` or `name[i]`)."""
+    return "|".join(rf"`{re.escape(name)}(`|\[)" for name in bad)
+
+
 def test_invalid_arguments_raise_value_error(case: OptimizerCase) -> None:
     params = [nn.Parameter(torch.zeros(2))]
     for bad in case.invalid:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=names_of(bad)):
             case.make(params, **bad)
-    with pytest.raises(ValueError, match="foreach"):
+    with pytest.raises(ValueError, match=names_of({"foreach": "yes"})):
         case.make(params, foreach="yes")
+
+
+def test_state_is_keyed_by_parameters_only(case: OptimizerCase) -> None:
+    """What torch.distributed.checkpoint needs: ``optimizer.state`` holds parameters only, and the
+    optimizer-wide scalars are in every param group, equal."""
+    model = make_model()
+    opt = case.make([{"params": list(model.parameters())[:3]}, {"params": list(model.parameters())[3:]}])
+    run(case, model, opt, batches(3))
+    params = {id(p) for group in opt.param_groups for p in group["params"]}
+    for key in opt.state:
+        assert isinstance(key, torch.Tensor) and id(key) in params, key
+    assert all(isinstance(key, int) for key in opt.state_dict()["state"])
+    first = opt.param_groups[0]
+    for name in ("step", "skipped_steps", *getattr(opt, "group_state", {})):
+        assert all(group[name] == first[name] for group in opt.param_groups), name
+    assert first["step"] == 3
 
 
 def test_sparse_gradients_are_refused(case: OptimizerCase) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -24,14 +23,9 @@ def load(path: Path) -> ModuleType:
     return module
 
 
-def test_plain_pytorch_example_trains_all_six_optimizers(capsys: pytest.CaptureFixture[str]) -> None:
+def test_plain_pytorch_example_trains_all_six_optimizers(capsys: pytest.CaptureFixture[str], one_thread: None) -> None:
     example = load(EXAMPLES / "plain_pytorch.py")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        accuracies = example.main(["--fast"])
-    finally:
-        torch.set_num_threads(threads)
+    accuracies = example.main(["--fast"])
     methods = ("MoMo", "MoMoAdam", "QLAB", "HierarchicalHD", "AdaL", "StepTunedSGD")
     assert [name.split()[0] for name in accuracies] == list(methods)
     # One epoch on the digits (1437 images): every method learns well beyond chance (0.1).

@@ -1,6 +1,6 @@
-"""HierarchicalHD (ALGORITHMS.md §3) against independent float64 references and torch.optim.
+"""HierarchicalHD (docs/algorithms.md §3) against independent float64 references and torch.optim.
 
-The reference below is written from ALGORITHMS.md in absolute rates (α starts at ``lr``), the way
+The reference below is written from docs/algorithms.md in absolute rates (α starts at ``lr``), the way
 the specification states it; the optimizer stores rates as multiples of ``lr``.  Agreement to
 1e-10 over 40 steps therefore checks the update, not a copy of it.
 """
@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
 
 from lightning_adaptive_lr import HierarchicalHD
+from lightning_adaptive_lr.optim.hypergradient import (
+    hd_rate,
+    project_simplex,
+    rate_step_factor,
+    scalar_rate,
+    weight_hypergradients,
+)
 
 LEVEL_ORDER = ("global", "layer", "unit", "param")
 
@@ -104,7 +112,7 @@ def reference_hd(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
 ) -> tuple[list[torch.Tensor], list[dict]]:
-    """ALGORITHMS.md §3 step by step, in float64, with absolute rates that start at ``lr``."""
+    """docs/algorithms.md §3 step by step, in float64, with absolute rates that start at ``lr``."""
     levels = tuple(level for level in LEVEL_ORDER if level in levels)
     w = dict(weights) if weights else {k: 1.0 / len(levels) for k in levels}
     pull = level_pull or {}
@@ -375,7 +383,7 @@ def test_learned_weights_stay_on_the_simplex() -> None:
         w = [opt.param_groups[0][f"hd_weight_{k}"] for k in levels]
         assert all(x >= 0.0 for x in w)
         assert math.isclose(sum(w), 1.0, abs_tol=1e-12)
-        assert list(opt.state["global"]["hd_weights"]) == w
+        assert list(opt.param_groups[0]["level_weights"]) == w
         history.append(w)
     # A large step drives some weight to the boundary: the projection was exercised.
     assert any(min(w) == 0.0 for w in history)
@@ -420,7 +428,7 @@ def test_default_bounds_keep_rates_non_negative() -> None:
         opt.zero_grad()
         _loss(params, batches[t % 4]).backward()
         opt.step()
-        assert opt.state["global"]["hd_rate_global"] >= 0.0
+        assert opt.param_groups[0]["global_rate_multiple"] >= 0.0
         assert all(opt.state[p]["hd_rate_param"].min() >= 0.0 for p in params)
         seen_zero |= any(bool((opt.state[p]["hd_rate_param"] == 0).any()) for p in params)
     assert seen_zero
@@ -445,7 +453,7 @@ def test_two_groups_with_equal_options_equal_one_group() -> None:
             o.step()
     for a, b in zip(one, two):
         assert torch.allclose(a, b, rtol=1e-13, atol=1e-13)
-    rates = [o.state["global"]["hd_rate_global"] for o in (opt1, opt2)]
+    rates = [o.param_groups[0]["global_rate_multiple"] for o in (opt1, opt2)]
     assert math.isclose(*rates, rel_tol=1e-13)
 
 
@@ -459,7 +467,7 @@ def test_scheduler_scales_the_learned_rates() -> None:
         _loss(params, batches[t % 4]).backward()
         opt.step()
         sched.step()
-    multiple = opt.state["global"]["hd_rate_global"]
+    multiple = opt.param_groups[0]["global_rate_multiple"]
     assert abs(multiple - 1.0) > 0.01
     before = opt.param_groups[0]["hd_rate_global"]
     assert math.isclose(before, 0.1 * multiple, rel_tol=1e-12)
@@ -468,7 +476,7 @@ def test_scheduler_scales_the_learned_rates() -> None:
     _loss(params, batches[2]).backward()
     opt.step()
     after = opt.param_groups[0]["hd_rate_global"]
-    assert math.isclose(after, 0.05 * opt.state["global"]["hd_rate_global"], rel_tol=1e-12)
+    assert math.isclose(after, 0.05 * opt.param_groups[0]["global_rate_multiple"], rel_tol=1e-12)
     assert after < 0.6 * before
 
 
@@ -490,11 +498,9 @@ def test_non_finite_gradient_leaves_parameters_and_state_untouched(first: bool) 
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(params, before_params))
     after_state = opt.state_dict()
-    assert opt.state["global"]["skipped_steps"] == 1
-    assert set(after_state["state"]) - {"global"} == set(before_state["state"]) - {"global"}
+    assert opt.param_groups[0]["skipped_steps"] == 1
+    assert set(after_state["state"]) == set(before_state["state"])
     for key, value in before_state["state"].items():
-        if key == "global":
-            continue
         for name, tensor in value.items():
             other = after_state["state"][key][name]
             assert torch.equal(tensor, other) if isinstance(tensor, torch.Tensor) else tensor == other
@@ -534,7 +540,9 @@ def test_on_device_scalar_path_matches_host_path(monkeypatch: pytest.MonkeyPatch
     ],
 )
 def test_invalid_arguments_raise(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+    # The error names the invalid argument in backticks: each dict's last key (`weights[0]` for one entry).
+    name = list(kwargs)[-1]
+    with pytest.raises(ValueError, match=rf"`{re.escape(name)}(\[\d+\])?`"):
         HierarchicalHD([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
@@ -564,3 +572,91 @@ def test_rates_of_16_bit_parameters_stay_float32_through_state_dict() -> None:
     train(opt2, w2, 3)
     assert torch.equal(w, w2)
     assert torch.equal(opt.state[w]["hd_rate_param"], opt2.state[w2]["hd_rate_param"])
+
+
+# ---------------------------------------------------------------------------- the scalar rules alone
+
+
+def test_hd_rate_is_baydins_step_with_pull_and_clip() -> None:
+    assert hd_rate(1.0, 2.0, 0.25) == 1.5  # ρ + step·⟨g, s⟩
+    assert hd_rate(1.0, -8.0, 0.25) == 0.0  # clipped at the default low bound 0
+    assert hd_rate(1.0, 0.0, 0.1, pull=0.5, parent=3.0) == 2.0  # half the gap to the parent closed
+    assert hd_rate(1.0, 4.0, 1.0, low=-math.inf, high=2.5) == 2.5
+    assert hd_rate(1.0, -4.0, 1.0, low=-math.inf) == -3.0
+    got = hd_rate(torch.tensor(1.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64), 0.25)
+    assert isinstance(got, torch.Tensor) and float(got) == 1.5
+
+
+def test_rate_step_factor() -> None:
+    assert rate_step_factor(0.1, 0.1, 1.0) == pytest.approx(10.0)  # β·⟨g, s⟩ in absolute units
+    assert rate_step_factor(0.05, 0.1, 2.0) == pytest.approx(10.0)  # scheduled to half, s = 2·prev
+    assert rate_step_factor(0.0, 0.1, 1.0) == 0.0
+    assert rate_step_factor(0.1, 0.0, 1.0) == 0.0
+
+
+def test_weight_hypergradients_and_scalar_rate() -> None:
+    levels = ("global", "layer", "unit", "param")
+    got = weight_hypergradients(
+        levels,
+        absolute=[0.1, 0.2],
+        dots=[1.0, -2.0],
+        global_rate=3.0,
+        layer_rates=[1.0, 2.0],
+        partials={"unit": [4.0, 5.0], "param": [-1.0, 1.0]},
+    )
+    # h = −g⊙s: ∂/∂w_k = −Σ_j lr_j·scale_j·Σ_i g_i·prev_i·ρ⁽ᵏ⁾_i
+    assert got["global"] == pytest.approx(-3.0 * (0.1 * 1.0 + 0.2 * -2.0))
+    assert got["layer"] == pytest.approx(-(1.0 * 0.1 * 1.0 + 2.0 * 0.2 * -2.0))
+    assert got["unit"] == pytest.approx(-(0.1 * 4.0 + 0.2 * 5.0))
+    assert got["param"] == pytest.approx(-(0.1 * -1.0 + 0.2 * 1.0))
+    assert set(weight_hypergradients(("layer",), [1.0], [1.0], 1.0, [1.0], {})) == {"layer"}
+    assert scalar_rate({"global": 0.25, "layer": 0.75}, 2.0, 4.0) == 3.5
+    assert scalar_rate({"layer": 0.5, "unit": 0.5}, 2.0, 4.0) == 2.0  # the tensor levels are not scalar
+
+
+def test_project_simplex() -> None:
+    assert project_simplex([0.25, 0.75]) == [0.25, 0.75]  # already on the simplex
+    assert project_simplex([2.0, 0.0]) == [1.0, 0.0]
+    assert project_simplex([1.0, 1.0, 1.0]) == pytest.approx([1 / 3] * 3)
+    assert project_simplex([0.6, 0.6]) == pytest.approx(project_simplex([5.6, 5.6]))  # shift invariant
+
+
+# ---------------------------------------------------------------------------- distributed-checkpoint initialization
+
+
+@pytest.mark.parametrize("base", ["sgd", "sgdn", "adam"])
+def test_state_initialization_step_creates_the_state_and_moves_nothing(base: str) -> None:
+    """torch.distributed.checkpoint steps a state-less optimizer with zero gradients and lr = 0."""
+    params0, batches = _problem(12)
+    params = [p.clone().requires_grad_(True) for p in params0]
+    opt = HierarchicalHD(params, base=base, lr=0.1, hyper_lr=0.05, levels=LEVEL_ORDER, learn_weights=True)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()
+    assert all(torch.equal(p, p0) for p, p0 in zip(params, params0))
+    group = opt.param_groups[0]
+    assert (group["step"], group["global_rate_multiple"], group["level_weights"]) == (0, 1.0, (0.25,) * 4)
+    for p in params:
+        state = opt.state[p]
+        assert torch.equal(state["prev_direction"], torch.zeros_like(p))
+        assert state["hd_rate_layer"] == 1.0
+        assert torch.equal(state["hd_rate_param"], torch.ones_like(p))
+        assert torch.equal(state["hd_rate_unit"], torch.ones(p.shape[0], dtype=p.dtype))
+        if base == "sgdn":
+            assert torch.equal(state["momentum_buffer"], torch.zeros_like(p))
+        if base == "adam":
+            assert state["step"] == 0 and state["direction_scale"] == 1.0
+            assert not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    assert "hd_rate_param_mean" in group  # recorded like a real step, so group layouts match
+
+    # Then training from there is training from scratch.
+    group["lr"] = 0.1
+    fresh = [p.clone().requires_grad_(True) for p in params0]
+    twin = HierarchicalHD(fresh, base=base, lr=0.1, hyper_lr=0.05, levels=LEVEL_ORDER, learn_weights=True)
+    for t in range(5):
+        for ps, o in ((params, opt), (fresh, twin)):
+            o.zero_grad()
+            _loss(ps, batches[t % 4]).backward()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, fresh))

@@ -16,22 +16,14 @@ from torch import nn
 
 import lightning_adaptive_lr as lalr
 from lightning_adaptive_lr.callbacks import AdaptiveLRCallback, lower_bound_from_losses
-from lightning_adaptive_lr.callbacks import adaptive_lr as callback_module
-from lightning_helpers import PRECISIONS, QUIET, Classifier, ProbingSGD, case_kwargs, eval_loss, loader, trainer, usable_cases
+from lightning_adaptive_lr.callbacks import probe as probe_module
+from lightning_adaptive_lr.optim import AdaptiveLROptimizer
+from lightning_helpers import PRECISIONS, QUIET, Classifier, ContractSGD, ProbingSGD, case_kwargs, eval_loss, loader, trainer, usable_cases
 
-pytestmark = [pytest.mark.filterwarnings(w) for w in QUIET]
+pytestmark = [pytest.mark.filterwarnings(w) for w in QUIET] + [pytest.mark.usefixtures("one_thread")]
 
 CASES = usable_cases()
 CASE_IDS = [c.id for c in CASES]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and leave the other core to the rest of the suite)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class LossSpy(pl.Callback):
@@ -112,7 +104,7 @@ def test_a_step_whose_training_step_returns_none_is_skipped() -> None:
 
     model = Skipping(_momo)
     trainer(max_steps=3, callbacks=[AdaptiveLRCallback()]).fit(model, loader(128))
-    state = model.trainer.optimizers[0].state["global"]
+    state = model.trainer.optimizers[0].param_groups[0]
     assert state["step"] == 2  # the optimizer was called 3 times; the batch without a loss changed nothing
 
 
@@ -173,7 +165,7 @@ def test_probe_leaves_batchnorm_statistics_and_random_stream_as_without_probing(
 
 def test_probe_without_restoring_batchnorm_would_be_caught(monkeypatch) -> None:
     """The test above can fail: without the buffer restore the statistics drift from the plain run."""
-    monkeypatch.setattr(callback_module, "_stateful_buffers", lambda module, which: [])
+    monkeypatch.setattr(probe_module, "stateful_buffers", lambda module, which: [])
 
     def run(make: Any) -> list[torch.Tensor]:
         model = Classifier(make, dropout=0.0)
@@ -242,7 +234,7 @@ def test_registry_probing_optimizers_leave_batchnorm_statistics_untouched(case) 
 # ---------------------------------------------------------------------------------------------- refusals
 
 
-class _TwiceClosure(torch.optim.SGD):
+class _TwiceClosure(ContractSGD):
     """Stands for StepTunedSGD(same_batch=True): an optimizer that runs its closure twice."""
 
     calls_closure_twice = True
@@ -282,7 +274,7 @@ def test_lower_bound_rule_sets_momo_lb_at_epoch_ends() -> None:
     optimizer = model.trainer.optimizers[0]
     assert len(losses) == 9
     assert optimizer.param_groups[0]["lb"] == pytest.approx(expected, rel=1e-12)
-    assert float(optimizer.state["global"]["lb"]) == pytest.approx(expected, rel=1e-12)
+    assert float(optimizer.param_groups[0]["current_lb"]) == pytest.approx(expected, rel=1e-12)
     assert lower_bound_from_losses(-2.0, 0.5) == -3.0  # below a negative minimum, too
 
 
@@ -367,13 +359,16 @@ def test_qlab_option_wraps_the_modules_own_optimizer(base) -> None:
                 if base == "sgd"
                 else torch.optim.Adam(self.parameters(), lr=1e-2)
             )
+            self.own_optimizer = optimizer
             return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 100)}
 
     model = WithScheduler(lambda p: None)
     before = eval_loss(model.net)
     trainer(max_steps=40, callbacks=[AdaptiveLRCallback(qlab=True)]).fit(model, loader(512))
     optimizer = model.trainer.optimizers[0]
-    assert isinstance(optimizer, lalr.QLAB)
+    # QLAB.wrap's result (QLAB by composition, not a QLAB subclass) on the module's own optimizer.
+    assert isinstance(optimizer, AdaptiveLROptimizer) and optimizer.requires_probe
+    assert optimizer.base_optimizer is model.own_optimizer
     assert model.optimizers().optimizer is optimizer  # the LightningOptimizer wrapper was rebuilt
     assert "effective_lr" in optimizer.param_groups[0]
     assert eval_loss(model.net) < 0.8 * before
@@ -387,8 +382,9 @@ def test_set_lower_bound_sets_option_and_current_bound(estimate_lb) -> None:
     optimizer = lalr.MoMo([{"params": [weight]}, {"params": [nn.Parameter(torch.ones(2))]}], lr=1.0, estimate_lb=estimate_lb)
     weight.grad = torch.ones(3)
     optimizer.step(loss=2.0)
-    optimizer.state["global"]["lb"] = 0.7
+    for group in optimizer.param_groups:  # the bound in use, kept equal in every group
+        group["current_lb"] = 0.7
     set_lower_bound(optimizer, 0.5)
     assert [g["lb"] for g in optimizer.param_groups] == [0.5, 0.5]
     # Estimated online: the new value is a floor (the estimate 0.7 stays); otherwise it replaces the bound.
-    assert optimizer.state["global"]["lb"] == (0.7 if estimate_lb else 0.5)
+    assert optimizer.param_groups[0]["current_lb"] == (0.7 if estimate_lb else 0.5)

@@ -14,7 +14,7 @@ from lightning_adaptive_lr import mixins
 from lightning_adaptive_lr.callbacks import AdaptiveLRCallback, AdaptiveLRMonitor
 from lightning_helpers import QUIET, eval_loss, loader, make_net, trainer, usable_cases
 
-pytestmark = [pytest.mark.filterwarnings(w) for w in QUIET]
+pytestmark = [pytest.mark.filterwarnings(w) for w in QUIET] + [pytest.mark.usefixtures("one_thread")]
 
 #: Each mixin, with the learning rate that trains the small CNN (the rest: the documented defaults).
 MIXINS = {
@@ -26,14 +26,6 @@ MIXINS = {
     "StepTunedSGD": (mixins.StepTunedSGDMixin, {"lr": 1.0}),
 }
 LANDED = [name for name in MIXINS if any(c.cls.__name__ == name for c in usable_cases())]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def existing_module(base: type) -> type:

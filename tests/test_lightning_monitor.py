@@ -13,15 +13,7 @@ import lightning_adaptive_lr as lalr
 from lightning_adaptive_lr.callbacks import AdaptiveLRCallback, AdaptiveLRMonitor
 from lightning_helpers import QUIET, Classifier, case_kwargs, loader, trainer, usable_cases
 
-pytestmark = [pytest.mark.filterwarnings(w) for w in QUIET]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings(w) for w in QUIET] + [pytest.mark.usefixtures("one_thread")]
 
 
 class MemoryLogger(Logger):

@@ -26,14 +26,24 @@ TINY = ("--points", "2", "--epochs", "1")
 
 
 @pytest.fixture
-def counted_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float, int]]:
+def run_results() -> dict[tuple[str, float, int], lrs.RunResult]:
+    """What each training run of ``counted_runs`` returned, by (method, lr, seed)."""
+    return {}
+
+
+@pytest.fixture
+def counted_runs(
+    monkeypatch: pytest.MonkeyPatch, run_results: dict[tuple[str, float, int], lrs.RunResult]
+) -> list[tuple[str, float, int]]:
     """Replace the training function by one that records each call and then trains for real."""
     calls: list[tuple[str, float, int]] = []
     real = lrs.train_run
 
     def counting(method: str, lr: float, seed: int, epochs: int, batch_size: int) -> lrs.RunResult:
         calls.append((method, lr, seed))
-        return real(method, lr, seed, epochs, batch_size)
+        result = real(method, lr, seed, epochs, batch_size)
+        run_results[(method, lr, seed)] = result
+        return result
 
     monkeypatch.setattr(lrs, "train_run", counting)
     return calls
@@ -50,7 +60,9 @@ def _quick(out: Path, *extra: str) -> None:
     lrs.main(["--quick", "--methods", "MoMo,SGD-M", *TINY, "--jobs", "1", "--out", str(out), *extra])
 
 
-def test_quick_mode_writes_the_csv_the_plot_and_the_table(tmp_path: Path, counted_runs: list) -> None:
+def test_quick_mode_writes_the_csv_the_plot_and_the_table(
+    tmp_path: Path, counted_runs: list, run_results: dict
+) -> None:
     _quick(tmp_path)
 
     done = sorted((method, round(math.log10(lr)), seed) for method, lr, seed in counted_runs)
@@ -59,7 +71,9 @@ def test_quick_mode_writes_the_csv_the_plot_and_the_table(tmp_path: Path, counte
     assert len(rows) == 4
     assert set(rows[0]) == set(lrs.FIELDS)
     for row in rows:
-        assert 0.0 <= float(row["test_acc"]) <= 1.0
+        # Each row holds what its run measured, unrounded.
+        measured = run_results[(row["method"], float(row["lr"]), int(row["seed"]))]
+        assert float(row["test_acc"]) == measured.test_acc
         assert float(row["seconds"]) > 0.0
         assert row["epochs"] == "1" and row["batch_size"] == "32"
     assert (tmp_path / lrs.PNG_NAME).read_bytes()[:8] == PNG_MAGIC
@@ -78,6 +92,9 @@ def test_divergence_is_recorded(tmp_path: Path, counted_runs: list) -> None:
     assert flags[("SGD-M", -4)] == "False"
     assert flags[("MoMo", -3)] == "False"
     assert flags[("MoMo", 3)] == "False"
+    # ...and MoMo at lr 1e3 learns in one epoch (10 classes: chance is 0.1; measured 0.88).
+    accs = {(r["method"], round(math.log10(float(r["lr"])))): float(r["test_acc"]) for r in rows}
+    assert accs[("MoMo", 3)] > 0.5
     # The table names the first rate at which a seed diverged.
     lines = (tmp_path / lrs.MD_NAME).read_text().splitlines()
     sgdm = next(line for line in lines if line.startswith("| SGD-M (baseline)"))

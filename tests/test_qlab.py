@@ -1,10 +1,13 @@
-"""QLAB against ALGORITHMS.md §2: exact line searches on quadratics, an independent float64 loop,
+"""QLAB against docs/algorithms.md §2: exact line searches on quadratics, an independent float64 loop,
 the torch.optim bases, the safeguards, the probe intake and QLAB.wrap."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import io
+import math
+import numbers
 import pickle
 import warnings
 
@@ -13,9 +16,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import least_squares_loss_and_grads, make_least_squares, vdot
 from lightning_adaptive_lr import QLAB
-from lightning_adaptive_lr.optim._base import GLOBAL
-from lightning_adaptive_lr.optim.qlab import QLABWrapper, qlab_step_factor
+from lightning_adaptive_lr.optim import AdaptiveLROptimizer, AdaptiveOptimizer
+from lightning_adaptive_lr.optim.qlab import QLABWrapper, qlab_rate, qlab_step_factor
 
 BASES = ("sgd", "sgdm", "adam", "adamw")
 #: Options under which no bound of QLAB decides anything (the pure quadratic fit).
@@ -124,36 +128,13 @@ def test_adam_step_lands_on_the_minimizer_along_its_direction(base: str) -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent float64 loop, straight from ALGORITHMS.md §2, on noisy least squares.
+# An independent float64 loop, straight from docs/algorithms.md §2, on noisy least squares.
 
 STEPS = 30
-N_IN, N_OUT, BATCH = 5, 3, 8
-
-
-def make_problem(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    w_true = rng.normal(size=(N_IN, N_OUT))
-    data = []
-    for _ in range(STEPS):
-        x = rng.normal(size=(BATCH, N_IN))
-        data.append((x, x @ w_true + 0.3 * rng.normal(size=(BATCH, N_OUT))))
-    return data, [rng.normal(size=(N_IN, N_OUT)) * 0.5, rng.normal(size=(N_OUT,)) * 0.5]
-
-
-def loss_and_grads(params, batch):
-    """f = mean((xW + c − y)²) and its gradient, by hand."""
-    (w, c), (x, y) = params, batch
-    r = x @ w + c - y
-    scale = 2.0 / r.size
-    return float(np.mean(r**2)), [scale * x.T @ r, scale * r.sum(axis=0)]
-
-
-def vdot(xs, ys) -> float:
-    return float(sum(np.sum(a * b) for a, b in zip(xs, ys)))
 
 
 def reference_qlab(data, params, groups, base, momentum, betas, eps, min_lr, max_lr, min_trial_lr, max_growth):
-    """ALGORITHMS.md §2 on the built-in bases, literally.  ``groups``: list of (lr, wd, indices)."""
+    """docs/algorithms.md §2 on the built-in bases, literally.  ``groups``: list of (lr, wd, indices)."""
     beta1, beta2 = betas
     x = [p.copy() for p in params]
     buffers = [None] * len(x)
@@ -163,7 +144,7 @@ def reference_qlab(data, params, groups, base, momentum, betas, eps, min_lr, max
     events = {"fallback": 0, "min_lr": 0, "max_lr": 0, "floor": 0, "growth": 0}
     history = []
     for k, batch in enumerate(data, start=1):
-        f, g = loss_and_grads(x, batch)
+        f, g = least_squares_loss_and_grads(x, batch)
         delta = [None] * len(x)
         trial_rates = []
         for j, (_, wd, indices) in enumerate(groups):
@@ -184,7 +165,7 @@ def reference_qlab(data, params, groups, base, momentum, betas, eps, min_lr, max
                     if base == "adamw":
                         d = d + wd * x[i]
                 delta[i] = -eta * d
-        f_trial, _ = loss_and_grads([xi + di for xi, di in zip(x, delta)], batch)
+        f_trial, _ = least_squares_loss_and_grads([xi + di for xi, di in zip(x, delta)], batch)
         a1 = vdot(g, delta)
         a2 = f_trial - f - a1
         t = -a1 / (2 * a2) if (a1 < 0 and a2 > 0) else 1.0
@@ -217,7 +198,7 @@ REFERENCE_OPTIONS = {
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("base", BASES)
 def test_matches_reference_loop(base: str, foreach: bool) -> None:
-    data, start = make_problem(seed=4)
+    data, start = make_least_squares(STEPS, seed=4)
     lr_w, wd_w, lr_c = 0.05, 0.02, 0.006  # lr_c starts below the trial floor
     groups = [(lr_w, wd_w, [0]), (lr_c, 0.0, [1])]
     expected, history, events = reference_qlab(data, start, groups, base, **REFERENCE_OPTIONS)
@@ -435,6 +416,15 @@ def test_step_factor() -> None:
     assert qlab_step_factor(-2.0, float("inf")) == 1.0
 
 
+def test_bounded_rate() -> None:
+    bounds = {"max_growth": 2.0, "min_lr": 0.01, "max_lr": 1.0}
+    assert qlab_rate(0.25, 0.4, **bounds) == 0.1  # inside the bounds: t*·η
+    assert qlab_rate(5.0, 0.1, **bounds) == 0.2  # at most max_growth trial steps
+    assert qlab_rate(1e-6, 0.4, **bounds) == 0.01  # min_lr
+    assert qlab_rate(1.5, 0.9, **bounds) == 1.0  # max_lr
+    assert qlab_rate(float("inf"), 0.1, **{**bounds, "max_growth": float("inf")}) == 1.0
+
+
 def one_parameter_step(opt_factory, grad: float, loss: float, trial_loss: float, start: float = 1.0):
     """A step on one scalar parameter with a chosen gradient, loss and probe value."""
     p = nn.Parameter(torch.tensor([start], dtype=torch.float64))
@@ -474,7 +464,7 @@ def test_non_positive_curvature_keeps_the_rate() -> None:
 def test_non_finite_trial_loss_keeps_the_rate_and_skips_nothing(bad: float) -> None:
     p, opt = one_parameter_step(lambda ps: QLAB(ps, lr=0.1, **UNBOUNDED), grad=1.0, loss=0.5, trial_loss=bad)
     assert opt.param_groups[0]["lr"] == 0.1 and p.item() == pytest.approx(0.9)
-    assert opt.state[GLOBAL]["skipped_steps"] == 0 and opt.state[GLOBAL]["step"] == 1
+    assert opt.param_groups[0]["skipped_steps"] == 0 and opt.param_groups[0]["step"] == 1
 
 
 def test_rate_is_clamped_to_its_bounds() -> None:
@@ -572,8 +562,9 @@ def test_non_finite_gradient_skips_the_whole_step_without_probing() -> None:
         for a, b in zip(params_before, model.parameters()):
             assert torch.equal(a, b)
         state_after = opt.state_dict()
-        assert state_after["state"][GLOBAL]["skipped_steps"] == 1
-        state_after["state"][GLOBAL]["skipped_steps"] = 0
+        assert [g["skipped_steps"] for g in state_after["param_groups"]] == [1] * len(state_after["param_groups"])
+        for group in state_after["param_groups"]:
+            group["skipped_steps"] = 0
         assert_equal_nested(state_before, state_after)
 
 
@@ -589,7 +580,8 @@ def assert_equal_nested(a, b) -> None:
         for x, y in zip(a, b):
             assert_equal_nested(x, y)
     else:
-        assert a == b or (a != a and b != b)
+        both_nan = all(isinstance(v, numbers.Real) and math.isnan(v) for v in (a, b))
+        assert a == b or both_nan  # NaN equals nothing, itself included
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,7 +597,7 @@ def test_wrap_shares_param_groups_with_the_base() -> None:
     base = torch.optim.RAdam(model.parameters(), lr=0.01)
     opt = QLAB.wrap(base)
     assert opt.param_groups is base.param_groups
-    assert isinstance(opt, QLAB) and opt.base_optimizer is base
+    assert isinstance(opt, AdaptiveLROptimizer) and opt.requires_probe and opt.base_optimizer is base
     extra = nn.Parameter(torch.zeros(2, dtype=torch.float64))
     opt.add_param_group({"params": [extra], "lr": 0.002})
     assert len(base.param_groups) == 2 and base.param_groups[1]["betas"] == (0.9, 0.999)
@@ -662,7 +654,7 @@ def test_wrap_state_dict_resumes_bit_identically() -> None:
     resumed = make_wrapped(resumed_model.parameters())
     resumed.load_state_dict(saved["opt"])
     assert resumed.param_groups is resumed.base_optimizer.param_groups
-    assert resumed.state[GLOBAL]["step"] == 8
+    assert resumed.param_groups[0]["step"] == 8
     train(resumed_model, resumed, data[8:])
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
@@ -749,3 +741,165 @@ def test_probe_registered_inside_the_closure_is_used() -> None:
     opt.set_probe(None)
     with pytest.raises(RuntimeError, match="probe"):
         opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+
+
+# ---------------------------------------------------------------------------------------------
+# State layout: keyed by parameters only; torch.distributed.checkpoint's state initialization.
+
+
+#: Every built-in base (with weight decay: it moves the parameters even where the gradient is 0) and
+#: QLAB.wrap on torch optimizers with per-parameter state.
+MAKERS = {
+    **{base: functools.partial(QLAB, base=base, lr=0.05, weight_decay=0.1) for base in BASES},
+    "wrap(Adam)": lambda ps: QLAB.wrap(torch.optim.Adam(ps, lr=0.01)),
+    "wrap(AdamW)": lambda ps: QLAB.wrap(torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1)),
+    "wrap(SGD-M)": lambda ps: QLAB.wrap(torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.1)),
+}
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_state_is_keyed_by_parameters_and_step_counts_live_in_the_groups(name: str) -> None:
+    model = make_mlp(8)
+    opt = MAKERS[name](list(model.parameters()))
+    train(model, opt, regression_batches(3))
+    saved = opt.state_dict()
+    assert all(isinstance(key, int) for key in saved["state"])
+    assert all(isinstance(key, torch.Tensor) for key in opt.state)
+    assert [(g["step"], g["skipped_steps"]) for g in saved["param_groups"]] == [(3, 0)] * len(saved["param_groups"])
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_state_initialization_creates_the_state_without_moving(name: str) -> None:
+    """torch.distributed.checkpoint steps a fresh optimizer with zero gradients, every lr 0, no loss, no probe."""
+    model = make_mlp(9)
+    opt = MAKERS[name](list(model.parameters()))
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    opt.step()
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+    adam = {"step", "exp_avg", "exp_avg_sq"}
+    expected = {"sgd": set(), "sgdm": {"momentum_buffer"}, "wrap(SGD-M)": {"momentum_buffer"}}.get(name, adam)
+    for p in model.parameters():
+        assert set(opt.state[p]) == expected
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_distributed_checkpoint_state_dict_round_trip(name: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    data = regression_batches(8)
+    make = MAKERS[name]
+    model = make_mlp(10)
+    opt = make(list(model.parameters()))
+    fresh = get_optimizer_state_dict(model, opt)  # initializes the state of a fresh optimizer
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), make_mlp(10).parameters()))
+    assert all(isinstance(key, str) for key in fresh["state"])
+    train(model, opt, data[:4])
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
+
+    resumed_model = make_mlp(99)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = make(list(resumed_model.parameters()))
+    set_optimizer_state_dict(resumed_model, resumed, saved)
+    assert resumed.param_groups[0]["step"] == 4
+    train(model, opt, data[4:])
+    train(resumed_model, resumed, data[4:])
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# QLAB.wrap: the contract, its name, groups added to the wrapped optimizer, an optimizer of this package.
+
+
+def test_wrap_satisfies_the_contract_and_shows_what_it_wraps() -> None:
+    model = make_mlp(11)
+    base = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = QLAB.wrap(base)
+    assert isinstance(opt, AdaptiveLROptimizer) and isinstance(opt, torch.optim.Optimizer)
+    assert opt.requires_loss and opt.requires_probe and not opt.calls_closure_twice
+    assert opt.state is base.state
+    assert repr(opt).startswith("QLAB.wrap(SGD) (") and "Parameter Group 0" in repr(opt)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match=r"QLAB\.wrap\(SGD\)\.step\(\) needs the mini-batch loss and a probe"):
+        opt.step(loss=1.0)
+
+
+def test_group_added_to_the_wrapped_optimizer_directly_joins_the_fit() -> None:
+    model = make_mlp(12)
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    base = torch.optim.SGD(first, lr=0.05)
+    opt = QLAB.wrap(base, max_growth=3.0)
+    data = regression_batches(4)
+    train(model, opt, data[:2])
+    base.add_param_group({"params": second, "lr": 0.02})
+    train(model, opt, data[2:])
+    late = opt.param_groups[1]
+    assert late["max_growth"] == 3.0 and late["step"] == opt.param_groups[0]["step"] == 4
+    assert "effective_lr" in late and late["lr"] != 0.02
+
+
+class PlainSGD(AdaptiveOptimizer):
+    """A gradient-only optimizer of this package's kind: it keeps ``step`` and ``skipped_steps`` in its groups."""
+
+    requires_loss = False
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    def _update(self, loss) -> None:
+        for group in self.param_groups:
+            params, grads = self._params_and_grads(group)
+            for p, g in zip(params, grads):
+                p.add_(g, alpha=-group["lr"])
+        self._set_shared(step=self._shared("step") + 1)
+
+
+def test_wrap_of_an_optimizer_of_this_package_counts_each_step_once() -> None:
+    model = make_mlp(13)
+    opt = QLAB.wrap(PlainSGD(model.parameters(), lr=0.05))
+    data = regression_batches(5)
+    train(model, opt, data[:4])
+    assert opt.param_groups[0]["step"] == 4 and opt.base_optimizer._shared("step") == 4
+    x, y = data[4]
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        opt.step(loss=float("nan"), probe=lambda: 0.0)
+    assert (opt.param_groups[0]["step"], opt.param_groups[0]["skipped_steps"]) == (4, 1)
+
+
+def test_wrap_loads_the_release_0_1_layout_of_a_wrapped_optimizer_of_this_package() -> None:
+    """Release 0.1: ``state["global"]`` held the wrapper's scalars, ``state["base_global"]`` the wrapped optimizer's."""
+    data = regression_batches(8)
+    model = make_mlp(14)
+    opt = QLAB.wrap(PlainSGD(model.parameters(), lr=0.05))
+    train(model, opt, data[:4])
+    saved = copy.deepcopy(opt.state_dict())
+    scalars = ("step", "skipped_steps")
+    legacy = {
+        "state": {
+            **saved["state"],
+            "global": {"step": 4, "skipped_steps": 1},
+            "base_global": {"step": 4, "skipped_steps": 2},
+        },
+        "param_groups": [{k: v for k, v in g.items() if k not in scalars} for g in saved["param_groups"]],
+    }
+    resumed_model = make_mlp(99)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = QLAB.wrap(PlainSGD(resumed_model.parameters(), lr=0.05))
+    resumed.load_state_dict(legacy)
+    assert all(isinstance(key, int) for key in resumed.state_dict()["state"])
+    assert [(g["step"], g["skipped_steps"]) for g in resumed.param_groups] == [(4, 3)] * len(resumed.param_groups)
+    train(model, opt, data[4:])
+    train(resumed_model, resumed, data[4:])
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+    assert resumed.param_groups[0]["step"] == 8

@@ -1,4 +1,4 @@
-"""Step-Tuned SGD against ALGORITHMS.md §5, computed independently in float64 NumPy loops."""
+"""Step-Tuned SGD against docs/algorithms.md §5, computed independently in float64 NumPy loops."""
 
 from __future__ import annotations
 
@@ -11,42 +11,16 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import least_squares_loss_and_grads, make_least_squares, vdot
 from lightning_adaptive_lr import StepTunedSGD
-
-N_IN, N_OUT, BATCH = 5, 3, 8
-
-
-# ----------------------------------------------------------------------------- the problem
-
-
-def make_problem(n_batches: int, seed: int = 0):
-    """A stream of mini-batches of noisy linear least squares, and a starting point."""
-    rng = np.random.default_rng(seed)
-    w_true = rng.normal(size=(N_IN, N_OUT))
-    data = []
-    for _ in range(n_batches):
-        x = rng.normal(size=(BATCH, N_IN))
-        data.append((x, x @ w_true + 0.3 * rng.normal(size=(BATCH, N_OUT))))
-    return data, [rng.normal(size=(N_IN, N_OUT)) * 0.5, rng.normal(size=(N_OUT,)) * 0.5]
-
-
-def grads_at(params, batch):
-    """Gradient of f = mean((xW + c − y)²), by hand."""
-    (w, c), (x, y) = params, batch
-    r = x @ w + c - y
-    scale = 2.0 / r.size
-    return [scale * x.T @ r, scale * r.sum(axis=0)]
-
-
-def vdot(xs, ys) -> float:
-    return float(sum(np.sum(a * b) for a, b in zip(xs, ys)))
+from lightning_adaptive_lr.optim.step_tuned import step_tuned_curvature, step_tuned_gain, step_tuned_step_size
 
 
 # ----------------------------------------------------------------------------- the reference
 
 
 def reference(data, params, groups, *, beta, nu, bounds, delta, same_batch, has_grad=None):
-    """ALGORITHMS.md §5, literally, with its two readings of B'.
+    """docs/algorithms.md §5, literally, with its two readings of B'.
 
     ``groups``: list of (lr, weight_decay, parameter indices).  ``same_batch``: B' = B (one batch
     per iteration), else B' = the next mini-batch (two batches per iteration).  ``has_grad[j][i]``
@@ -69,12 +43,12 @@ def reference(data, params, groups, *, beta, nu, bounds, delta, same_batch, has_
         eta = {i: lr_of[i] * gamma / (k + 1) ** (0.5 + delta) for i in range(n)}
         etas = [lr * gamma / (k + 1) ** (0.5 + delta) for lr, _, _ in groups]
         # first half-step at x_k on B
-        g_a = [g + wd_of[i] * x[i] for i, g in enumerate(grads_at(x, data[ja]))]
+        g_a = [g + wd_of[i] * x[i] for i, g in enumerate(least_squares_loss_and_grads(x, data[ja])[1])]
         x_half = [x[i] - eta[i] * g_a[i] if has_grad[ja][i] else x[i] for i in range(n)]
         if not same_batch:
             records.append((etas, gamma, curvature))
         # second half-step at x_{k+1/2} on B'
-        g_b = [g + wd_of[i] * x_half[i] for i, g in enumerate(grads_at(x_half, data[jb]))]
+        g_b = [g + wd_of[i] * x_half[i] for i, g in enumerate(least_squares_loss_and_grads(x_half, data[jb])[1])]
         x_new = [x_half[i] - eta[i] * g_b[i] if has_grad[jb][i] else x_half[i] for i in range(n)]
         both = [i for i in range(n) if has_grad[ja][i] and has_grad[jb][i]]
         dx = [x_half[i] - x[i] for i in both]
@@ -167,14 +141,14 @@ def torch_options(options):
 def test_matches_reference(same_batch, weight_decay, layout, foreach):
     """≥ 30 iterations on a stream of mini-batches, both readings of B', at 1e-10."""
     iterations = 32
-    data, params = make_problem(iterations if same_batch else 2 * iterations)
+    data, params = make_least_squares(iterations if same_batch else 2 * iterations)
     groups = LAYOUTS[layout](0.3, weight_decay)
     expected, expected_records = reference(data, params, groups, same_batch=same_batch, **OPTIONS)
     got, records, opt = run_torch(data, params, groups, same_batch=same_batch, foreach=foreach, **torch_options(OPTIONS))
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     assert_records_match(records, expected_records)
-    assert opt.state["global"]["iteration"] == iterations
+    assert opt.param_groups[0]["iteration"] == iterations
     # The run must exercise the gain's regimes: clipped above, clipped below and in between.
     gains = [gain for _, gain, _ in expected_records]
     assert min(gains) == 0.5 and any(0.5 < g < 2.0 for g in gains)
@@ -182,7 +156,7 @@ def test_matches_reference(same_batch, weight_decay, layout, foreach):
 
 def test_missing_gradients_follow_the_documented_rule():
     """A parameter without a gradient at one half-step takes the other and stays out of the gain."""
-    data, params = make_problem(40, seed=3)
+    data, params = make_least_squares(40, seed=3)
     has_grad = [[True, True] for _ in data]
     for j in (2, 7, 12, 13, 21, 30):  # first halves, second halves, and a whole iteration
         has_grad[j][1] = False
@@ -223,8 +197,8 @@ def test_exact_gradients_give_the_clipped_barzilai_borwein_gain(same_batch, curv
     seen = []
     for _ in range(30):
         x_k = x.detach().clone().numpy()
-        gamma_k = opt.state["global"]["gain"] if opt.state else 1.0
-        eta = opt.param_groups[0]["lr"] * gamma_k / (opt.state["global"]["iteration"] + 1 if opt.state else 1) ** 0.501
+        gamma_k = opt.param_groups[0]["gamma"]
+        eta = opt.param_groups[0]["lr"] * gamma_k / (opt.param_groups[0]["iteration"] + 1) ** 0.501
         if same_batch:
             def closure():
                 opt.zero_grad()
@@ -276,12 +250,32 @@ def half_step(model, opt, batch, *, poison: str = "") -> None:
 
 
 def snapshot(model, opt):
+    """Parameters, and the optimizer's state: per parameter, and the values its param groups keep."""
     params = [p.detach().clone() for p in model.parameters()]
+    saved = opt.state_dict()
     state = {}
-    for key, value in opt.state_dict()["state"].items():
+    for key, value in saved["state"].items():
         for name, item in value.items():
             state[(key, name)] = item.clone() if isinstance(item, torch.Tensor) else list(item) if isinstance(item, list) else item
+    for i, group in enumerate(saved["param_groups"]):
+        for name, item in group.items():
+            if name != "params":
+                state[("group", i, name)] = item
     return params, state
+
+
+def shared(opt, name):
+    """An optimizer-wide value (every param group holds it, equally)."""
+    values = {group[name] for group in opt.param_groups}
+    assert len(values) == 1, (name, values)
+    return values.pop()
+
+
+def uncount_skip(snap) -> None:
+    """Take one skipped step off a snapshot's counters (every param group counts it)."""
+    for key in snap[1]:
+        if key[0] == "group" and key[2] == "skipped_steps":
+            snap[1][key] -= 1
 
 
 def assert_same(a, b):
@@ -302,7 +296,7 @@ def test_resume_between_the_two_half_steps_is_bit_identical(weight_decay, foreac
     opt = StepTunedSGD(model.parameters(), lr=0.2, weight_decay=weight_decay, foreach=foreach)
     for batch in data[:7]:  # an odd number: the state is saved after a first half-step
         half_step(model, opt, batch)
-    assert opt.state["global"]["phase"] == 1
+    assert shared(opt, "phase") == 1
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     for batch in data[7:]:
@@ -314,11 +308,11 @@ def test_resume_between_the_two_half_steps_is_bit_identical(weight_decay, foreac
     resumed_model.load_state_dict(saved["model"])
     resumed = StepTunedSGD(resumed_model.parameters(), lr=0.2, weight_decay=weight_decay, foreach=foreach)
     resumed.load_state_dict(saved["opt"])
-    assert resumed.state["global"]["phase"] == 1
+    assert shared(resumed, "phase") == 1
     for batch in data[7:]:
         half_step(resumed_model, resumed, batch)
     assert_same(snapshot(model, opt), snapshot(resumed_model, resumed))
-    assert opt.state["global"]["iteration"] == 10
+    assert shared(opt, "iteration") == 10
 
 
 @pytest.mark.parametrize("poison", ["grad", "loss"])
@@ -337,9 +331,9 @@ def test_a_skipped_half_step_changes_nothing(poison, at):
         warnings.simplefilter("always")
         half_step(model, opt, data[at], poison=poison)
     after = snapshot(model, opt)
-    after[1][("global", "skipped_steps")] -= 1
+    uncount_skip(after)
     assert_same(before, after)
-    assert opt.state["global"]["skipped_steps"] == 1
+    assert shared(opt, "skipped_steps") == 1
     for batch in data[at + 1 :]:
         half_step(model, opt, batch)
         half_step(reference_model, reference_opt, batch)
@@ -375,7 +369,7 @@ def test_same_batch_skip_restores_the_first_half_step():
         returned = opt.step(closure_for(data[3], poison_second=True))
     assert isinstance(returned, torch.Tensor) and torch.isfinite(returned)
     after = snapshot(model, opt)
-    after[1][("global", "skipped_steps")] -= 1
+    uncount_skip(after)
     assert_same(before, after)
 
 
@@ -443,7 +437,7 @@ def test_lr_change_between_the_half_steps_applies_from_the_next_iteration():
     assert opt.param_groups[0]["effective_lr"] == eta_0
     backward(batches[2])
     opt.step()
-    gain = opt.state["global"]["gain"]
+    gain = shared(opt, "gamma")
     assert opt.param_groups[0]["effective_lr"] == pytest.approx(1.0 * gain / 2**0.501, rel=1e-12)
 
 
@@ -501,3 +495,162 @@ def test_shared_options_must_agree_across_groups():
         StepTunedSGD([{"params": [a]}, {"params": [b], "beta": 0.5}])
     with pytest.raises(ValueError, match="same_batch"):
         StepTunedSGD([{"params": [a]}, {"params": [b], "same_batch": True}])
+
+
+# ----------------------------------------------------------------------------- the scalar rules, on floats
+
+
+def test_scalar_rules_on_floats():
+    assert step_tuned_step_size(0.3, 2.0, 0, 0.0) == pytest.approx(0.6)
+    assert step_tuned_step_size(0.3, 0.5, 3, 0.001) == pytest.approx(0.15 / 4**0.501, rel=1e-15)
+    # Two groups: Δx = −η·g_a per group, so ‖Δx‖² = Σ η²‖g_a‖² and
+    # ⟨Ĝ, Δx⟩ = Σ η(β⟨D, g_a⟩ + (1−β)(‖g_a‖² − ⟨g_b, g_a⟩))/(1 − β^(k+1)).
+    lrs, avg_dots, sqnorms, cross_dots = [0.1, 0.2], [1.0, -2.0], [3.0, 5.0], [0.5, 1.0]
+    curvature, dx_sqnorm = step_tuned_curvature(lrs, avg_dots, sqnorms, cross_dots, beta=0.9, iteration=1)
+    assert curvature == pytest.approx((0.1 * (0.9 * 1.0 + 0.1 * 2.5) + 0.2 * (0.9 * -2.0 + 0.1 * 4.0)) / (1 - 0.81))
+    assert dx_sqnorm == pytest.approx(0.01 * 3.0 + 0.04 * 5.0)
+    bounds = (0.5, 2.0)
+    assert step_tuned_gain(2.0, 2.5, nu=1.25, bounds=bounds) == 1.25  # Barzilai–Borwein, inside the bounds
+    assert step_tuned_gain(1.0, 9.0, nu=1.25, bounds=bounds) == 2.0  # clipped above
+    assert step_tuned_gain(1.0, 0.1, nu=1.25, bounds=bounds) == 0.5  # clipped below
+    assert step_tuned_gain(0.0, 1.0, nu=1.25, bounds=bounds) == 1.25  # not positive: ν
+    assert step_tuned_gain(-3.0, 1.0, nu=3.0, bounds=bounds) == 2.0  # ν is clipped too
+
+
+# ----------------------------------------------------------------------------- state layout
+
+
+def to_release_0_1(state_dict):
+    """The same state in release 0.1's layout: shared values and the pending half-step in ``state["global"]``."""
+    groups = state_dict["param_groups"]
+    first = groups[0]
+    legacy = {key: first[key] for key in ("step", "skipped_steps", "iteration", "phase")}
+    legacy.update(gain=first["gamma"], curvature=first["curvature"])
+    if first["phase"] == 1:
+        legacy.update(
+            half_step_lrs=[g["half_step_lr"] for g in groups],
+            first_half_members=sorted(k for k, s in state_dict["state"].items() if s["first_grad_pending"]),
+            first_half_avg_dots=[g["first_half_avg_dot"] for g in groups],
+            first_half_sqnorms=[g["first_half_sqnorm"] for g in groups],
+        )
+    moved = {*StepTunedSGD.group_state, "half_step_lr", "first_half_avg_dot", "first_half_sqnorm"}
+    state = {k: {n: v for n, v in s.items() if n != "first_grad_pending"} for k, s in state_dict["state"].items()}
+    return {
+        "state": {**state, "global": legacy},
+        "param_groups": [{k: v for k, v in g.items() if k not in moved} for g in groups],
+    }
+
+
+def two_groups(model: nn.Module) -> StepTunedSGD:
+    params = list(model.parameters())
+    return StepTunedSGD([{"params": params[:2]}, {"params": params[2:], "lr": 0.05}], lr=0.2, weight_decay=1e-2)
+
+
+@pytest.mark.parametrize("saved_after", [7, 8], ids=["between-half-steps", "between-iterations"])
+def test_release_0_1_state_dict_resumes_exactly(saved_after):
+    """A state dict in the old layout (``state["global"]``) loads and continues bit for bit, also mid-iteration.
+
+    Parameter 1 misses its gradient at the 7th call (a first half-step): the pending iteration's
+    members matter.
+    """
+    data = tiny_batches(16)
+    model = tiny_model()
+    opt = two_groups(model)
+
+    def run(m, o, batches, offset):
+        for j, batch in enumerate(batches, start=offset):
+            x, y = batch
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            if j == 6:
+                m[0].bias.grad = None
+            o.step()
+
+    run(model, opt, data[:saved_after], 0)
+    legacy = to_release_0_1(opt.state_dict())
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": legacy}, buffer)
+    run(model, opt, data[saved_after:], saved_after)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model = tiny_model(seed=99)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = two_groups(resumed_model)
+    resumed.load_state_dict(saved["opt"])
+    assert all(isinstance(key, torch.Tensor) for key in resumed.state)
+    assert shared(resumed, "phase") == saved_after % 2
+    run(resumed_model, resumed, data[saved_after:], saved_after)
+    assert_same(snapshot(model, opt), snapshot(resumed_model, resumed))
+
+
+@pytest.mark.parametrize("same_batch", [False, True], ids=["next-batch", "same-batch"])
+def test_state_initialization_creates_the_state_and_moves_nothing(same_batch):
+    """torch.distributed.checkpoint's first step (zero grads, lr = 0, no closure): the full state, no step.
+
+    The keys of ``state[p]`` are then those every later step has (what a distributed checkpoint's
+    template needs), and the run continues as a fresh optimizer's.
+    """
+    data = tiny_batches(5)
+    model, fresh_model = tiny_model(), tiny_model()
+    opt = StepTunedSGD(model.parameters(), lr=0.2, same_batch=same_batch)
+    fresh = StepTunedSGD(fresh_model.parameters(), lr=0.2, same_batch=same_batch)
+    before = snapshot(model, opt)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()
+    opt.param_groups[0]["lr"] = 0.2
+    opt.zero_grad()
+    after = snapshot(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert {k: v for k, v in after[1].items() if k[0] == "group" and k[2] in StepTunedSGD.group_state} == {
+        k: v for k, v in before[1].items() if k[0] == "group" and k[2] in StepTunedSGD.group_state
+    }  # no step counted
+    assert opt.param_groups[0]["effective_lr"] == 0.0 and opt.param_groups[0]["gain"] == 1.0  # recorded: no step
+    keys = {name for key, name in (k for k in after[1] if k[0] != "group")}
+    assert keys == ({"neg_grad_diff_avg"} if same_batch else {"neg_grad_diff_avg", "first_grad", "first_grad_pending"})
+    assert len(opt.state) == len(list(model.parameters()))
+    assert all(not t.any() for k, t in after[1].items() if isinstance(t, torch.Tensor))
+
+    for batch in data:
+        for m, o in ((model, opt), (fresh_model, fresh)):
+            def closure(m=m, o=o):
+                o.zero_grad()
+                loss = nn.functional.mse_loss(m(batch[0]), batch[1])
+                loss.backward()
+                return loss
+            if same_batch:
+                o.step(closure)
+            else:
+                closure()
+                o.step()
+        assert all(set(state) == keys for state in opt.state.values())
+    assert_same(snapshot(model, opt), snapshot(fresh_model, fresh))
+
+
+@pytest.mark.parametrize("saved_after", [3, 4], ids=["between-half-steps", "between-iterations"])
+def test_distributed_checkpoint_resumes_exactly(tmp_path, saved_after):
+    """``torch.distributed.checkpoint``: save, then load into a new optimizer's template (as sharded strategies do)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    data = tiny_batches(10)
+    model = tiny_model()
+    opt = StepTunedSGD(model.parameters(), lr=0.2, weight_decay=1e-2)
+    for batch in data[:saved_after]:
+        half_step(model, opt, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dcp warns that no process group is initialized
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+        resumed_model = tiny_model(seed=99)
+        resumed_model.load_state_dict(model.state_dict())
+        resumed = StepTunedSGD(resumed_model.parameters(), lr=0.2, weight_decay=1e-2)
+        template = {"optim": get_optimizer_state_dict(resumed_model, resumed)}
+        dcp.load(template, checkpoint_id=tmp_path)
+        set_optimizer_state_dict(resumed_model, resumed, template["optim"])
+    assert shared(resumed, "phase") == saved_after % 2
+    for batch in data[saved_after:]:
+        half_step(model, opt, batch)
+        half_step(resumed_model, resumed, batch)
+    assert_same(snapshot(model, opt), snapshot(resumed_model, resumed))

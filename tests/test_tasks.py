@@ -21,14 +21,8 @@ from lightning_adaptive_lr.tasks import (
     build_backbone,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared 2-core machine: one intra-op thread avoids spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Small models on a shared 2-core machine: one intra-op thread avoids spin-waiting.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quiet_trainer(**kwargs) -> pl.Trainer:
