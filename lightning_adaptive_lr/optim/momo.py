@@ -453,12 +453,15 @@ class MoMoAdam(_MoMoBase):
                     state["grad_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             ds, vs = [s["grad_avg"] for s in states], [s["grad_avg_sq"] for s in states]
             adam_moments_(ds, vs, gs, 1 - beta1, 1 - beta2, foreach=group["foreach"])
-            denominators = adam_denominators(vs, root, group["eps"], foreach=group["foreach"])
+            # d/(√v/root + eps) = root·u with u = d/(√v + eps·root): root moves to the scalars, which
+            # saves the pass dividing by it (adam_denominators skips a division by 1).
+            denominators = adam_denominators(vs, 1.0, group["eps"] * root, foreach=group["foreach"])
             moments += ds
-            directions.append(adam_directions(ds, denominators, foreach=group["foreach"]))
+            directions.append(adam_directions(ds, denominators, foreach=group["foreach"], out=denominators))
         us = [u for group_us in directions for u in group_us]
-        taus = self._step_sizes(groups, dot(moments, params, loss.device), dot(moments, us, loss.device), rho)
-        _descend_(groups, directions, taus)
+        d_dot_u = dot(moments, us, loss.device) * root
+        taus = self._step_sizes(groups, dot(moments, params, loss.device), d_dot_u, rho)
+        _descend_(groups, directions, [tau * root for tau in taus])
 
     def _compiled_step(self, loss: Tensor, groups: list[Group]) -> None:
         name, (beta1, beta2), (rho, root) = type(self).__name__, self._shared("betas"), self._this_step()
