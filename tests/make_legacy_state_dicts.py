@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
+from typing import Any
 import sys
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from optimizer_registry import CASES, take_step  # noqa: E402
+from optimizer_registry import CASES, OptimizerCase, take_step  # noqa: E402
 
 import lightning_adaptive_lr as lalr  # noqa: E402
 
@@ -36,40 +38,24 @@ def _snapshot(state_dict: dict) -> dict:
     return copy.deepcopy(state_dict)
 
 
-def main() -> None:
-    out = {}
-    cases = list(CASES)
-    for case in cases:
-        torch.manual_seed(0)
-        model, batch = problem()
-        opt = case.make(model.parameters())
-        for _ in range(6):
-            take_step(case, opt, model, batch)
-        saved = _snapshot(opt.state_dict())
-        params_at_save = [p.detach().clone() for p in model.parameters()]
-        for _ in range(6):
-            take_step(case, opt, model, batch)
-        out[case.id] = {
-            "state_dict": saved,
-            "params_at_save": params_at_save,
-            "params_after": [p.detach().clone() for p in model.parameters()],
-        }
-    # QLAB.wrap on torch's Adam
+def _record(case: OptimizerCase, make: Callable[[Any], torch.optim.Optimizer]) -> dict[str, Any]:
+    """The state dict after 6 steps, with the parameters then and 6 steps later."""
     torch.manual_seed(0)
     model, batch = problem()
-    opt = lalr.QLAB.wrap(torch.optim.Adam(model.parameters(), lr=0.01))
-    case = next(c for c in CASES if c.needs_probe)
+    opt = make(model.parameters())
     for _ in range(6):
         take_step(case, opt, model, batch)
     saved = _snapshot(opt.state_dict())
     params_at_save = [p.detach().clone() for p in model.parameters()]
     for _ in range(6):
         take_step(case, opt, model, batch)
-    out["QLAB.wrap(Adam)"] = {
-        "state_dict": saved,
-        "params_at_save": params_at_save,
-        "params_after": [p.detach().clone() for p in model.parameters()],
-    }
+    return {"state_dict": saved, "params_at_save": params_at_save, "params_after": [p.detach().clone() for p in model.parameters()]}
+
+
+def main() -> None:
+    out = {case.id: _record(case, case.make) for case in CASES}
+    probing = next(c for c in CASES if c.needs_probe)
+    out["QLAB.wrap(Adam)"] = _record(probing, lambda params: lalr.QLAB.wrap(torch.optim.Adam(params, lr=0.01)))
     torch.save(out, os.path.join(os.path.dirname(__file__), "data", "legacy_state_dicts.pt"))
     print("wrote", len(out), "cases")
 

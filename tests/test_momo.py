@@ -301,15 +301,20 @@ def test_set_lower_bound_is_used_by_the_next_step(cls):
         group["lb"] = group["current_lb"] = 0.25
     twin.load_state_dict(state)
     opt.set_lower_bound(0.25)
+    _step_both_on_one_batch((model, opt), (twin_model, twin))
+    assert opt.param_groups[0]["lower_bound"] == 0.25
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def _step_both_on_one_batch(*pairs: tuple[nn.Module, torch.optim.Optimizer]) -> None:
+    """One step of each (model, optimizer) on the same random batch (drawn once)."""
     x = torch.randn(6, 3, dtype=torch.float64)
-    for m, o in ((model, opt), (twin_model, twin)):
+    for m, o in pairs:
         o.zero_grad()
         loss = (m(x) - 1.0).pow(2).mean()
         loss.backward()
         o.step(loss=loss)
-    assert opt.param_groups[0]["lower_bound"] == 0.25
-    for p, q in zip(model.parameters(), twin_model.parameters()):
-        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("cls", [MoMo, MoMoAdam])
@@ -345,12 +350,7 @@ def test_distributed_checkpoint_state_dict_round_trip(cls):
     twin = cls(twin_model.parameters(), estimate_lb=True, lb=0.0)
     set_optimizer_state_dict(twin_model, twin, copy.deepcopy(saved))
     assert twin.param_groups[0]["step"] == 3
-    x = torch.randn(6, 3, dtype=torch.float64)
-    for m, o in ((model, opt), (twin_model, twin)):
-        o.zero_grad()
-        loss = (m(x) - 1.0).pow(2).mean()
-        loss.backward()
-        o.step(loss=loss)
+    _step_both_on_one_batch((model, opt), (twin_model, twin))
     for p, q in zip(model.parameters(), twin_model.parameters()):
         assert torch.equal(p, q)
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._tensorlists import group_by_device_and_dtype
+from ._tensorlists import exponential_average_, group_by_device_and_dtype
 
 __all__ = [
     "adam_denominators",
@@ -98,38 +98,26 @@ def momentum_(
     value); ``"zero"``, zeros updated like the others (an average started at 0, to be
     bias-corrected).  With ``dampening = μ`` the update is one ``lerp``.
     """
-    fresh, old, old_grads = [], [], []
+    updated, their_grads = [], []  # buffers that take this step's update (all but fresh copies)
     for state, g in zip(states, grads):
-        if key in state:
-            old.append(state[key])
-            old_grads.append(g)
-        elif first == "copy":
+        if key not in state and first == "copy":
             state[key] = g.detach().clone(memory_format=torch.preserve_format)
-        else:
+            continue
+        if key not in state:
             state[key] = torch.zeros_like(g, memory_format=torch.preserve_format)
-            fresh.append(state[key])
-            old.append(state[key])
-            old_grads.append(g)
-    if old:
-        for bs, gs in group_by_device_and_dtype(old, old_grads):
-            if dampening == momentum:
-                _lerp_(bs, gs, 1.0 - momentum, foreach=foreach)
-            elif foreach:
+        updated.append(state[key])
+        their_grads.append(g)
+    if dampening == momentum:
+        exponential_average_(updated, their_grads, 1.0 - momentum, foreach=foreach)
+    else:
+        for bs, gs in group_by_device_and_dtype(updated, their_grads):
+            if foreach:
                 torch._foreach_mul_(bs, momentum)
                 torch._foreach_add_(bs, gs, alpha=1.0 - dampening)
             else:
                 for b, g in zip(bs, gs):
                     b.mul_(momentum).add_(g, alpha=1.0 - dampening)
     return [state[key] for state in states]
-
-
-def _lerp_(avgs: list[Tensor], values: list[Tensor], weight: PerTensor, *, foreach: bool) -> None:
-    weights = _each(weight, len(avgs))
-    if foreach:
-        torch._foreach_lerp_(avgs, values, _one_or_all(weights))  # type: ignore[arg-type]
-    else:
-        for a, v, w in zip(avgs, values, weights):
-            a.lerp_(v, w)
 
 
 def nesterov(
