@@ -89,6 +89,9 @@ def worker(rank: int, port: int, epochs: int, max_steps: int | None, average: bo
             difference = max((g - gathered[0]).abs().max().item() for g in gathered)
             results.put({"test_acc": accuracy, "max_difference": difference, "steps": steps})
     finally:
+        # Both ranks reach this point before either tears down: gloo aborts a rank (SIGABRT,
+        # "terminate called without an active exception") whose peer closed the connection first.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -44,6 +44,9 @@ def worker(rank: int, out: str, average: bool, init_file: str) -> None:
                 opt.step(**kwargs)
             torch.save([p.detach() for p in model.parameters()], os.path.join(out, f"{case.id}-{rank}.pt"))
     finally:
+        # Both ranks reach this point before either tears down: gloo aborts a rank (SIGABRT,
+        # "terminate called without an active exception") whose peer closed the connection first.
+        dist.barrier()
         dist.destroy_process_group()
 
 
