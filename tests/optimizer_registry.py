@@ -32,11 +32,18 @@ class OptimizerCase:
         groups_interact: why splitting the parameters into groups with equal settings changes the
             trajectory, when it does by design (empty: it must not).
         float16: whether float16 parameters are supported; when not, the optimizer must refuse
-            them with an error that names float16 (tests/test_dtypes.py).  The Adam-based methods
-            do not support them: ``eps=1e-8`` is 0 in float16, so an element whose gradient is 0
-            divides 0 by 0 (release 0.1 wrote NaN into such parameters without a word).
+            them with an error that names float16 (tests/test_dtypes.py).  Release 0.1 wrote NaN
+            into float16 parameters with every Adam-based method (``eps=1e-8`` is 0 in float16: an
+            element whose gradient is 0 divided 0 by 0); Adam's intermediates of 16-bit tensors are
+            now computed in float32 (optim/_directions.py), and MoMo-Adam and HierarchicalHD(adam)
+            train in float16.  QLAB(adam/adamw) still diverges in longer float16 runs at the
+            default ``eps`` (its second moment underflows in float16 state), so it refuses it.
         float32_state: per-parameter state kept in at least float32 for 16-bit parameters (as
             documented by the method); every other state tensor has the parameter's dtype.
+        momentum: where the method reads its momentum coefficient in a param group: a key, or a
+            key and an index (``("betas", 0)``); empty when the method has none.  LR schedulers
+            that cycle momentum (``OneCycleLR``, ``CyclicLR``) and Lightning's
+            ``LearningRateMonitor(log_momentum=True)`` must act on that very value.
     """
 
     id: str
@@ -49,6 +56,7 @@ class OptimizerCase:
     groups_interact: str = ""
     float16: bool = True
     float32_state: tuple[str, ...] = ()
+    momentum: tuple[str | int, ...] = ()
 
     def make(self, params: Any, **overrides: Any) -> torch.optim.Optimizer:
         return self.cls(params, **{**self.kwargs, **overrides})
@@ -86,16 +94,22 @@ _HD_RATES = ("hd_rate_unit", "hd_rate_param")
 
 CASES: list[OptimizerCase] = [
     # --- MoMo / MoMo-Adam (docs/algorithms.md §1)
-    OptimizerCase("MoMo", lalr.MoMo, {"lr": 1.0}, _MOMO_INVALID, recorded=("tau", "lower_bound")),
+    OptimizerCase("MoMo", lalr.MoMo, {"lr": 1.0}, _MOMO_INVALID, recorded=("tau", "lower_bound"), momentum=("beta",)),
     OptimizerCase(
         "MoMo-bc-lb-wd",
         lalr.MoMo,
         {"lr": 0.5, "bias_correction": True, "estimate_lb": True, "weight_decay": 1e-2},
         recorded=("tau", "lower_bound"),
         groups_interact="the lower-bound estimate is updated once per group, in group order (docs/algorithms.md §1)",
+        momentum=("beta",),
     ),
     OptimizerCase(
-        "MoMoAdam", lalr.MoMoAdam, {"lr": 1e-2}, _MOMO_ADAM_INVALID, recorded=("tau", "lower_bound"), float16=False
+        "MoMoAdam",
+        lalr.MoMoAdam,
+        {"lr": 1e-2},
+        _MOMO_ADAM_INVALID,
+        recorded=("tau", "lower_bound"),
+        momentum=("betas", 0),
     ),
     OptimizerCase(
         "MoMoAdam-decoupled-lb",
@@ -103,7 +117,7 @@ CASES: list[OptimizerCase] = [
         {"lr": 1e-2, "weight_decay": 1e-2, "decoupled_weight_decay": True, "estimate_lb": True},
         recorded=("tau", "lower_bound"),
         groups_interact="the lower-bound estimate is updated once per group, in group order (docs/algorithms.md §1)",
-        float16=False,
+        momentum=("betas", 0),
     ),
     # --- QLAB (§2): entries go here
     *(
@@ -113,7 +127,7 @@ CASES: list[OptimizerCase] = [
             {"base": base, "lr": 0.1, **({"weight_decay": 1e-2} if base in ("sgdm", "adamw") else {})},
             (
                 {"base": "rmsprop"},
-                {"lr": 0.0},
+                {"lr": -0.1},
                 {"momentum": 1.0},
                 {"betas": (0.9, 1.0)},
                 {"betas": (0.9,)},
@@ -128,7 +142,9 @@ CASES: list[OptimizerCase] = [
             needs_probe=True,
             recorded=("fitted_lr", "trial_loss", "directional_derivative", "curvature"),
             adapts_lr=True,
-            float16=base not in ("adam", "adamw"),
+            float16=True,
+            float32_state=("exp_avg_sq",) if base in ("adam", "adamw") else (),
+            momentum={"sgd": (), "sgdm": ("momentum",)}.get(base, ("betas", 0)),
         )
         for base in ("sgd", "sgdm", "adam", "adamw")
     ),
@@ -164,6 +180,7 @@ CASES: list[OptimizerCase] = [
         lalr.HierarchicalHD,
         {"base": "sgdn", "lr": 0.05, "hyper_lr": 1e-2, "levels": ("global",), "weight_decay": 1e-3},
         recorded=("hd_rate_global", "hd_weight_global"),
+        momentum=("momentum",),
     ),
     OptimizerCase(
         "HierarchicalHD-adam-all-levels-learned",
@@ -183,8 +200,8 @@ CASES: list[OptimizerCase] = [
         )
         + ("hd_rate_global",)
         + tuple(f"hd_weight_{level}" for level in ("global", "layer", "unit", "param")),
-        float16=False,
-        float32_state=_HD_RATES,
+        float32_state=_HD_RATES + ("exp_avg_sq",),
+        momentum=("betas", 0),
     ),
     OptimizerCase(
         "HierarchicalHD-sgd-unit-param",
@@ -210,15 +227,21 @@ CASES: list[OptimizerCase] = [
             {"lr_decay": "cosine"},
         ),
         recorded=("grad_scale",),
+        momentum=("betas", 0),
     ),
     OptimizerCase(
         "AdaL-tensor_l1-denominator-wd",
         lalr.AdaL,
         {"lr": 1e-2, "transform": "tensor_l1", "eps_mode": "denominator", "weight_decay": 1e-2},
         recorded=("grad_scale",),
+        momentum=("betas", 0),
     ),
     OptimizerCase(
-        "AdaL-none-inv_sqrt", lalr.AdaL, {"lr": 3e-2, "transform": "none", "lr_decay": "inv_sqrt"}, recorded=("grad_scale",)
+        "AdaL-none-inv_sqrt",
+        lalr.AdaL,
+        {"lr": 3e-2, "transform": "none", "lr_decay": "inv_sqrt"},
+        recorded=("grad_scale",),
+        momentum=("betas", 0),
     ),
     # --- StepTunedSGD (§5): entries go here
     # Default mode: each `opt.step(loss=loss)` of the harness is one half-step (odd: first, even:
@@ -241,12 +264,14 @@ CASES: list[OptimizerCase] = [
             {"same_batch": "yes"},
         ),
         recorded=("gain", "curvature"),
+        momentum=("beta",),
     ),
     OptimizerCase(
         "StepTunedSGD-wd-beta0",
         lalr.StepTunedSGD,
         {"lr": 0.2, "weight_decay": 1e-2, "beta": 0.0, "gain_bounds": (0.25, 4.0), "nu": 1.5},
         recorded=("gain", "curvature"),
+        momentum=("beta",),
     ),
 ]
 

@@ -336,7 +336,7 @@ def test_non_finite_gradient_skips_the_step():
     assert torch.equal(p, before[0])
     assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
     shared = {key: opt.param_groups[0][key] for key in AdaL.group_state}
-    assert opt.state[p]["step"] == 1 and shared == {"step": 1, "skipped_steps": 1}
+    assert opt.state[p]["step"] == 1 and shared == {"step": 1, "skipped_steps": 1, "consecutive_skips": 1}
 
 
 def test_transform_must_be_shared_by_groups():

@@ -268,8 +268,9 @@ def test_non_finite_step_is_skipped(case: OptimizerCase, where: str) -> None:
 
     assert_same_params(params_before, params_of(model))
     after = flat_state(opt)
-    for i in range(len(opt.param_groups)):
-        after[("group", i, "skipped_steps")] = after[("group", i, "skipped_steps")] - 1
+    for i in range(len(opt.param_groups)):  # the skip counters count it; nothing else changes
+        for counter in ("skipped_steps", "consecutive_skips"):
+            after[("group", i, counter)] = after[("group", i, counter)] - 1
     assert_same_state(state_before, after)
     assert skipped_steps(opt) == skipped_before + 1
     run(case, model, opt, data[5:])  # and training goes on
@@ -412,3 +413,126 @@ def test_sparse_gradients_are_refused(case: OptimizerCase) -> None:
         kwargs["probe"] = lambda: embedding(torch.tensor([1, 2])).pow(2).sum()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# LR schedulers and Lightning's LearningRateMonitor (issue 13): every optimizer works with torch's
+# schedulers at their defaults (OneCycleLR and CyclicLR cycling the momentum), follows the lr and
+# the momentum they set, and shows that momentum to Lightning's LearningRateMonitor.
+
+#: A rate the optimizer may take relative to the scheduled ``lr`` (``effective_lr / lr``) before it
+#: counts as blown up: MoMo's bias-corrected cap ``lr/ρ`` is 10·lr at the first step, Step-Tuned's
+#: second half-step uses the rate of the first (×10 across a StepLR decay); the failure seen was 1e20.
+MAX_RATE_MULTIPLE = 100.0
+
+SCHEDULERS = {
+    "StepLR": lambda opt, lr: torch.optim.lr_scheduler.StepLR(opt, step_size=5),
+    "CosineAnnealingLR": lambda opt, lr: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS - 1),
+    "OneCycleLR": lambda opt, lr: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=STEPS),
+    "CyclicLR": lambda opt, lr: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=lr / 10, max_lr=lr, step_size_up=5),
+}
+#: The schedulers that cycle the momentum (their default ``cycle_momentum=True``).
+CYCLE_MOMENTUM = ("OneCycleLR", "CyclicLR")
+
+
+def momentum_used(case: OptimizerCase, group: dict) -> float:
+    """The momentum coefficient the method reads (``case.momentum``: a key, or a key and an index)."""
+    value = group[case.momentum[0]]
+    return value[case.momentum[1]] if len(case.momentum) > 1 else value
+
+
+def momentum_scheduled(opt: torch.optim.Optimizer, group: dict) -> float:
+    """What torch's momentum-cycling schedulers and Lightning's monitor read and write: ``betas[0]``
+    when the optimizer's defaults have ``betas``, else ``momentum``."""
+    return group["betas"][0] if "betas" in opt.defaults else group["momentum"]
+
+
+def full_loss(model: nn.Module, data) -> float:
+    with torch.no_grad():
+        return sum(nn.functional.mse_loss(model(x), y).item() for x, y in data) / len(data)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_lr_schedulers_at_their_defaults(case: OptimizerCase, scheduler: str) -> None:
+    """Each scheduler runs (momentum cycling included), the run does not blow up (finite
+    parameters, no skipped step, the loss decreases, the step size stays within
+    ``MAX_RATE_MULTIPLE`` of the scheduled lr), the optimizer keeps the lr the scheduler set
+    (QLAB sets it itself: its next trial rate) and uses the momentum it set.
+
+    The step size is compared with the larger of this step's and the previous step's scheduled lr:
+    a Step-Tuned SGD iteration spans two steps and keeps the rate of its first half.
+    """
+    model = make_model()
+    opt = case.make(model.parameters())
+    lr = opt.defaults["lr"]
+    sched = SCHEDULERS[scheduler](opt, lr)
+    data = batches(STEPS)
+    before = full_loss(model, data)
+    previous = [group["lr"] for group in opt.param_groups]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a skipped step fails the test
+        for batch in data:
+            scheduled = [group["lr"] for group in opt.param_groups]
+            cycled = case.momentum and scheduler in CYCLE_MOMENTUM
+            momenta = [momentum_scheduled(opt, group) for group in opt.param_groups] if cycled else []
+            take_step(case, opt, model, batch)
+            for group, rate, last in zip(opt.param_groups, scheduled, previous):
+                if not case.adapts_lr:
+                    assert group["lr"] == rate
+                    bound = MAX_RATE_MULTIPLE * max(rate, last)
+                    assert float(group["effective_lr"]) <= bound, (rate, last, group["effective_lr"])
+            for group, momentum in zip(opt.param_groups, momenta):
+                assert momentum_used(case, group) == pytest.approx(momentum), "the method ignores the scheduled momentum"
+            previous = scheduled
+            sched.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert skipped_steps(opt) == 0
+    assert full_loss(model, data) < before
+
+
+def test_reduce_lr_on_plateau(case: OptimizerCase) -> None:
+    """A metric that stops improving cuts the lr by ``factor`` after ``patience`` steps; the
+    optimizer goes on from there (with the reduced lr, or, for QLAB, the reduced trial rate)."""
+    model = make_model()
+    opt = case.make(model.parameters())
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    data = batches(STEPS)
+    before = full_loss(model, data)
+    lrs = []
+    for batch in data:
+        take_step(case, opt, model, batch)
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step(1.0)  # a plateau
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert skipped_steps(opt) == 0
+    assert full_loss(model, data) < before
+    if not case.adapts_lr:
+        initial = opt.defaults["lr"]
+        assert lrs[:12] == [initial] * 12 and lrs[-1] == pytest.approx(0.1 * initial)
+
+
+def test_lightning_learning_rate_monitor_logs_the_momentum(case: OptimizerCase) -> None:
+    """``LearningRateMonitor(log_momentum=True)`` reads ``betas[0]`` when the optimizer's defaults
+    have ``betas``, else ``momentum`` (0 and a warning when neither).  A momentum set under that key
+    (as a scheduler sets it) is the one the method uses and the one the monitor logs.  The
+    monitor's extraction is run on the optimizer directly."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    model = make_model()
+    opt = case.make(model.parameters())
+    assert "momentum" in opt.defaults or "betas" in opt.defaults, "the monitor would warn and log momentum 0"
+    for group in opt.param_groups:  # what a momentum-cycling scheduler writes
+        if "betas" in opt.defaults:
+            group["betas"] = (0.77, group["betas"][1])
+        else:
+            group["momentum"] = 0.77
+    take_step(case, opt, model, batches(1)[0])
+    monitor = LearningRateMonitor(log_momentum=True)
+    names = [f"lr-{type(opt).__name__}/pg{i}" for i in range(len(opt.param_groups))]
+    monitor.lrs = {name: [] for name in names}
+    stats = monitor._get_optimizer_stats(opt, names)
+    for name, group in zip(names, opt.param_groups):
+        assert stats[name] == group["lr"]
+        if case.momentum:
+            assert momentum_used(case, group) == pytest.approx(0.77), "the method ignores the momentum set"
+            assert stats[f"{name}-momentum"] == pytest.approx(0.77)

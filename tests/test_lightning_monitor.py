@@ -149,6 +149,7 @@ def test_collect_names_and_value_kinds() -> None:
         "adaptive_lr/MoMo/group0/lr": 1.0,
         "adaptive_lr/MoMo/group1/lr": 1.0,
         "adaptive_lr/MoMo/group1/effective_lr": 3.0,
+        "adaptive_lr/MoMo/skipped_steps": 0.0,
     }
 
 

@@ -274,7 +274,7 @@ def shared(opt, name):
 def uncount_skip(snap) -> None:
     """Take one skipped step off a snapshot's counters (every param group counts it)."""
     for key in snap[1]:
-        if key[0] == "group" and key[2] == "skipped_steps":
+        if key[0] == "group" and key[2] in ("skipped_steps", "consecutive_skips"):
             snap[1][key] -= 1
 
 

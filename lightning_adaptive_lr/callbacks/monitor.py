@@ -27,6 +27,9 @@ __all__ = ["AdaptiveLRMonitor"]
 
 #: Param-group keys never logged: the parameters themselves and LR-scheduler bookkeeping.
 _NEVER = frozenset({"params", "initial_lr", "param_names"})
+#: Optimizer-wide counters, equal in every param group of this package's optimizers: logged once
+#: per optimizer (per group only where the groups differ), although they live among the defaults.
+_OPTIMIZER_WIDE = ("skipped_steps",)
 #: Largest tensor logged element by element (per-layer rates of a small model, level weights).
 _MAX_ELEMENTS = 16
 
@@ -80,7 +83,10 @@ class AdaptiveLRMonitor(Callback):
       in the param group (keys that are not constructor hyperparameters), plus ``lr`` (which some
       methods change: QLAB's fitted rate becomes the next step's ``lr``).
       Values may be Python floats, 0-d tensors, small tensors, sequences or mappings of those
-      (``rates/0``, ``weights/layer`` ...).
+      (``rates/0``, ``weights/layer`` ...);
+    * ``adaptive_lr/<Optimizer>/skipped_steps``: the steps skipped so far because of a non-finite
+      loss, gradient or outcome (once per optimizer: every group holds the same count; per group,
+      ``.../group<i>/skipped_steps``, if they ever differ).
 
     ``<Optimizer>`` is the class name (``QLAB-SGD`` for ``QLAB.wrap(SGD(...))``), suffixed by the
     optimizer's index when a module has several optimizers of one class.  Tensors are read in one
@@ -140,12 +146,20 @@ class AdaptiveLRMonitor(Callback):
         pairs: list[tuple[str, float | Tensor]] = []
         for name, optimizer in zip(self.optimizer_names(optimizers), optimizers):
             hyperparameters = set(getattr(optimizer, "defaults", {})) - set(self.include)
-            for g, group in enumerate(optimizer.param_groups):
+            groups = optimizer.param_groups
+            per_group: set[str] = set()
+            for key in _OPTIMIZER_WIDE:
+                values = [group[key] for group in groups if key in group]
+                if values and len(values) == len(groups) and all(v == values[0] for v in values):
+                    pairs.extend(_flatten(f"{self.prefix}/{name}/{key}", values[0]))
+                elif values:
+                    per_group.add(key)
+            for g, group in enumerate(groups):
                 base = f"{self.prefix}/{name}/group{g}"
                 for key, value in group.items():
-                    if key in _NEVER or key in hyperparameters:
-                        continue
-                    pairs.extend(_flatten(f"{base}/{key}", value))
+                    skip = key in _NEVER or key in hyperparameters or key in _OPTIMIZER_WIDE
+                    if key in per_group or not skip:
+                        pairs.extend(_flatten(f"{base}/{key}", value))
         return _as_floats(pairs)
 
     # ------------------------------------------------------------------ hooks

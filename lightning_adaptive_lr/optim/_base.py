@@ -8,8 +8,16 @@ What lives here, once, so that each method's module holds only its own update:
   closure, when given, is called exactly once.
 * **The gate.** Each step reads the few scalars that decide whether it may proceed (the loss and
   a gradient reduction) in one device-to-host synchronization, and gets them back by name.  If
-  any is non-finite the step is skipped: parameters and state are left untouched, a warning is
-  issued, and ``param_groups[i]["skipped_steps"]`` counts it.
+  any is non-finite the step is skipped: parameters and state are left untouched and
+  ``param_groups[i]["skipped_steps"]`` counts it.  Skipping is never quiet: a warning at the 1st,
+  10th, 100th, ... skip says how many and why (the loss, a gradient, or the step's outcome), and
+  after ``max_consecutive_skips`` skips in a row (default
+  :data:`DEFAULT_MAX_CONSECUTIVE_SKIPS`) ``step()`` raises a ``RuntimeError`` with a diagnosis.
+* **Inputs.** Hyperparameters may be numbers of any numeric type (Python, numpy, 0-d tensors: stored
+  as floats; bools refused); a loss that is not a real number or a one-element real tensor is
+  refused naming ``loss``.  Complex parameters are optimized as their real pairs
+  (``torch.view_as_real``), as ``torch.optim`` does: :meth:`AdaptiveOptimizer._params_and_grads`
+  hands out real views, and the state is that of the real pairs, keyed by the parameters.
 * **Data parallelism.** Under an initialized ``torch.distributed`` process group the loss is
   averaged across ranks (one collective per step) so that replicas take identical steps in a
   plain PyTorch DDP loop too; ``average_across_ranks=False`` turns this off.
@@ -18,7 +26,9 @@ What lives here, once, so that each method's module holds only its own update:
   equal, in every param group, so that ``optimizer.state`` is keyed by parameters only: what
   ``torch.distributed.checkpoint`` (Lightning's sharded checkpoints) requires.
   ``state_dict()``/``load_state_dict()`` resume bit for bit; state dicts of release 0.1, which kept
-  those scalars in ``state["global"]``, are converted when loaded.
+  those scalars in ``state["global"]``, are converted when loaded.  Every group records the class
+  that saved it (``param_groups[i]["optimizer"]``): a state dict of another optimizer is refused at
+  load time, naming both (for older state dicts, without that entry, by their options).
 * **The contract with training loops** (:class:`~lightning_adaptive_lr.optim.AdaptiveLROptimizer`):
   ``requires_loss``, ``requires_probe``, ``calls_closure_twice``, ``set_loss``, ``set_probe``.
 * **Recording.** After each step the step size used is written to
@@ -28,9 +38,13 @@ What lives here, once, so that each method's module holds only its own update:
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import math
+import numbers
 import warnings
-from collections.abc import Callable, Iterable
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -43,16 +57,18 @@ from ._reduce import accumulation_dtype
 from ._scalars import Scalar
 
 __all__ = [
-    "LEGACY_GLOBAL",
-    "AdaptiveOptimizer",
-    "LossClosure",
-    "Probe",
     "BETAS",
+    "CLASS_KEY",
+    "DEFAULT_MAX_CONSECUTIVE_SKIPS",
     "FINITE",
     "FLAG",
     "FRACTION",
+    "LEGACY_GLOBAL",
     "NONNEGATIVE",
     "POSITIVE",
+    "AdaptiveOptimizer",
+    "LossClosure",
+    "Probe",
     "Rule",
     "check_betas",
     "check_choice",
@@ -61,6 +77,7 @@ __all__ = [
     "checked",
     "number",
     "one_of",
+    "real_number",
 ]
 
 LossClosure = Callable[[], Any]
@@ -69,34 +86,103 @@ LossClosure = Callable[[], Any]
 #: to the param groups by :meth:`AdaptiveOptimizer.load_state_dict`).
 LEGACY_GLOBAL = "global"
 
+#: Param-group entry that names the optimizer that saved the state (``"MoMo"``, ``"QLAB.wrap(SGD)"``):
+#: :meth:`AdaptiveOptimizer.load_state_dict` refuses a state dict of another class.
+CLASS_KEY = "optimizer"
+
+#: Default of ``max_consecutive_skips``: a run whose last 100 steps were all skipped does not
+#: recover by itself (its parameters or its data produce non-finite values every time), while the
+#: skips of a run that recovers come alone or in short bursts (a bad batch, a loss spike).  100
+#: steps are a negligible part of any run worth stopping, and a few seconds of a typical one.
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 100
+
+#: Options of the base added after release 0.1 (the subclasses' options added since are found by
+#: their constructors' signatures): a state dict saved without them takes this optimizer's values.
+_LATE_OPTIONS = ("max_consecutive_skips",)
+
+#: What a skipped step's cause means, and what to do about it (the warnings and the error say it).
+_CAUSES = {
+    "loss": (
+        "loss",
+        (
+            "The loss itself is NaN or infinite: check the data and the loss function (a log of 0, a "
+            "division by 0, an empty batch, labels out of range) and the model's outputs; if they grew "
+            "without bound, lower `lr` or clip gradients; in 16-bit precision, use bf16 or float32 where "
+            "the loss overflows."
+        ),
+    ),
+    "gradient": (
+        "gradient",
+        (
+            "A gradient (or a reduction over gradients and parameters) is NaN or infinite while the loss "
+            "is finite: the backward pass overflowed, or the parameters already hold NaN/inf. Lower `lr`, "
+            "clip gradients (Trainer(gradient_clip_val=...) or torch.nn.utils.clip_grad_norm_), and check "
+            "the precision (float16 overflows above 65504: use bf16-mixed, or 16-mixed with its loss scaler)."
+        ),
+    ),
+    "outcome": (
+        "step outcome",
+        (
+            "The loss and the gradients are finite but the step would have written NaN or infinite values "
+            "(a step size or gradient too large for the parameters' dtype). Lower `lr`, clip gradients, "
+            "and check the precision (keep 16-bit parameters' optimizer in float32: 16-mixed)."
+        ),
+    ),
+}
+
 _LOSS_FIXES = (
     "pass it as `optimizer.step(loss=loss)` (or return it from the closure), or, in Lightning, "
     "add `lightning_adaptive_lr.AdaptiveLRCallback()` to the Trainer's callbacks"
 )
 
 
+def real_number(value: Any) -> float | None:
+    """``value`` as a float if it is a real number of any numeric type, else ``None``.
+
+    Python ints and floats, numpy scalars and 0-d arrays, one-element tensors (what ``torch.optim``
+    accepts for ``lr``) qualify; bools (Python, numpy, tensor) and complex numbers do not.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value.detach().reshape(()).item())
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    shape, kind = getattr(value, "shape", None), getattr(getattr(value, "dtype", None), "kind", None)
+    if shape == () and kind in ("i", "u", "f"):  # a numpy 0-d array
+        return float(value)
+    return None
+
+
 def check_range(
     owner: str,
     name: str,
-    value: float,
+    value: Any,
     low: float | None = None,
     high: float | None = None,
     *,
     low_open: bool = False,
     high_open: bool = False,
-) -> None:
-    """Raise ``ValueError`` naming the argument and the range when ``value`` lies outside it."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+) -> float:
+    """``value`` as a float; ``ValueError`` naming the argument and the range when it lies outside it.
+
+    Any numeric type is accepted (see :func:`real_number`); bools are not.
+    """
+    number_ = real_number(value)
+    ok = number_ is not None and math.isfinite(number_)
     if ok and low is not None:
-        ok = value > low if low_open else value >= low
+        ok = number_ > low if low_open else number_ >= low
     if ok and high is not None:
-        ok = value < high if high_open else value <= high
+        ok = number_ < high if high_open else number_ <= high
     if not ok:
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
         raise ValueError(f"{owner}: `{name}` must be a finite number in {left}{lo}, {hi}{right}, got {value!r}")
+    return number_  # type: ignore[return-value]
 
 
 def check_flag(owner: str, name: str, value: Any) -> None:
@@ -128,8 +214,7 @@ def number(low: float | None = None, high: float | None = None, *, low_open: boo
     """A :data:`Rule` for a finite number in a range (see :func:`check_range`)."""
 
     def rule(owner: str, name: str, value: Any) -> Any:
-        check_range(owner, name, value, low, high, low_open=low_open, high_open=high_open)
-        return value
+        return check_range(owner, name, value, low, high, low_open=low_open, high_open=high_open)
 
     return rule
 
@@ -151,7 +236,7 @@ def _flag(owner: str, name: str, value: Any) -> bool:
 
 def _betas(owner: str, name: str, value: Any) -> tuple[float, float]:
     check_betas(owner, value)
-    return (value[0], value[1])
+    return (float(real_number(value[0])), float(real_number(value[1])))  # type: ignore[arg-type]
 
 
 NONNEGATIVE, POSITIVE, FINITE = number(0.0), number(0.0, low_open=True), number()
@@ -170,6 +255,59 @@ def checked(owner: str, values: dict[str, Any], **rules: Rule) -> dict[str, Any]
     return {name: rule(owner, name, values[name]) for name, rule in rules.items()}
 
 
+#: Attribute of a complex parameter's real view (:meth:`AdaptiveOptimizer._params_and_grads`)
+#: that holds the parameter, so that ``optimizer.state`` can be indexed by the view.
+_VIEW_OF = "_adaptive_lr_view_of"
+
+
+def _param_key(key: Any) -> Any:
+    return getattr(key, _VIEW_OF, key) if isinstance(key, Tensor) else key
+
+
+class _ParamState(defaultdict):
+    """``optimizer.state`` of an optimizer with complex parameters: indexed by a parameter or by
+    the real view :meth:`AdaptiveOptimizer._params_and_grads` handed out for it (both reach the
+    entry of the parameter, so the state stays keyed by parameters only).
+
+    Installed only when a complex parameter is present: a plain ``defaultdict`` costs nothing.
+    """
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(_param_key(key))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(_param_key(key), value)
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(_param_key(key))
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(_param_key(key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return super().get(_param_key(key), default)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        return super().setdefault(_param_key(key), default)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        return super().pop(_param_key(key), *default)
+
+
+def _check_skip_limit(owner: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{owner}: `max_consecutive_skips` must be None or a positive integer, got {value!r}")
+    return int(value)
+
+
+def _is_power_of_ten(n: int) -> bool:
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1
+
+
 class AdaptiveOptimizer(Optimizer):
     """Base class: loss and probe intake, the finiteness gate, cross-rank averaging, shared state.
 
@@ -177,6 +315,14 @@ class AdaptiveOptimizer(Optimizer):
     :attr:`shared_options` the hyperparameters that must be equal in every param group (those that
     feed scalars computed over the whole model), and in :attr:`group_state` the optimizer-wide
     state they keep in the param groups, with its initial values.
+
+    Keyword-only arguments of every optimizer (subclasses pass them through):
+
+    * ``foreach``: the multi-tensor (``torch._foreach_*``) path, or tensor by tensor.
+    * ``average_across_ranks``: average the loss across ``torch.distributed`` ranks.
+    * ``max_consecutive_skips``: raise a ``RuntimeError`` with a diagnosis when this many steps in
+      a row were skipped (non-finite loss, gradient or outcome); ``None`` never raises.  Default
+      :data:`DEFAULT_MAX_CONSECUTIVE_SKIPS`.  Kept in the param groups (change it there too).
     """
 
     #: Whether a step needs the loss value (MoMo, QLAB do; gradient-only methods do not).
@@ -187,7 +333,10 @@ class AdaptiveOptimizer(Optimizer):
     shared_options: ClassVar[tuple[str, ...]] = ()
     #: Optimizer-wide state, kept equal in every param group: key → initial value.  Subclasses
     #: extend it (``{**AdaptiveOptimizer.group_state, "loss_avg": 0.0}``).
-    group_state: ClassVar[dict[str, Any]] = {"step": 0, "skipped_steps": 0}
+    group_state: ClassVar[dict[str, Any]] = {"step": 0, "skipped_steps": 0, "consecutive_skips": 0}
+    #: Names of :meth:`_gate` values computed from the step's outcome (not from the loss or the
+    #: gradients alone): a non-finite one is reported as the step's outcome.
+    outcome_scalars: ClassVar[frozenset[str]] = frozenset()
     #: Convert post-gate scalars to Python floats when the parameters live on the CPU, where
     #: reading a tensor costs nothing. Tests switch it off to exercise the on-device path.
     host_scalars_on_cpu: ClassVar[bool] = True
@@ -199,10 +348,15 @@ class AdaptiveOptimizer(Optimizer):
         *,
         foreach: bool = True,
         average_across_ranks: bool = True,
+        max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         check_flag(type(self).__name__, "foreach", foreach)
         check_flag(type(self).__name__, "average_across_ranks", average_across_ranks)
-        defaults = dict(defaults, foreach=foreach, average_across_ranks=average_across_ranks)
+        limit = _check_skip_limit(type(self).__name__, max_consecutive_skips)
+        defaults = dict(
+            defaults, foreach=foreach, average_across_ranks=average_across_ranks, max_consecutive_skips=limit
+        )
+        defaults[CLASS_KEY] = self._name
         self._init_transient()
         super().__init__(params, {**copy.deepcopy(self.group_state), **defaults})
 
@@ -212,7 +366,6 @@ class AdaptiveOptimizer(Optimizer):
         """Attributes that are not state: lost on pickling, rebuilt here."""
         self._pending_loss: tuple[Tensor | float, bool] | None = None
         self._registered_probe: tuple[Probe, bool] | None = None
-        self._warned_nonfinite = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -229,6 +382,8 @@ class AdaptiveOptimizer(Optimizer):
             for key in self.group_state:
                 param_group.setdefault(key, copy.deepcopy(self.param_groups[0][key]))
         super().add_param_group(param_group)
+        if any(p.is_complex() for p in self.param_groups[-1]["params"]):
+            self._index_state_by_real_views()
         first = self.param_groups[0]
         for name in self.shared_options:
             if self.param_groups[-1][name] != first[name]:
@@ -264,24 +419,98 @@ class AdaptiveOptimizer(Optimizer):
     # ------------------------------------------------------------------ state dicts
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this optimizer, also one saved by release 0.1 (``state["global"]``)."""
+        """Load a state dict of this optimizer, also one saved by release 0.1 (``state["global"]``).
+
+        A state dict of another optimizer raises a ``ValueError`` naming both, before anything is
+        loaded (see :meth:`_check_compatible`).
+        """
         super().load_state_dict(self._convert_legacy(state_dict))
+        if any(p.is_complex() for group in self.param_groups for p in group["params"]):
+            self._index_state_by_real_views()  # torch's load_state_dict builds a new state
 
     def _convert_legacy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Release 0.1 kept the optimizer-wide scalars in ``state["global"]``: move them to the groups.
 
         Its groups lack the :attr:`group_state` keys (also when it was saved before any step, with no
-        ``state["global"]``): they start at their initial values.
+        ``state["global"]``): they start at their initial values; constructor options added since it
+        was saved (``max_consecutive_skips``, ...) and the saving class (:data:`CLASS_KEY`) take this
+        optimizer's values.  First checks that the state dict is one of this optimizer
+        (:meth:`_check_compatible`).
         """
+        self._check_compatible(state_dict)
         state = state_dict.get("state", {})
         legacy = state.get(LEGACY_GLOBAL)
         shared = self._legacy_group_state(dict(legacy)) if legacy is not None else {}
-        groups = [{**copy.deepcopy(self.group_state), **group, **copy.deepcopy(shared)} for group in state_dict["param_groups"]]
+        current = self.param_groups[0] if self.param_groups else self.defaults
+        added = (*_LATE_OPTIONS, *self._option_names(), CLASS_KEY)
+        late = {key: copy.deepcopy(current[key]) for key in added if key in current}
+        groups = [
+            {**copy.deepcopy(self.group_state), **late, **group, **copy.deepcopy(shared)}
+            for group in state_dict["param_groups"]
+        ]
         return {**state_dict, "state": {k: v for k, v in state.items() if k != LEGACY_GLOBAL}, "param_groups": groups}
+
+    def _check_compatible(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError``, naming both optimizers, unless ``state_dict`` is one of this optimizer.
+
+        * Its groups name the class that saved it (:data:`CLASS_KEY`): it must be this optimizer's
+          (or a base class of it).
+        * Older state dicts (release 0.1, and before the class was recorded), by the constructor
+          options the saved groups hold: refused when another optimizer (this package's or
+          ``torch.optim``'s) has a larger share of its options there than this one, or when fewer
+          than half of this optimizer's options are there.  Options added since the state dict was
+          saved are not refused (they take this optimizer's values, see :meth:`_convert_legacy`).
+          The message names the missing options and the optimizer the groups fit best.
+        * Options every group must share (:attr:`shared_options`) must be equal in the saved groups.
+        """
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, (list, tuple)) or not all(isinstance(g, dict) for g in groups):
+            raise ValueError(f"{self._name}.load_state_dict: not an optimizer state dict (no list of param groups)")
+        mine = self.param_groups[0].get(CLASS_KEY, self._name) if self.param_groups else self._name
+        accepted = {mine, *(cls.__name__ for cls in type(self).__mro__)}
+        saved = sorted({g[CLASS_KEY] for g in groups if CLASS_KEY in g}, key=str)
+        if saved:
+            foreign = [name for name in saved if name not in accepted]
+            if foreign:
+                raise ValueError(
+                    f"{self._name}.load_state_dict: this state dict was saved by {' and '.join(map(str, foreign))}, "
+                    f"not by {mine}; {mine} cannot continue from it (its options and state differ). Load it into "
+                    f"a {foreign[0]}, or start {mine} from scratch."
+                )
+        else:
+            options = self._option_names()
+            keys = set.intersection(*(set(g) for g in groups)) if groups else set()
+            missing = sorted(options - keys)
+            if missing:
+                share = 1.0 - len(missing) / len(options)
+                best, owners = _best_fitting_optimizers(keys, exclude=type(self).__name__)
+                if best > share or share < 0.5:
+                    looks = f"; it looks like a state dict of {' or '.join(owners)}" if best > share else ""
+                    raise ValueError(
+                        f"{self._name}.load_state_dict: the state dict's param groups lack the options "
+                        f"{', '.join(missing)} of {mine}: it was not saved by {mine}{looks}. Load it into "
+                        "the optimizer that saved it."
+                    )
+        for name in self.shared_options:
+            values = [g[name] for g in groups if name in g]
+            if any(v != values[0] for v in values):
+                raise ValueError(
+                    f"{self._name}.load_state_dict: `{name}` is shared by all param groups of {mine}, but the "
+                    f"state dict's groups hold {values!r}"
+                )
+
+    def _option_names(self) -> set[str]:
+        """The constructor options this optimizer keeps in its groups (every saved group has them)."""
+        return (_constructor_options(type(self)) & set(self.defaults)) - set(self.group_state) - set(_LATE_OPTIONS)
 
     def _legacy_group_state(self, legacy: dict[str, Any]) -> dict[str, Any]:
         """The group-state values for a release-0.1 ``state["global"]`` (subclasses rename keys)."""
         return {**copy.deepcopy(self.group_state), **legacy}
+
+    def _index_state_by_real_views(self) -> None:
+        """Let ``optimizer.state`` be indexed by the real views of complex parameters too."""
+        if not isinstance(self.state, _ParamState):
+            self.state = _ParamState(dict, self.state)
 
     def _device(self) -> torch.device:
         for group in self.param_groups:
@@ -299,8 +528,8 @@ class AdaptiveOptimizer(Optimizer):
                 accumulated micro-batches.
             reduced: ``True`` if it is already averaged across data-parallel ranks.
         """
-        value = loss.detach() if isinstance(loss, Tensor) else float(loss)
-        self._pending_loss = (value, reduced)
+        value = self._checked_loss(loss, "`loss`")
+        self._pending_loss = (value.detach() if isinstance(value, Tensor) else value, reduced)
 
     @property
     def has_pending_loss(self) -> bool:
@@ -323,26 +552,44 @@ class AdaptiveOptimizer(Optimizer):
             raise TypeError(f"{self._name}.set_probe: `probe` must be callable, got {probe!r}")
         self._registered_probe = None if probe is None else (probe, reduced)
 
+    def _checked_loss(self, loss: Any, what: str) -> Tensor | float:
+        """``loss`` if it is a one-element real tensor, else as a float; ``TypeError`` naming ``loss``
+        (and ``what`` it was: the argument, the closure's return value) for anything else."""
+        if isinstance(loss, Tensor):
+            if loss.dtype == torch.bool or loss.is_complex():
+                raise TypeError(
+                    f"{self._name}: {what} must be the real-valued loss (`loss`), got a {loss.dtype} tensor"
+                )
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"{self._name}: {what} must be the scalar loss (`loss`), got a tensor of shape {tuple(loss.shape)}"
+                )
+            return loss
+        value = real_number(loss)
+        if value is None:
+            raise TypeError(
+                f"{self._name}: {what} must be the loss (`loss`) as a real number or a one-element tensor, "
+                f"got {type(loss).__name__} {loss!r}"
+            )
+        return value
+
     def _resolve_loss(self, loss: Tensor | float | None, closure_loss: Any) -> tuple[Tensor | float | None, bool]:
         pending, self._pending_loss = self._pending_loss, None
         if loss is not None:
-            return loss, False
+            return self._checked_loss(loss, "`loss`"), False
         if pending is not None:
             return pending
         if closure_loss is not None:
-            return closure_loss, False
+            return self._checked_loss(closure_loss, "the closure's return value"), False
         return None, False
 
     def _loss_tensor(self, loss: Tensor | float, reduced: bool, device: torch.device) -> Tensor:
         """The loss as a detached 0-d tensor on ``device``, averaged across ranks unless ``reduced``."""
+        loss = self._checked_loss(loss, "`loss`")
         if isinstance(loss, Tensor):
-            if loss.numel() != 1:
-                raise ValueError(
-                    f"{self._name}: the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}"
-                )
             value = loss.detach().reshape(()).to(device=device, dtype=accumulation_dtype(device))
         else:
-            value = torch.tensor(float(loss), device=device, dtype=accumulation_dtype(device))
+            value = torch.tensor(loss, device=device, dtype=accumulation_dtype(device))
         if not reduced:
             value = self._average_across_ranks(value)
         return value
@@ -386,6 +633,8 @@ class AdaptiveOptimizer(Optimizer):
         Returns:
             The closure's return value if a closure was given, else ``loss``.
         """
+        if loss is not None:
+            self._checked_loss(loss, "`loss`")  # before the closure runs
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -397,8 +646,19 @@ class AdaptiveOptimizer(Optimizer):
             value, reduced = 0.0, True
         device = self._device()
         loss_tensor = None if value is None else self._loss_tensor(value, reduced, device)
+        skipped = self._shared("skipped_steps")
         self._update(loss_tensor)
+        self._end_run_of_skips(skipped)
         return closure_loss if closure is not None else loss
+
+    def _end_run_of_skips(self, skipped_before: int) -> None:
+        """After a step: if it was not skipped, the run of consecutive skips is over.
+
+        :meth:`step` calls it; a subclass whose ``step`` does not go through :meth:`step` (Step-Tuned
+        SGD's ``same_batch=True``) calls it with ``skipped_steps`` read before its update.
+        """
+        if self._shared("skipped_steps") == skipped_before and self._shared("consecutive_skips"):
+            self._set_shared(consecutive_skips=0)
 
     def _update(self, loss: Tensor | None) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -406,19 +666,40 @@ class AdaptiveOptimizer(Optimizer):
     # ------------------------------------------------------------------ helpers for subclasses
 
     def _params_and_grads(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        """The group's parameters that have a gradient, and their gradients."""
+        """The group's parameters that have a gradient, and their gradients.
+
+        A complex parameter comes as its real view (``torch.view_as_real``: a real tensor with a last
+        dimension of 2), and its gradient likewise, as ``torch.optim`` handles complex parameters: the
+        method then works on the real pairs, and ``self.state[view]`` is the parameter's state (state
+        created from the view is the real pairs' state).
+        """
         params, grads = [], []
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(
                     f"{self._name} does not support sparse gradients; use dense gradients "
                     "(e.g. `nn.Embedding(..., sparse=False)`)."
                 )
+            if p.is_complex():
+                p, grad = self._real_view(p), torch.view_as_real(grad.resolve_conj())
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
         return params, grads
+
+    def _real_view(self, p: Tensor) -> Tensor:
+        """The real view of the complex parameter ``p``, by which ``self.state`` reaches ``p``'s state."""
+        view = torch.view_as_real(p)
+        setattr(view, _VIEW_OF, p)
+        return view
+
+    @staticmethod
+    def _parameter_of(t: Tensor) -> Tensor:
+        """The parameter a tensor of :meth:`_params_and_grads` stands for (itself, or the complex
+        parameter of a real view): what to compare or key by across calls."""
+        return getattr(t, _VIEW_OF, t)
 
     def _gate(self, **scalars: Tensor) -> dict[str, Any] | None:
         """The step's one device-to-host synchronization, by name.
@@ -432,25 +713,57 @@ class AdaptiveOptimizer(Optimizer):
         dtype = accumulation_dtype(first.device)
         flat = [scalars[n].to(device=first.device, dtype=dtype).reshape(-1) for n in names]
         values = torch.cat(flat).tolist() if flat else []
-        if not all(math.isfinite(v) for v in values):
-            self._skip_step()
-            return None
         out: dict[str, Any] = {}
+        bad: list[str] = []
         offset = 0
         for name, piece in zip(names, flat):
             n = piece.numel()
-            out[name] = values[offset] if scalars[name].dim() == 0 else values[offset : offset + n]
+            part = values[offset : offset + n]
+            out[name] = part[0] if scalars[name].dim() == 0 else part
+            if not all(math.isfinite(v) for v in part):
+                bad.append(name)
             offset += n
+        if bad:
+            self._skip_step(self._cause(bad), bad)
+            return None
         return out
 
-    def _skip_step(self) -> None:
-        self._set_shared(skipped_steps=self._shared("skipped_steps") + 1)
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
+    def _cause(self, names: Sequence[str]) -> str:
+        """Why a step whose gate values ``names`` are non-finite is skipped: a loss among them
+        (a name containing ``loss``) comes first, then the gradients; the step's outcome only when
+        every one is an :attr:`outcome_scalars` value."""
+        if any("loss" in name for name in names):
+            return "loss"
+        return "outcome" if all(name in self.outcome_scalars for name in names) else "gradient"
+
+    def _skip_step(self, cause: str = "gradient", quantities: Sequence[str] = ()) -> None:
+        """Record a skipped step: count it, warn at the 1st, 10th, 100th, ... skip, and raise after
+        ``max_consecutive_skips`` skips in a row.
+
+        Args:
+            cause: what was not finite: ``"loss"``, ``"gradient"`` or ``"outcome"`` (the step's
+                result, with a finite loss and gradients).
+            quantities: the names of the non-finite values (shown in the message).
+        """
+        total = self._shared("skipped_steps") + 1
+        run = self._shared("consecutive_skips") + 1
+        self._set_shared(skipped_steps=total, consecutive_skips=run)
+        what, advice = _CAUSES[cause]
+        detail = f" ({', '.join(quantities)})" if quantities else ""
+        limit = self.param_groups[0].get("max_consecutive_skips", DEFAULT_MAX_CONSECUTIVE_SKIPS)
+        if limit is not None and run >= limit:
+            raise RuntimeError(
+                f"{self._name}: {run} steps in a row were skipped, the last because of a non-finite "
+                f"{what}{detail} ({total} skipped in all); the run is not recovering, so it stops here "
+                f"(max_consecutive_skips={limit}; None never stops). {advice}"
+            )
+        if _is_power_of_ten(total):
+            stop = "never raises" if limit is None else f"raises after {limit} in a row"
             warnings.warn(
-                f"{self._name}: non-finite loss or gradient; the step was skipped (parameters and "
-                "state unchanged). Further skips are counted in optimizer.param_groups[i]['skipped_steps'] "
-                "without a warning.",
+                f"{self._name}: non-finite {what}{detail}: step skipped (parameters and state unchanged). "
+                f"{total} step{'s' if total > 1 else ''} skipped so far, {run} in a row; the next warning "
+                f"comes at {10 * total} skips, and step() {stop} (max_consecutive_skips). The count is in "
+                f"optimizer.param_groups[i]['skipped_steps'] (AdaptiveLRMonitor logs it). {advice}",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -466,3 +779,51 @@ class AdaptiveOptimizer(Optimizer):
         """Write the quantities of the step just taken into the param group (monitors read them)."""
         for key, value in values.items():
             group[key] = value.detach() if isinstance(value, Tensor) else value
+
+
+# --------------------------------------------------------------------------- which optimizer saved it
+
+
+@functools.cache
+def _constructor_options(cls: type) -> frozenset[str]:
+    """The names a class's constructor takes as options (not ``self``/``params``/``*args``)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    parameters = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
+    return frozenset(name for name, p in parameters.items() if p.kind in kinds) - {"self", "params", CLASS_KEY}
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
+def _options_of(cls: type, *, own: bool) -> set[str] | None:
+    """The options of an optimizer class built on one probe parameter (this package's: its
+    constructor options; torch's: its defaults), or None if it cannot be built so (a wrapper)."""
+    try:
+        optimizer = cls([torch.zeros(1, requires_grad=True)])
+    except Exception:  # noqa: BLE001 - any class that needs more than parameters is no candidate
+        return None
+    return optimizer._option_names() if own else set(optimizer.defaults)
+
+
+def _best_fitting_optimizers(keys: set[str], *, exclude: str) -> tuple[float, list[str]]:
+    """The largest share of an optimizer's options found among ``keys``, over this package's and
+    ``torch.optim``'s optimizers but ``exclude``, and the optimizers that have it (by name)."""
+    candidates: list[tuple[str, set[str] | None]] = [
+        (cls.__name__, _options_of(cls, own=True))
+        for cls in dict.fromkeys(_subclasses(AdaptiveOptimizer))
+        if not cls.__name__.startswith("_") and cls.__name__ != exclude
+    ]
+    for name in getattr(torch.optim, "__all__", ()):
+        cls = getattr(torch.optim, name, None)
+        if isinstance(cls, type) and issubclass(cls, Optimizer) and not issubclass(cls, AdaptiveOptimizer):
+            candidates.append((f"torch.optim.{name}", _options_of(cls, own=False)))
+    shares = [(len(options & keys) / len(options), name) for name, options in candidates if options]
+    if not shares:
+        return 0.0, []
+    best = max(share for share, _ in shares)
+    return best, sorted(name for share, name in shares if share == best)
+

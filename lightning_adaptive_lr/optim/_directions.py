@@ -15,6 +15,14 @@ mix devices and dtypes, and returns results in input order.  A scalar argument d
 Bias correction is left to the caller as scalars: ``m̂/(√v̂ + eps) = (1/bc1)·m/(√v/√bc2 + eps)``,
 so a method passes ``root = √bc2`` to :func:`adam_denominators` and folds ``1/bc1`` into its step
 size, which saves two passes over the parameters per step.
+
+**16-bit tensors** (float16, bfloat16): Adam's intermediates are computed in float32.  In float16
+``eps = 1e-8`` is 0 (so ``√v + eps`` is 0 where ``v`` is, and ``0/0`` is NaN) and ``m/(√v + eps)``
+can exceed 65504.  So :func:`adam_denominators` and :func:`adam_preconditioners` return float32
+tensors for 16-bit ``v``; :func:`adam_directions` of 16-bit moments and float32 scalings returns
+float32 directions (or writes them, rounded once, into ``out``); :func:`adam_step_` of 16-bit
+parameters adds the float32 step and rounds once.  float32 and float64 tensors take exactly
+``torch.optim.Adam``'s operations, as before.
 """
 
 from __future__ import annotations
@@ -56,6 +64,16 @@ def _one_or_all(values: list[float]) -> float | list[float]:
 def _buckets(*columns: list[Any]) -> list[tuple[list[Any], ...]]:
     """:func:`group_by_device_and_dtype` over ``columns`` plus the input positions (last column)."""
     return group_by_device_and_dtype(*columns, list(range(len(columns[0]))))
+
+
+def _is_16bit(dtype: torch.dtype) -> bool:
+    """float16 and bfloat16: Adam's intermediates of such tensors are computed in float32."""
+    return dtype.is_floating_point and dtype.itemsize == 2
+
+
+def _widened(ts: list[Tensor]) -> list[Tensor]:
+    """float32 copies of 16-bit tensors (new tensors, to be written into)."""
+    return [t.to(torch.float32) for t in ts]
 
 
 def _in_order(n: int, pieces: list[tuple[list[int], Sequence[Tensor]]]) -> list[Tensor]:
@@ -177,6 +195,8 @@ def adam_denominators(
     """``√v / root + shift`` (new tensors, or written into ``out``), as ``torch.optim.Adam`` computes it.
 
     Adam's denominator is ``root = √(1 − β2^k)``, ``shift = eps``.  Numbers or one per tensor.
+    For 16-bit ``v`` the denominators are new float32 tensors (``out`` is not used for them: a
+    16-bit denominator would lose ``eps``).
     """
     n = len(sq_avgs)
     roots, shifts = _each(root, n), _each(shift, n)
@@ -184,7 +204,14 @@ def adam_denominators(
     pieces = []
     for vs, ts, index in _buckets(sq_avgs, list(targets)):
         r, s = _one_or_all([roots[i] for i in index]), _one_or_all([shifts[i] for i in index])
-        if foreach and out is None:
+        if _is_16bit(vs[0].dtype):
+            ds = _widened(vs)
+            if foreach:
+                torch._foreach_sqrt_(ds)
+            else:
+                for d in ds:
+                    d.sqrt_()
+        elif foreach and out is None:
             ds = torch._foreach_sqrt(vs)
         elif foreach and vs[0].device.type != "cpu":
             torch._foreach_copy_(ts, vs)
@@ -227,8 +254,9 @@ def rsqrt_cap(dtype: torch.dtype) -> float:
 def adam_preconditioners(sq_avgs: list[Tensor], root: PerTensor, shift: PerTensor, *, foreach: bool) -> list[Tensor]:
     """``root / √v + shift`` (new tensors): the preconditioner of ``m·(1/√v̂ + eps)``, AdaL's placement.
 
-    ``1/√v`` is capped at :func:`rsqrt_cap`.  ``root = √(1 − β2^k)``, ``shift = eps`` give
-    ``1/√v̂ + eps``.  Numbers or one per tensor.
+    ``1/√v`` is capped at :func:`rsqrt_cap` of ``v``'s dtype.  ``root = √(1 − β2^k)``, ``shift = eps``
+    give ``1/√v̂ + eps``.  Numbers or one per tensor.  For 16-bit ``v`` the preconditioners are
+    computed and returned in float32 (the cap stays that of ``v``'s dtype).
     """
     n = len(sq_avgs)
     roots, shifts = _each(root, n), _each(shift, n)
@@ -236,7 +264,15 @@ def adam_preconditioners(sq_avgs: list[Tensor], root: PerTensor, shift: PerTenso
     for vs, index in _buckets(sq_avgs):
         r, s = _one_or_all([roots[i] for i in index]), _one_or_all([shifts[i] for i in index])
         cap = rsqrt_cap(vs[0].dtype)
-        if foreach:
+        if _is_16bit(vs[0].dtype):
+            ps = _widened(vs)
+            if foreach:
+                torch._foreach_rsqrt_(ps)
+                torch._foreach_clamp_max_(ps, cap)
+            else:
+                for q in ps:
+                    q.rsqrt_().clamp_max_(cap)
+        elif foreach:
             ps = torch._foreach_rsqrt(vs)
             torch._foreach_clamp_max_(ps, cap)
         else:
@@ -252,7 +288,11 @@ def adam_directions(
     """``m / D`` (``divide``: ``scalings`` are :func:`adam_denominators`) or ``m·P`` (preconditioners).
 
     Written into ``out`` when given (it may alias ``scalings``: the usual way to save an allocation).
+    16-bit moments with float32 scalings (what the two functions above return for 16-bit ``v``)
+    give float32 directions, or are written, rounded once, into ``out``.
     """
+    if any(_is_16bit(m.dtype) and s.dtype != m.dtype for m, s in zip(avgs, scalings)):
+        return _wide_directions(avgs, scalings, divide=divide, foreach=foreach, out=out)
     if out is None:
         if foreach:
             op = torch._foreach_div if divide else torch._foreach_mul
@@ -262,6 +302,37 @@ def adam_directions(
     for m, s, o in zip(avgs, scalings, out):
         op_out(m, s, out=o)
     return list(out)
+
+
+def _wide_directions(
+    avgs: list[Tensor], scalings: list[Tensor], *, divide: bool, foreach: bool, out: list[Tensor] | None
+) -> list[Tensor]:
+    """:func:`adam_directions` computed in float32 where the moments are 16-bit."""
+    n = len(avgs)
+    targets = out if out is not None else [None] * n
+    pieces = []
+    for ms, ss, ts, index in _buckets(avgs, scalings, list(targets)):
+        if _is_16bit(ms[0].dtype):
+            us = _widened(ms)
+            if foreach:
+                for ss_bucket, positions in _sub_buckets(ss):
+                    (torch._foreach_div_ if divide else torch._foreach_mul_)([us[i] for i in positions], ss_bucket)
+            else:
+                for u, s in zip(us, ss):
+                    (u.div_ if divide else u.mul_)(s)
+        else:
+            us = [m / s if divide else m * s for m, s in zip(ms, ss)]
+        if out is not None:
+            for t, u in zip(ts, us):
+                t.copy_(u)
+            us = ts
+        pieces.append((index, us))
+    return _in_order(n, pieces)
+
+
+def _sub_buckets(ts: list[Tensor]) -> list[tuple[list[Tensor], list[int]]]:
+    """``ts`` split by device and dtype, with the positions of each bucket's tensors."""
+    return group_by_device_and_dtype(list(ts), list(range(len(ts))))
 
 
 def adam_step_(
@@ -275,12 +346,20 @@ def adam_step_(
 ) -> None:
     """``x ← x + step·m/D`` (``divide``, ``torch.optim.Adam``'s ``addcdiv``) or ``x ← x + step·m·P``.
 
-    ``step_size`` is signed (``−lr/bc1`` for Adam); a number or one per tensor.
+    ``step_size`` is signed (``−lr/bc1`` for Adam); a number or one per tensor.  16-bit parameters
+    whose scalings are float32 take the step computed in float32, rounded once when added.
     """
     steps = _each(step_size, len(params))
     for ps, ms, ss, index in _buckets(params, avgs, scalings):
         c = _one_or_all([steps[i] for i in index])
-        if foreach:
+        if _is_16bit(ps[0].dtype) and any(s.dtype != ps[0].dtype for s in ss):
+            us = _wide_directions(ms, ss, divide=divide, foreach=foreach, out=None)
+            if foreach and not isinstance(c, list):
+                torch._foreach_add_(ps, us, alpha=c)
+            else:
+                for p, u, ci in zip(ps, us, _each(c, len(ps))):
+                    p.add_(u, alpha=ci)
+        elif foreach:
             (torch._foreach_addcdiv_ if divide else torch._foreach_addcmul_)(ps, ms, ss, c)  # type: ignore[arg-type]
         else:
             for p, m, s, ci in zip(ps, ms, ss, _each(c, len(ps))):

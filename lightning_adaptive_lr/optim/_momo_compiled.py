@@ -5,8 +5,10 @@ differs.  Each step runs, per device-and-dtype bucket (see :mod:`._compiled`):
 
 1. a **read-only** pass over the state *before* the step: the averages after the step are formed
    in registers and only the per-tensor partial sums the step size needs come out
-   (``⟨g, x⟩``, ``⟨d', x⟩`` and ``‖d'‖²`` for MoMo; ``⟨g, x⟩``, ``⟨d', x⟩`` and ``⟨d', u⟩`` for
-   MoMo-Adam), to be added by :func:`~._reduce.sum_partials`;
+   (``⟨g, x⟩``, ``⟨d', x⟩`` and ``‖d'‖²`` for MoMo; ``⟨g, x⟩``, ``⟨d', x⟩``, ``⟨d', u⟩``
+   and the largest ``v'`` as stored for MoMo-Adam), to be added by :func:`~._reduce.sum_partials`; the
+   gate reads them, so a step whose new state would not be finite is skipped before anything
+   is written;
 2. after the gate, a **pointwise** pass that forms the same averages again, writes them and moves
    the parameters.
 
@@ -98,12 +100,15 @@ def momo_adam_sums(
     root: Tensor,
     eps: Tensor,
 ) -> Tensor:
-    """Per tensor ``⟨g, x⟩``, ``⟨d', x⟩`` and ``⟨d', u⟩`` (a 3 × n array; writes nothing)."""
+    """Per tensor ``⟨g, x⟩``, ``⟨d', x⟩``, ``⟨d', u⟩`` and ``max v'`` in ``v``'s dtype, where it is
+    stored (infinite if it overflows there); a 4 × n array; writes nothing."""
     rows = []
     for d, v, g, x in zip(avgs, sq_avgs, grads, params):
+        stored = v.dtype
         d, v, g, x = _work(d), _work(v), _work(g), _work(x)
-        d_next, _, u = _adam_terms(d, v, g, weight1, weight2, root, eps)
-        rows.append(torch.stack([(g * x).sum(), (d_next * x).sum(), (d_next * u).sum()]))
+        d_next, v_next, u = _adam_terms(d, v, g, weight1, weight2, root, eps)
+        v_max = v_next.to(stored).amax().to(v_next.dtype)
+        rows.append(torch.stack([(g * x).sum(), (d_next * x).sum(), (d_next * u).sum(), v_max]))
     return torch.stack(rows, dim=1)
 
 

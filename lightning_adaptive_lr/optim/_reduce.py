@@ -12,7 +12,11 @@ Conventions, the same for every function:
   their squares overflow and their small sums vanish);
 * the per-tensor partial sums are then added in :func:`accumulation_dtype` (float64 where the
   device has it), on the device given, as 0-d (global) or 1-d (per tensor) tensors: nothing is
-  read to the host here; the optimizer's gate decides when that happens.
+  read to the host here; the optimizer's gate decides when that happens;
+* a complex tensor counts as its real pairs (``torch.view_as_real``), as the optimizers treat
+  complex parameters: ``⟨z, w⟩ = Σ Re z·Re w + Im z·Im w``, ``‖z‖₁ = Σ |Re z| + |Im z|``.  (The
+  optimizers hand real views over already; this keeps any other caller from dropping the
+  imaginary parts.)
 """
 
 from __future__ import annotations
@@ -49,12 +53,24 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _real(x: Tensor) -> Tensor:
+    """``x``, or its real pairs if it is complex."""
+    return torch.view_as_real(x.resolve_conj()) if x.is_complex() else x
+
+
+def _sum(x: Tensor, acc: torch.dtype) -> Tensor:
+    """``Σ x`` in :func:`work_dtype`, as a 0-d ``acc`` tensor on ``x``'s device."""
+    x = _real(x)
+    return x.sum(dtype=work_dtype(x.dtype)).to(acc)
+
+
 def _zero(device: torch.device) -> Tensor:
     return torch.zeros((), device=device, dtype=accumulation_dtype(device))
 
 
 def pair_dot(x: Tensor, y: Tensor, acc: torch.dtype) -> Tensor:
     """``⟨x, y⟩`` of one pair by one BLAS dot in :func:`work_dtype`, as a 0-d ``acc`` tensor on ``x``'s device."""
+    x, y = _real(x), _real(y)
     work = work_dtype(x.dtype)
     return torch.dot(x.reshape(-1).to(work), y.reshape(-1).to(device=x.device, dtype=work)).to(acc)
 
@@ -67,8 +83,7 @@ def tensor_dots(xs: Sequence[Tensor], ys: Sequence[Tensor | None], device: torch
     """
     acc = accumulation_dtype(device)
     parts = [
-        pair_dot(x, y, acc) if y is not None else x.sum(dtype=work_dtype(x.dtype)).to(acc) * 0.0
-        for x, y in zip(xs, ys, strict=True)
+        pair_dot(x, y, acc) if y is not None else _sum(x, acc) * 0.0 for x, y in zip(xs, ys, strict=True)
     ]
     if not parts:
         return torch.zeros(0, device=device, dtype=acc)
@@ -80,12 +95,12 @@ def tensor_sums(xs: Sequence[Tensor], device: torch.device) -> Tensor:
     acc = accumulation_dtype(device)
     if not xs:
         return torch.zeros(0, device=device, dtype=acc)
-    return torch.stack([x.sum(dtype=work_dtype(x.dtype)).to(device=device, dtype=acc) for x in xs])
+    return torch.stack([_sum(x, acc).to(device) for x in xs])
 
 
 def tensor_extrema(xs: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
     """The smallest and the largest element over all of ``xs``, as 0-d tensors on ``device``."""
-    pairs = [torch.aminmax(x) for x in xs]
+    pairs = [torch.aminmax(_real(x)) for x in xs]
     acc = accumulation_dtype(device)
     low = torch.stack([lo.to(device=device, dtype=acc) for lo, _ in pairs])
     high = torch.stack([hi.to(device=device, dtype=acc) for _, hi in pairs])
@@ -111,6 +126,8 @@ def sqnorm(xs: Sequence[Tensor], device: torch.device) -> Tensor:
     acc = accumulation_dtype(device)
     parts = []
     for (bucket,) in group_by_device_and_dtype(list(xs)):
+        if bucket[0].is_complex():
+            bucket = [_real(x) for x in bucket]
         work = work_dtype(bucket[0].dtype)
         sums = powsum(bucket, 2, dtype=None if work == bucket[0].dtype else work)
         parts.append(torch.stack(list(sums)).to(device=device, dtype=acc).sum())
@@ -127,6 +144,8 @@ def l1_norms(xs: Sequence[Tensor], device: torch.device, *, foreach: bool) -> Te
     acc = accumulation_dtype(device)
     out = torch.empty(len(xs), device=device, dtype=acc)
     for bucket, index in group_by_device_and_dtype(list(xs), list(range(len(xs)))):
+        if bucket[0].is_complex():
+            bucket = [_real(x) for x in bucket]
         work = work_dtype(bucket[0].dtype)
         if foreach and bucket[0].device.type != "cpu":
             norms = torch._foreach_norm(bucket, 1, dtype=work)
@@ -144,8 +163,10 @@ def unit_dots(x: Tensor, y: Tensor) -> Tensor:
 
     One batched dot: no product temporary.  A 0-d tensor is one unit.
     """
-    dtype = work_dtype(x.dtype)
     n = x.shape[0] if x.dim() > 0 else 1
+    if x.is_complex() or y.is_complex():  # a unit's elements are the real pairs of its entries
+        x, y = _real(x), _real(y)
+    dtype = work_dtype(x.dtype)
     return torch.bmm(x.reshape(n, 1, -1).to(dtype), y.reshape(n, -1, 1).to(dtype)).reshape(n)
 
 

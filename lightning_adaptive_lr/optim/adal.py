@@ -13,11 +13,13 @@ With ``s`` the scale of the transform (``‖g‖₁`` by default) the step is::
     x ← x − η_k · m̂ / (√v̂ + eps)              (eps_mode="denominator", Adam's form)
 
 The base direction is Adam's (:mod:`._directions`); what is AdaL's own is the scale ``s`` and the
-per-tensor scalars it turns into (:func:`adal_scalars`, on floats).
+per-tensor scalars it turns into (:func:`adal_scalars`, on floats).  Whether a step's outcome fits
+the parameters' dtype is judged on those floats too (:func:`adal_step_fits`), before anything moves.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterable, Sequence
@@ -27,12 +29,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import BETAS, NONNEGATIVE, AdaptiveOptimizer, checked, one_of
-from ._directions import adam_denominators, adam_moments_, adam_preconditioners, adam_step_, rsqrt_cap
-from ._reduce import l1_norms
+from ._base import (
+    BETAS,
+    DEFAULT_MAX_CONSECUTIVE_SKIPS,
+    NONNEGATIVE,
+    AdaptiveOptimizer,
+    checked,
+    one_of,
+)
+from ._directions import (
+    adam_denominators,
+    adam_moments_,
+    adam_preconditioners,
+    adam_step_,
+    rsqrt_cap,
+)
+from ._reduce import l1_norms, tensor_extrema, work_dtype
 from ._tensorlists import multiply_
 
-__all__ = ["AdaL", "AdaLScalars", "adal_rate", "adal_scalars"]
+__all__ = ["AdaL", "AdaLScalars", "adal_rate", "adal_scalars", "adal_step_fits"]
 
 TRANSFORMS = ("l1", "tensor_l1", "none")
 EPS_MODES = ("preconditioner", "denominator")
@@ -121,6 +136,84 @@ def adal_scalars(
     return AdaLScalars(scale_avg, scale_sq_avg, avg_weight, sq_weight, True, step_size, shift)
 
 
+def adal_step_fits(
+    rule: AdaLScalars,
+    grad_bound: float,
+    *,
+    betas: tuple[float, float],
+    eps_in_denominator: bool,
+    largest: float,
+    largest_work: float,
+    cap: float,
+) -> bool:
+    r"""Whether one tensor's step keeps its moments and the parameter finite, judged on floats.
+
+    With ``F = largest`` (the dtype's largest number) every bound is kept below ``F/2``, so that a
+    parameter within ``±F/2`` stays finite.  The step fits when
+
+    * every number of ``rule`` is finite (``s²``, hence Λ2, overflows float64 for ``s > 1e154``);
+    * ``grad_bound`` (a bound on ``|g|``) is at most ``R = √(F/2)``: ṽ, an average of ``g²``, then
+      stays below ``F/2``, and ``|m̃| ≤ R``, since every step taken so far had ``|g| ≤ R``;
+    * the step ``|c|·|m̃|·(min(1/√ṽ, cap) + e)`` is at most ``F/2``, and the preconditioner and
+      the product before the scaling by ``c`` at most half of ``largest_work`` (for 16-bit
+      parameters they are formed in float32, :mod:`._directions`).
+      ``|m̃|·min(1/√ṽ, cap)`` is at most ``R·cap``, and, when ``β1² < β2``, at most
+      ``√Λ2/Λ1 · (1 − β1)/√((1 − β2)(1 − β1²/β2))`` (Adam's bounded ratio, by Cauchy–Schwarz on
+      the s-weighted averages); ``|m̃|·e ≤ R·e``; in the denominator form the ratio
+      ``|m̃|/(√ṽ + e)`` is also at most ``R/e``.
+
+    Args:
+        rule: the tensor's scalars for this step (:func:`adal_scalars`).
+        grad_bound: a bound on the gradient's entries (``‖g‖₁``, or the exact ``max |g|``).
+        betas: ``(β1, β2)`` of this step.
+        eps_in_denominator: the form of ``rule.shift`` (as for :func:`adal_scalars`).
+        largest: the parameter dtype's largest finite number.
+        largest_work: the same for the dtype the products are formed in (float32 for 16-bit).
+        cap: the cap on ``1/√ṽ`` (:func:`~._directions.rsqrt_cap` of the dtype).
+
+    >>> r = adal_scalars(10.0, 0.0, 0.0, 1, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+    ...                  eps_in_denominator=False, floor=0.0)
+    >>> f32 = dict(betas=(0.9, 0.999), eps_in_denominator=False, cap=9.2e18, largest=3.4e38,
+    ...            largest_work=3.4e38)
+    >>> adal_step_fits(r, 1.0, **f32), adal_step_fits(r, 1e20, **f32)  # (1e20)² overflows float32
+    (True, False)
+    """
+    isfinite = math.isfinite
+    if not (
+        isfinite(rule.scale_avg)
+        and isfinite(rule.scale_sq_avg)
+        and isfinite(rule.avg_weight)
+        and isfinite(rule.sq_weight)
+        and isfinite(rule.step_size)
+        and isfinite(rule.shift)
+    ):
+        return False
+    limit = largest / 2
+    radius = math.sqrt(limit)
+    if not grad_bound <= radius:
+        return False
+    if not rule.moves:
+        return True
+    ratio = radius * cap
+    beta1, beta2 = betas
+    if beta1 * beta1 < beta2 and rule.scale_avg > 0:
+        adam = (1.0 - beta1) / math.sqrt((1.0 - beta2) * (1.0 - beta1 * beta1 / beta2))
+        ratio = min(ratio, math.sqrt(rule.scale_sq_avg) / rule.scale_avg * adam)
+    if eps_in_denominator:
+        product = min(ratio, radius / rule.shift)
+    elif rule.shift + cap > largest_work / 2:  # the preconditioner 1/√ṽ + e itself (float32 for 16-bit)
+        return False
+    else:
+        product = ratio + radius * rule.shift
+    return product <= largest_work / 2 and abs(rule.step_size) * product <= limit
+
+
+@functools.cache
+def _dtype_limits(dtype: torch.dtype) -> tuple[float, float, float]:
+    """``(cap, largest, largest_work)`` of a parameter dtype, for :func:`adal_step_fits`."""
+    return rsqrt_cap(dtype), torch.finfo(dtype).max, torch.finfo(work_dtype(dtype)).max
+
+
 # --------------------------------------------------------------------------- the body
 
 
@@ -192,7 +285,9 @@ class AdaL(AdaptiveOptimizer):
         params: parameters or param groups.  Groups may differ in ``lr``, ``betas``, ``eps``,
             ``weight_decay``, ``eps_mode`` and ``lr_decay``.
         lr: the learning rate η (η_k = lr, or lr/√k with ``lr_decay="inv_sqrt"``).
-        betas: ``(β1, β2)``, each in [0, 1): averaging of ĝ and of ĝ².
+        betas: ``(β1, β2)``, each in [0, 1): averaging of ĝ and of ĝ².  Read at every step, so a
+            scheduler that cycles momentum (``OneCycleLR``, ``CyclicLR``: they write ``betas[0]``)
+            sets β1 from that step on.
         eps: where ``eps_mode`` says.  Note that in the preconditioner form it adds a plain
             momentum step ``η_k·eps·m̂``, whose size scales with ``s``.
         weight_decay: decoupled weight decay: ``x ← x·(1 − η_k·wd)`` before the update.
@@ -211,6 +306,8 @@ class AdaL(AdaptiveOptimizer):
         foreach: use the multi-tensor (``torch._foreach_*``) path; ``False`` updates tensor by tensor.
         average_across_ranks: average a given loss across ``torch.distributed`` ranks.  AdaL needs
             no loss; one passed with ``step(loss=...)`` is only checked for finiteness.
+        max_consecutive_skips: raise after this many skipped steps in a row (``None``: never);
+            see :class:`~._base.AdaptiveOptimizer`.
 
     Numerics:
         * A coordinate whose gradient is always zero has m̃ = ṽ = 0, where 1/√ṽ is infinite.
@@ -226,7 +323,11 @@ class AdaL(AdaptiveOptimizer):
           then on the host for free, so the scale enters the kernels as a plain Python number on
           every device; no other scalar of the step is computed on the device.
         * A non-finite gradient (or given loss) skips the step: parameters and state unchanged,
-          every group's ``skipped_steps`` incremented.
+          every group's ``skipped_steps`` incremented.  So does a finite step whose outcome would
+          not be (a gradient whose square, or an eps term ``η_k·eps·m̂``, beyond the dtype's range,
+          or ``s²`` beyond float64's): judged before anything moves, on the host numbers of the step
+          (:func:`adal_step_fits`; with float16 parameters the gate also reads the float16
+          gradients' range).
 
     After each step every param group holds ``effective_lr`` (η_k) and ``grad_scale``: ``s`` for
     ``"l1"``, 1.0 for ``"none"``, and for ``"tensor_l1"`` the mean of ``s`` over the group's tensors
@@ -262,12 +363,19 @@ class AdaL(AdaptiveOptimizer):
         *,
         foreach: bool = True,
         average_across_ranks: bool = True,
+        max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         defaults = checked(
             type(self).__name__, locals(), lr=NONNEGATIVE, betas=BETAS, eps=NONNEGATIVE, weight_decay=NONNEGATIVE,
             transform=one_of(*TRANSFORMS), eps_mode=one_of(*EPS_MODES), lr_decay=one_of(*LR_DECAYS),
         )  # fmt: skip
-        super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
+        super().__init__(
+            params,
+            defaults,
+            foreach=foreach,
+            average_across_ranks=average_across_ranks,
+            max_consecutive_skips=max_consecutive_skips,
+        )
 
     def _state_of(self, p: Tensor) -> dict[str, Any]:
         """``state[p]``, created at its starting values (no step taken) if new."""
@@ -294,62 +402,114 @@ class AdaL(AdaptiveOptimizer):
         per_tensor = transform == "tensor_l1"
         device = self._device()
 
-        # The gate: ‖g‖₁ (its finiteness is the gradient's) and the loss, read in one sync.
+        # The gate: ‖g‖₁ (its finiteness is the gradient's) and the loss, read in one sync; for
+        # float16 gradients also their range, since there (‖g‖₁)² bounds |g|² far too loosely.
         norms = torch.cat([l1_norms(gs, device, foreach=group["foreach"]) for group, _, gs in groups if gs])
-        values = self._gate(norms=norms if per_tensor else norms.sum(), **({} if loss is None else {"loss": loss}))
+        halves = [g for _, _, gs in groups for g in gs if g.dtype == torch.float16]
+        extra = {"float16_range": torch.stack(tensor_extrema(halves, device))} if halves else {}
+        values = self._gate(
+            norms=norms if per_tensor else norms.sum(), **extra, **({} if loss is None else {"loss": loss})
+        )
         if values is None:
             return
 
         k = self._shared("step") + 1
-        self._set_shared(step=k)
         # s per tensor, in the order of `groups`: each tensor's own norm, the model's, or 1.
         model_scale = 1.0 if transform == "none" else values["norms"]
         scales = iter(values["norms"]) if per_tensor else itertools.repeat(model_scale)
+        plans = []
         for group, params, grads in groups:
             group_scales = list(itertools.islice(scales, len(params)))
             lr = adal_rate(group["lr"], k, group["lr_decay"])
+            plans.append((group, params, grads, group_scales, lr, self._scalars(group, params, group_scales, lr)))
+
+        # The step's outcome: skipped, with nothing written, if it would not fit the dtypes.  A bound
+        # on |g|: the tensor's ‖g‖₁ (its s under "tensor_l1") or the model's, or max |g| in float16.
+        # Tensors that share their scalars (under "l1", usually all of them) are judged once.
+        half_bound = max(-values["float16_range"][0], values["float16_range"][1]) if halves else 0.0
+        cases = {
+            (i, p.dtype, id(rule)): (
+                rule,
+                half_bound if p.dtype == torch.float16 else s if per_tensor else values["norms"],
+            )
+            for i, (_, params, _, group_scales, _, rules) in enumerate(plans)
+            for p, s, rule in zip(params, group_scales, rules)
+        }
+        if not all(self._fits(self.param_groups[i], dtype, *case) for (i, dtype, _), case in cases.items()):
+            self._skip_step("outcome", ("step size",))
+            return
+
+        self._set_shared(step=k)
+        for group, params, grads, group_scales, lr, rules in plans:
             if params:
-                self._step_group(group, params, grads, group_scales, lr)
+                self._step_group(group, params, grads, rules, lr)
             if per_tensor:
                 recorded = math.fsum(group_scales) / len(group_scales) if group_scales else 0.0
             else:
                 recorded = model_scale
             self._record(group, effective_lr=lr, grad_scale=recorded)
 
-    def _step_group(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], scales: list[float], lr: float
-    ) -> None:
-        """Advance the group's per-parameter scalars (:func:`adal_scalars`), then run the body."""
+    def _scalars(
+        self, group: dict[str, Any], params: list[Tensor], scales: list[float], lr: float
+    ) -> list[AdaLScalars]:
+        """Each tensor's scalars for this step (:func:`adal_scalars`), from its state; nothing is written.
+
+        Tensors with equal inputs (the same s, Λ1, Λ2, step count and dtype) share one result.
+        """
         eps = group["eps"]
         eps_in_denominator = group["eps_mode"] == "denominator" and eps > 0
-        floors: dict[torch.dtype, float] = {}
-        states, scalars = [], []
+        rules: list[AdaLScalars] = []
+        done: dict[tuple[Any, ...], AdaLScalars] = {}
         for p, s in zip(params, scales):
+            state = self.state.get(p)
+            if state:
+                inputs = (s, state["scale_avg"], state["scale_sq_avg"], state["step"] + 1, p.dtype)
+            else:
+                inputs = (s, 0.0, 0.0, 1, p.dtype)
+            rule = done.get(inputs)
+            if rule is None:
+                rule = done[inputs] = adal_scalars(
+                    *inputs[:4],
+                    lr=lr,
+                    betas=group["betas"],
+                    eps=eps,
+                    eps_in_denominator=eps_in_denominator,
+                    floor=1.0 / _dtype_limits(p.dtype)[0] if eps_in_denominator else 0.0,
+                )
+            rules.append(rule)
+        return rules
+
+    @staticmethod
+    def _fits(group: dict[str, Any], dtype: torch.dtype, rule: AdaLScalars, grad_bound: float) -> bool:
+        """Whether a tensor of ``dtype`` in ``group`` takes its step within range (:func:`adal_step_fits`)."""
+        cap, largest, largest_work = _dtype_limits(dtype)
+        return adal_step_fits(
+            rule,
+            grad_bound,
+            betas=group["betas"],
+            eps_in_denominator=group["eps_mode"] == "denominator" and group["eps"] > 0,
+            largest=largest,
+            largest_work=largest_work,
+            cap=cap,
+        )
+
+    def _step_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], rules: list[AdaLScalars], lr: float
+    ) -> None:
+        """Advance the group's per-parameter scalars to ``rules`` (:func:`adal_scalars`), then run the body."""
+        states = []
+        for p, rule in zip(params, rules):
             state = self._state_of(p)
             state["step"] += 1
-            if eps_in_denominator and p.dtype not in floors:
-                floors[p.dtype] = 1.0 / rsqrt_cap(p.dtype)
-            rule = adal_scalars(
-                s,
-                state["scale_avg"],
-                state["scale_sq_avg"],
-                state["step"],
-                lr=lr,
-                betas=group["betas"],
-                eps=eps,
-                eps_in_denominator=eps_in_denominator,
-                floor=floors.get(p.dtype, 0.0),
-            )
             state["scale_avg"], state["scale_sq_avg"] = rule.scale_avg, rule.scale_sq_avg
             states.append(state)
-            scalars.append(rule)
         _adal(
             params,
             grads,
             [state["grad_avg"] for state in states],
             [state["grad_avg_sq"] for state in states],
-            scalars,
+            rules,
             decay=1.0 - lr * group["weight_decay"],
-            eps_in_denominator=eps_in_denominator,
+            eps_in_denominator=group["eps_mode"] == "denominator" and group["eps"] > 0,
             foreach=group["foreach"],
         )

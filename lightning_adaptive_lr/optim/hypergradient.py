@@ -15,19 +15,41 @@ for a unit rate, each step, before the update::
 (``−⟨g_t, s_{t−1}⟩`` is the derivative of the loss with respect to the rate applied at the
 previous step).  The levels are one rate for the model, one per tensor, one per output unit, one
 per element; the weights ``w`` may learn too, by projected hypergradient descent on the simplex.
+
+Outside the method's assumptions (docs/algorithms.md §3.4), all [package]:
+
+* **Gradient spikes**: after the first steps a rate grows by at most ``max_rate_growth`` (2) per
+  step (:func:`hd_rate`), so one spike cannot throw it up and start a divergence.
+* **The step's outcome is gated**: the new rates are checked on the host, and a step the screen
+  flags (the first, a hypergradient far above its running average, float16 parameters) is taken
+  on copies first; if it would write a non-finite value, it is skipped.
+* **Schedulers**: the hypergradient step is scaled to the largest scheduled ``lr``
+  (:func:`reference_lr`), so no schedule amplifies it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from ._base import BETAS, FLAG, FRACTION, NONNEGATIVE, AdaptiveOptimizer, check_choice, check_range, checked, one_of
+from ._base import (
+    BETAS,
+    DEFAULT_MAX_CONSECUTIVE_SKIPS,
+    FLAG,
+    FRACTION,
+    NONNEGATIVE,
+    AdaptiveOptimizer,
+    check_choice,
+    check_range,
+    checked,
+    one_of,
+    real_number,
+)
 from ._directions import adam_denominators, adam_directions, adam_moments_, adam_step_, momentum_, nesterov, with_l2
 from ._reduce import tensor_dots, tensor_extrema, tensor_sums, unit_dots, work_dtype
 from ._scalars import Scalar, smax, smin
@@ -36,11 +58,15 @@ from ._tensorlists import add_scaled_, clamp_, copy_
 __all__ = [
     "BASES",
     "DEFAULT_HYPER_LR",
+    "DEFAULT_MAX_RATE_GROWTH",
     "LEVELS",
     "HierarchicalHD",
     "hd_rate",
+    "hypergradient_size",
     "project_simplex",
     "rate_step_factor",
+    "reference_lr",
+    "running_scale",
     "scalar_rate",
     "weight_hypergradients",
 ]
@@ -51,9 +77,19 @@ LEVELS: tuple[str, ...] = ("global", "layer", "unit", "param")
 BASES: tuple[str, ...] = ("sgd", "sgdn", "adam")
 #: ``hyper_lr`` used when ``hyper_lr=None`` (see :class:`HierarchicalHD`).
 DEFAULT_HYPER_LR: dict[str, float] = {"sgd": 1e-1, "sgdn": 1e-3, "adam": 1e-4}
+#: ``max_rate_growth`` by default: after the first steps a rate grows by at most this factor per step.
+DEFAULT_MAX_RATE_GROWTH = 2.0
+#: Steps before ``max_rate_growth`` applies: the first steps raise a small initial rate quickly.
+_GROWTH_WARMUP = 5
+#: Weight of the newest size in the running average of :func:`running_scale`.
+_SCALE_WEIGHT = 0.1
+#: A step whose hypergradient is this many times its running average is tried on copies first.
+_SCREEN = 10.0
 
 #: The state key of the levels kept per parameter (``layer``: a float; ``unit``, ``param``: tensors).
 _RATE_KEYS = {"layer": "hd_rate_layer", "unit": "hd_rate_unit", "param": "hd_rate_param"}
+#: Param-group key of the largest ``lr`` the group has stepped with (see :func:`reference_lr`).
+REFERENCE_LR = "hd_reference_lr"
 
 
 # =========================================================================== the scalar rules
@@ -78,13 +114,17 @@ def hd_rate(
     parent: Scalar = 0.0,
     low: float = 0.0,
     high: float = math.inf,
+    growth: float = math.inf,
 ) -> Scalar:
     """One scalar rate's update: ``ρ ← clip(ρ + step·⟨g_t, s_{t−1}⟩ − pull·(ρ − parent), low, high)``.
 
     ``step = w_k·β_k`` (times :func:`rate_step_factor` for a tensor's rate), ``pull = 2·β_k·λ_k``.
     The tensor-valued levels apply the same rule element by element (:func:`_move_tensor_rates_`).
+    [package] ``growth`` (``max_rate_growth``) also caps the new rate at ``growth·max(ρ, 1)``: at
+    most ``growth`` times the old multiple, or ``growth`` (× ``lr``) from below 1 (never below ``low``).
     """
-    return smin(smax(rate + step * alignment - pull * (rate - parent), low), high)
+    ceiling = high if growth == math.inf else smax(smin(high, growth * smax(rate, 1.0)), low)
+    return smin(smax(rate + step * alignment - pull * (rate - parent), low), ceiling)
 
 
 def weight_hypergradients(
@@ -136,6 +176,43 @@ def scalar_rate(weights: Mapping[str, float], global_rate: float, layer_rate: fl
     return weights.get("global", 0.0) * global_rate + weights.get("layer", 0.0) * layer_rate
 
 
+def reference_lr(lr: float, *recorded: float | None) -> float:
+    """``lr_ref``: the largest rate the group is scheduled at: ``lr`` and the ``recorded`` ones
+    (``initial_lr``, ``OneCycleLR``'s ``max_lr``, the largest ``lr`` seen so far; ``None`` if absent).
+
+    [package] The hypergradient step of a rate stored as a multiple of ``lr`` is scaled by
+    ``lr/lr_ref²`` (:func:`rate_step_factor`), so the applied rate ``lr·ρ`` moves by
+    ``β·(lr/lr_ref)²·⟨g_t, s_{t−1}⟩``: Baydin's step at the largest scheduled rate, less below it.
+    A warm-up (``OneCycleLR``'s starts at ``max_lr/div_factor``) then neither amplifies the step
+    nor lets the multiples learned at its small start be multiplied by its peak.
+
+    >>> reference_lr(0.05, 0.1, None, None)  # decaying (StepLR, cosine): initial_lr
+    0.1
+    >>> reference_lr(0.004, 0.004, 0.1, 0.004)  # OneCycleLR warming up: its max_lr
+    0.1
+    >>> reference_lr(0.5, 0.1, None, 0.3)  # CyclicLR rising: the largest lr so far
+    0.5
+    """
+    return max([lr, *(r for r in recorded if r is not None)])
+
+
+def hypergradient_size(coefs: Sequence[float], dots: Sequence[float]) -> float:
+    """``Σ_j |c_j·⟨g_j, prev_j⟩|``: how far this step's hypergradient would move the rates (in
+    multiples of ``lr``, before ``β`` and the weights).  A size far above its running average
+    (:func:`running_scale`) marks a gradient spike: such a step is tried on copies first."""
+    return math.fsum(abs(c * d) for c, d in zip(coefs, dots))
+
+
+def running_scale(scale: float, size: float) -> float:
+    """The running average of the sizes: ``scale + w·(size − scale)``, ``w = 0.1``; it starts at
+    the first non-zero size, and a step without a hypergradient leaves it alone."""
+    if size == 0.0:
+        return scale
+    if scale <= 0.0:
+        return size
+    return scale + _SCALE_WEIGHT * (size - scale)
+
+
 # =========================================================================== the bodies
 
 
@@ -182,7 +259,9 @@ def _adam_step_(
     avgs, sq_avgs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
     adam_moments_(avgs, sq_avgs, grads, 1 - beta1, 1 - beta2, foreach=foreach)
     targets = grads if group["weight_decay"] != 0 else [st["prev_direction"] for st in states]
-    denominators = adam_denominators(sq_avgs, roots, group["eps"], foreach=foreach, out=targets)
+    # The denominators go into `targets` when those have v's dtype (16-bit parameters: new float32 tensors).
+    fits = all(t.dtype == v.dtype for t, v in zip(targets, sq_avgs))
+    denominators = adam_denominators(sq_avgs, roots, group["eps"], foreach=foreach, out=targets if fits else None)
     adam_step_(params, avgs, denominators, [-(r / b) for r, b in zip(rates, bc1)], foreach=foreach)
     directions = adam_directions(avgs, denominators, foreach=foreach, out=targets)
     for st, u, b in zip(states, directions, bc1):
@@ -200,14 +279,21 @@ def _move_tensor_rates_(
     parents: list[Scalar | None],
     pull: float,
     bounds: tuple[float, float],
+    growth: float,
     *,
     foreach: bool,
 ) -> None:
     """:func:`hd_rate` for a tensor-valued level, in place: per output unit (``unit_sums`` given) or per element.
 
     ``ρ ← clip(ρ·(1 − pull) + pull·parent + step·Σ_group g ⊙ prev)``; ``steps`` already hold the
-    factor of :func:`rate_step_factor`.
+    factor of :func:`rate_step_factor`.  A finite ``growth`` caps each rate at ``growth·max(ρ, 1)``.
     """
+    low, high = bounds
+    ceilings = []
+    if growth != math.inf:  # growth·max(ρ, 1), within the bounds, from the rates before the step
+        ceilings = [torch.clamp(rate, min=1.0).mul_(growth) for rate in rates]
+        if low > growth or high < math.inf:
+            clamp_(ceilings, low, max(high, low), foreach=foreach)
     for j, (rate, g, s, step, parent) in enumerate(zip(rates, grads, prevs, steps, parents)):
         if pull > 0 and parent is not None:
             rate.mul_(1.0 - pull)
@@ -221,7 +307,9 @@ def _move_tensor_rates_(
             rate.addcmul_(g, s, value=step)
         else:
             rate.add_(unit_sums[j], alpha=step)  # type: ignore[arg-type]
-    clamp_(rates, *bounds, foreach=foreach)
+    clamp_(rates, low, high, foreach=foreach)
+    for rate, ceiling in zip(rates, ceilings):  # the ceilings lie within [low, high]
+        torch.minimum(rate, ceiling, out=rate)
 
 
 def _parent_rates(
@@ -261,6 +349,60 @@ def _tensor_levels_step_(
             p.addcmul_(rate.to(p.dtype), s, value=-lr * st.get("direction_scale", 1.0) * w)
 
 
+def _parent_level(levels: Sequence[str], level: str) -> str | None:
+    """The next coarser active level (``None`` for the coarsest)."""
+    coarser = [c for c in levels if LEVELS.index(c) < LEVELS.index(level)]
+    return coarser[-1] if coarser else None
+
+
+def _apply_step_(
+    plan: _Plan,
+    levels: Sequence[str],
+    reads: Sequence[_Reads],
+    states: list[dict[str, Any]],
+    unit_sums: list[Tensor | None],
+    *,
+    foreach: bool,
+) -> None:
+    """Everything a step writes: the tensor levels' rates, the layer rates, then the base rule's
+    step with the new rates and weights and the tensor levels' share of it.
+
+    ``states`` (one per tensor of ``reads``) are written; the real states, or copies to try a step on.
+    """
+    params, grads, prevs = (_flat(reads, k) for k in ("params", "grads", "prevs"))
+    for level in ("param", "unit"):  # finest first: every pull reads its parent's previous value
+        if level in levels:
+            _move_tensor_rates_(
+                [st[_RATE_KEYS[level]] for st in states],
+                grads,
+                prevs,
+                unit_sums if level == "unit" else None,
+                plan.tensor_steps[level],
+                _parent_rates(_parent_level(levels, level), plan.old_global, plan.old_layer, states, params),
+                plan.pulls[level],
+                plan.bounds,
+                plan.growth,
+                foreach=foreach,
+            )
+    if "layer" in levels:
+        for st, rate in zip(states, plan.layer_rates):
+            st["hd_rate_layer"] = rate
+    offset = 0
+    for r in reads:
+        sts = states[offset : offset + len(r.params)]
+        offset += len(r.params)
+        lr = r.group["lr"]
+        rates = [lr * scalar_rate(plan.weights, plan.global_rate, st.get("hd_rate_layer", 1.0)) for st in sts]
+        base_step_ = _adam_step_ if r.group["base"] == "adam" else _sgd_step_
+        directions = base_step_(r.group, r.params, r.grads, sts, rates)
+        _tensor_levels_step_(lr, r.params, directions, sts, plan.weights)
+
+
+def _copied(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A parameter's state with its tensors copied."""
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
+
+
 # =========================================================================== the optimizer
 
 
@@ -277,6 +419,40 @@ class _Reads:
     scales: list[float]
     #: The parameters' states as found (``{}`` before a tensor's first step; nothing created).
     states: list[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a step will write, worked out on the host from the gate's values before anything is
+    written.  Per-tensor lists run over the tensors of all groups, in order."""
+
+    #: The new combination weights (the step uses them) and the new global and layer multiples.
+    weights: dict[str, float]
+    global_rate: float
+    layer_rates: list[float]
+    #: The multiples before this step (the tensor levels' parents).
+    old_global: float
+    old_layer: list[float]
+    #: Per tensor-valued level: each tensor's hypergradient step (``w_k·β_k`` × its factor), and ``2·β_k·λ_k``.
+    tensor_steps: dict[str, list[float]]
+    pulls: dict[str, float]
+    bounds: tuple[float, float]
+    #: Each group's ``lr_ref`` (:func:`reference_lr`), in the order of the reads.
+    references: list[float]
+    #: ``max_rate_growth`` (``inf`` in the first steps) and the running scale after this step.
+    growth: float
+    scale: float
+    #: Whether the step must be tried on copies first (:meth:`HierarchicalHD._outcome_is_finite`).
+    check: bool
+
+    def at(self, j: int) -> _Plan:
+        """The plan of the ``j``-th tensor alone."""
+        return replace(
+            self,
+            layer_rates=self.layer_rates[j : j + 1],
+            old_layer=self.old_layer[j : j + 1],
+            tensor_steps={k: v[j : j + 1] for k, v in self.tensor_steps.items()},
+        )
 
 
 def _flat(reads: Sequence[_Reads], field: str) -> list[Any]:
@@ -328,21 +504,39 @@ class HierarchicalHD(AdaptiveOptimizer):
     **Rates, param groups and schedulers.** The learned rates are stored as multiples of the
     group's ``lr`` (they start at 1), and the rate applied to a group is its current ``lr`` times
     that multiple.  So groups with different ``lr`` share the global level, and an LR scheduler
-    scales the learned rates instead of being overridden by them.  The hypergradient steps are
-    taken on the rate before scheduling (``lr_ref`` = the group's ``initial_lr`` that schedulers
-    record, else its ``lr``): in absolute units a rate moves by ``β·(lr/lr_ref)·Σh``, which is
-    exactly Baydin's ``β·Σh`` without a scheduler, and fades with the schedule.  A group whose
-    ``lr`` (or ``lr_ref``) is 0 does not move its rates.
+    scales the learned rates instead of being overridden by them.  [package] The hypergradient
+    steps are taken on the rate at the largest scheduled ``lr``: ``lr_ref`` (:func:`reference_lr`)
+    is the largest of the group's ``lr``, the ``initial_lr`` and ``max_lr`` that schedulers record
+    and every ``lr`` the group has stepped with (kept in ``hd_reference_lr``).  The applied rate
+    then moves by ``β·(lr/lr_ref)²·Σh``: exactly Baydin's ``β·Σh`` without a scheduler, never more
+    under one, less where the schedule is below its peak (a warm-up neither amplifies the step nor
+    multiplies the multiples learned at its small start by its peak).  A group whose ``lr`` is 0
+    does not move its rates.
+
+    **Safeguards** [package].  ``max_rate_growth`` (default 2): after the first 5 steps, a rate may
+    grow by at most that factor per step, from below ``lr`` up to ``max_rate_growth·lr``
+    (decreases are not limited).  One gradient spike otherwise throws the rate up (the
+    hypergradient ``⟨g_t, s_{t−1}⟩`` grows with the square of the gradients), the run overshoots,
+    and the rate swings between 0 and ever larger values until the run diverges; on normal runs
+    the cap does not bind (``inf`` turns it off).  The step's outcome is gated: the new scalar
+    rates and weights are checked on the host, and a step that the screen flags (the first one; a
+    hypergradient ``Σ_j |⟨g_j, s_j⟩|`` (in rate units) more than 10 times its running average, as
+    a gradient spike gives; every step of float16 parameters) is first taken on copies, tensor
+    by tensor; if anything it would write is not finite, the step is skipped with parameters and
+    state untouched.
 
     **Memory.** Beyond the parameters and the base rule's buffers (none for ``sgd``, one for
     ``sgdn``, two for ``adam``), one parameter-sized buffer for ``s_{t−1}``; the ``"param"`` level
     adds one more parameter-sized tensor (its rates, in at least float32); ``"unit"`` adds one value
-    per output unit, ``"layer"`` one float per tensor, ``"global"`` one float.
+    per output unit, ``"layer"`` one float per tensor, ``"global"`` one float.  Adam's ``exp_avg_sq``
+    is kept in at least float32 (in float16 the squares of small gradients underflow to 0, and
+    ``m/(√v + eps)`` becomes ``g/eps``; ``torch.optim.Adam`` keeps it in the parameters' dtype).
 
     **Cost.** One extra pass over the gradients for the dot products, plus, for ``sgd``, a copy of
     the gradient into ``s``: plain SGD-HD cannot come close to ``torch.optim.SGD``'s single fused
     pass, while the Nesterov and Adam bases, which already make several passes, add relatively
-    little.  The ``"unit"`` and ``"param"`` levels add a few passes each.  Measured step times:
+    little.  The ``"unit"`` and ``"param"`` levels add a few passes each (three of them for
+    ``max_rate_growth``'s cap on their rates).  Measured step times:
     see docs/benchmarks.md.
 
     **Default ``hyper_lr``.**  ``hyper_lr=None`` takes :data:`DEFAULT_HYPER_LR` for the base:
@@ -375,16 +569,22 @@ class HierarchicalHD(AdaptiveOptimizer):
             entry of ``levels`` (ignored for the coarsest active level, which has no parent).
         rate_bounds: ``(low, high)`` bounds of every level's rate, in multiples of the group's
             ``lr``; ``low`` may be ``-inf`` and ``high`` ``inf``.
+        max_rate_growth: the factor by which a rate may grow per step after the first 5 (see
+            Safeguards), in (1, inf]; ``inf`` turns the cap off.
         foreach: use the multi-tensor path; ``False`` updates tensor by tensor.
         average_across_ranks: average a given loss across ``torch.distributed`` ranks (the method
             needs only gradients, which data parallelism already averages).
+        max_consecutive_skips: raise after this many skipped steps in a row (see
+            :class:`~lightning_adaptive_lr.optim._base.AdaptiveOptimizer`).
 
     A loss may be passed (``step(loss=...)``) but is not needed: it only joins the finiteness
-    gate.  A non-finite gradient (or loss) skips the step: parameters and state unchanged.
+    gate.  A non-finite gradient (or loss), or a step whose outcome would not be finite, skips the
+    step: parameters and state unchanged.
 
     State: every param group holds, equal in all groups, ``step``, ``skipped_steps``,
-    ``global_rate_multiple`` (the global rate as a multiple of ``lr``) and ``level_weights`` (the
-    current combination weights, in the order of ``levels``); ``state[p]`` holds ``prev_direction``
+    ``global_rate_multiple`` (the global rate as a multiple of ``lr``), ``level_weights`` (the
+    current combination weights, in the order of ``levels``) and ``hypergradient_scale`` (the
+    screen's running average), and its own ``hd_reference_lr``; ``state[p]`` holds ``prev_direction``
     (``s_{t−1}``; for Adam the unnormalised ``m/(sqrt(v̂)+eps)``, with ``direction_scale = 1/(1−β1^k)``),
     the base buffers (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``, ``step``) and the tensor
     levels' rates ``hd_rate_layer`` (a float), ``hd_rate_unit``, ``hd_rate_param`` (tensors).
@@ -415,11 +615,13 @@ class HierarchicalHD(AdaptiveOptimizer):
         "weight_lr",
         "level_pull",
         "rate_bounds",
+        "max_rate_growth",
     )
     group_state: ClassVar[dict[str, Any]] = {
         **AdaptiveOptimizer.group_state,
         "global_rate_multiple": 1.0,
         "level_weights": (),  # set from `weights` by the constructor
+        "hypergradient_scale": 0.0,
     }
 
     def __init__(
@@ -438,9 +640,11 @@ class HierarchicalHD(AdaptiveOptimizer):
         weight_lr: float = 1.0,
         level_pull: float | Sequence[float] = 0.0,
         rate_bounds: tuple[float, float] = (0.0, math.inf),
+        max_rate_growth: float = DEFAULT_MAX_RATE_GROWTH,
         *,
         foreach: bool = True,
         average_across_ranks: bool = True,
+        max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         name = type(self).__name__
         check_choice(name, "base", base, BASES)  # the default hyper_lr depends on it
@@ -467,9 +671,22 @@ class HierarchicalHD(AdaptiveOptimizer):
             weights=initial_weights,
             level_pull=tuple(pull[level] for level in active),
             rate_bounds=self._check_bounds(rate_bounds),
+            max_rate_growth=self._check_growth(max_rate_growth),
             level_weights=initial_weights,
+            **{REFERENCE_LR: None},
         )
-        super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
+        if base != "adam":
+            # torch's momentum-cycling schedulers (OneCycleLR, CyclicLR) and Lightning's
+            # LearningRateMonitor read `betas` when the defaults have it, else `momentum`: only
+            # Adam's base keeps `betas`, so that they act on the momentum the base uses.
+            del defaults["betas"]
+        super().__init__(
+            params,
+            defaults,
+            foreach=foreach,
+            average_across_ranks=average_across_ranks,
+            max_consecutive_skips=max_consecutive_skips,
+        )
 
     # ------------------------------------------------------------------ argument checks
 
@@ -520,6 +737,13 @@ class HierarchicalHD(AdaptiveOptimizer):
         return tuple(float(by_level[level]) / total for level in active)
 
     @classmethod
+    def _check_growth(cls, value: float) -> float:
+        number = real_number(value)
+        if number is None or math.isnan(number) or number <= 1.0:
+            raise ValueError(f"{cls.__name__}: `max_rate_growth` must be a number in (1, inf], got {value!r}")
+        return number
+
+    @classmethod
     def _check_bounds(cls, bounds: tuple[float, float]) -> tuple[float, float]:
         name = cls.__name__
         ok = isinstance(bounds, (tuple, list)) and len(bounds) == 2
@@ -546,31 +770,35 @@ class HierarchicalHD(AdaptiveOptimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # `max_rate_growth` came after release 0.1: older groups take this optimizer's.
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(groups, list) and all(isinstance(group, dict) for group in groups):
+            growth = self.param_groups[0]["max_rate_growth"]
+            state_dict = {**state_dict, "param_groups": [{"max_rate_growth": growth, **group} for group in groups]}
         super().load_state_dict(state_dict)
-        # torch casts floating-point state to its parameter's dtype; the unit and param rates are
-        # kept in at least float32 (16-bit rates would lose the small hypergradient steps), so put
-        # the saved tensors back with their own dtype.
+        # torch casts floating-point state to its parameter's dtype; the unit and param rates and
+        # Adam's v are kept in at least float32 (16-bit rates would lose the small hypergradient
+        # steps, a 16-bit v the squares of small gradients), so put them back with their own dtype.
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id, {})
-            for key in ("hd_rate_unit", "hd_rate_param"):
+            for key in ("hd_rate_unit", "hd_rate_param", "exp_avg_sq"):
                 if key in saved:
                     self.state[p][key] = saved[key].detach().clone().to(device=p.device)
 
-    def _init_state(self, p: Tensor) -> dict[str, Any]:
-        """A parameter's state, created at its first step: ``s_0 = 0``, every rate 1 (× ``lr``)."""
-        state = self.state[p]
-        if "prev_direction" in state:
-            return state
+    def _new_state(self, p: Tensor) -> dict[str, Any]:
+        """A parameter's state at its first step (not stored): ``s_0 = 0``, every rate 1 (× ``lr``)."""
         options = self.param_groups[0]
-        state["prev_direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state: dict[str, Any] = {"prev_direction": torch.zeros_like(p, memory_format=torch.preserve_format)}
         if options["base"] == "sgdn":  # 0 then μ·0 + g: the first g, as torch.optim.SGD starts it
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if options["base"] == "adam":
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # v in at least float32: in float16 the squares of small gradients underflow to 0 and
+            # the direction m/(√v + eps) becomes g/eps.
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=work_dtype(p.dtype), memory_format=torch.preserve_format)
             state["direction_scale"] = 1.0
         if "layer" in options["levels"]:
             state["hd_rate_layer"] = 1.0
@@ -579,6 +807,13 @@ class HierarchicalHD(AdaptiveOptimizer):
             state["hd_rate_unit"] = torch.ones(units, dtype=work_dtype(p.dtype), device=p.device)
         if "param" in options["levels"]:
             state["hd_rate_param"] = torch.ones_like(p, dtype=work_dtype(p.dtype), memory_format=torch.preserve_format)
+        return state
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        """A parameter's state, created (:meth:`_new_state`) at its first step."""
+        state = self.state[p]
+        if "prev_direction" not in state:
+            state.update(self._new_state(p))
         return state
 
     # ------------------------------------------------------------------ the step
@@ -603,12 +838,6 @@ class HierarchicalHD(AdaptiveOptimizer):
         options = self.param_groups[0]
         levels: tuple[str, ...] = options["levels"]
         params, grads, prevs, found = (_flat(reads, k) for k in ("params", "grads", "prevs", "states"))
-        if options["base"] == "adam" and any(p.dtype == torch.float16 for p in params):
-            raise TypeError(
-                f"{type(self).__name__}(base='adam') does not support float16 parameters: `eps` is 0 in "
-                "float16, so an element whose gradient is 0 would divide 0 by 0. Keep the parameters in "
-                "float32 (mixed precision: precision='16-mixed') or use bfloat16."
-            )
         if self._is_state_initialization():  # torch.distributed.checkpoint lays out the state
             for p in params:
                 self._init_state(p)
@@ -634,40 +863,50 @@ class HierarchicalHD(AdaptiveOptimizer):
         values = self._gate(**scalars)  # the step's one synchronization
         if values is None:
             return
+        # The outcome, before anything is written: the new scalar rates and weights (host
+        # arithmetic); where the screen asks for it, the whole step taken on copies.
+        plan = self._plan(reads, values)
+        if plan is None:
+            self._skip_step("outcome", ["the new learning rates"])
+            return
+        if plan.check and not self._outcome_is_finite(reads, plan, unit_sums):
+            self._skip_step("outcome", ["the step's parameters or state"])
+            return
 
         states = [self._init_state(p) for p in params]
-        weights, global_rate = self._move_rates(reads, states, values, unit_sums)
+        _apply_step_(plan, levels, reads, states, unit_sums, foreach=options["foreach"])
+        self._set_shared(
+            step=self._shared("step") + 1,
+            global_rate_multiple=plan.global_rate,
+            level_weights=tuple(plan.weights[k] for k in levels),
+            hypergradient_scale=plan.scale,
+        )
+        for r, reference in zip(reads, plan.references):
+            r.group[REFERENCE_LR] = reference
+        self._record_all(levels, plan.weights)
 
-        # The step with the new rates and weights: the scalar levels through the base rule's own
-        # kernels, then the tensor-valued levels.
-        base_step_ = _adam_step_ if options["base"] == "adam" else _sgd_step_
-        for r in reads:
-            sts = [self.state[p] for p in r.params]
-            rates = [r.group["lr"] * scalar_rate(weights, global_rate, st.get("hd_rate_layer", 1.0)) for st in sts]
-            directions = base_step_(r.group, r.params, r.grads, sts, rates)
-            _tensor_levels_step_(r.group["lr"], r.params, directions, sts, weights)
-        self._record_all(levels, weights)
-
-    def _move_rates(
-        self,
-        reads: list[_Reads],
-        states: list[dict[str, Any]],
-        values: dict[str, Any],
-        unit_sums: list[Tensor | None],
-    ) -> tuple[dict[str, float], float]:
-        """The rules, on the previous rates and weights: every level's rates and (if learned) the
-        weights move; returns the new weights and global rate (also written to the groups)."""
+    def _plan(self, reads: list[_Reads], values: dict[str, Any]) -> _Plan | None:
+        """The rules on the previous rates and weights, on the host: the new global and layer
+        rates, the new weights, the tensor levels' steps, the screen; ``None`` if a new rate or
+        weight is not finite.  Nothing is written."""
         options = self.param_groups[0]
         levels: tuple[str, ...] = options["levels"]
         beta, lam = dict(zip(levels, options["hyper_lr"])), dict(zip(levels, options["level_pull"]))
         low, high = options["rate_bounds"]
-        params, grads, prevs, scales = (_flat(reads, k) for k in ("params", "grads", "prevs", "scales"))
+        scales, found, params = (_flat(reads, k) for k in ("scales", "states", "params"))
         groups = [r.group for r in reads for _ in r.params]
         dots = values["dots"]
         weights = dict(zip(levels, self._shared("level_weights")))
         old_global = self._shared("global_rate_multiple")
-        old_layer = [st.get("hd_rate_layer", 1.0) for st in states]
-        coefs = [rate_step_factor(g["lr"], g.get("initial_lr", g["lr"]), a) for g, a in zip(groups, scales)]
+        old_layer = [st.get("hd_rate_layer", 1.0) for st in found]
+
+        references = [
+            reference_lr(r.group["lr"], r.group.get("initial_lr"), r.group.get("max_lr"), r.group.get(REFERENCE_LR))
+            for r in reads
+        ]
+        lr_refs = [ref for r, ref in zip(reads, references) for _ in r.params]
+        coefs = [rate_step_factor(g["lr"], ref, a) for g, ref, a in zip(groups, lr_refs, scales)]
+        growth = options["max_rate_growth"] if self._shared("step") >= _GROWTH_WARMUP else math.inf
 
         new_weights = weights
         if options["learn_weights"]:
@@ -676,43 +915,65 @@ class HierarchicalHD(AdaptiveOptimizer):
             gradient = weight_hypergradients(levels, absolute, dots, old_global, old_layer, partials)
             moved = project_simplex([weights[k] - options["weight_lr"] * gradient[k] for k in levels])
             new_weights = dict(zip(levels, moved))
-
-        for level in ("param", "unit"):  # finest first: every pull reads its parent's previous value
-            if level in levels:
-                step = weights[level] * beta[level]
-                _move_tensor_rates_(
-                    [st[_RATE_KEYS[level]] for st in states],
-                    grads,
-                    prevs,
-                    unit_sums if level == "unit" else None,
-                    [step * c for c in coefs],
-                    _parent_rates(self._parent(level), old_global, old_layer, states, params),
-                    2.0 * beta[level] * lam[level],
-                    (low, high),
-                    foreach=options["foreach"],
-                )
+        layer_rates = list(old_layer)
         if "layer" in levels:
             step = weights["layer"] * beta["layer"]
             pull = 2.0 * beta["layer"] * lam["layer"] if "global" in levels else 0.0
-            for st, r, d, c in zip(states, old_layer, dots, coefs):
-                st["hd_rate_layer"] = hd_rate(r, d, step * c, pull=pull, parent=old_global, low=low, high=high)
+            layer_rates = [
+                hd_rate(r, d, step * c, pull=pull, parent=old_global, low=low, high=high, growth=growth)
+                for r, d, c in zip(old_layer, dots, coefs)
+            ]
         new_global = old_global
         if "global" in levels:
             alignment = sum(c * d for c, d in zip(coefs, dots))
-            new_global = hd_rate(old_global, alignment, weights["global"] * beta["global"], low=low, high=high)
-
-        self._set_shared(
-            step=self._shared("step") + 1,
-            global_rate_multiple=new_global,
-            level_weights=tuple(new_weights[k] for k in levels),
+            step = weights["global"] * beta["global"]
+            new_global = hd_rate(old_global, alignment, step, low=low, high=high, growth=growth)
+        # The screen (host arithmetic): the first step, a hypergradient without a running average
+        # yet or far above it (a gradient spike), float16 parameters (whose range the base rule's
+        # buffers can overflow with ordinary gradients): the step is then tried on copies first.
+        size = hypergradient_size(coefs, dots)
+        scale = self._shared("hypergradient_scale")
+        spike = size > 0.0 and (scale <= 0.0 or size > _SCREEN * scale)
+        check = self._shared("step") == 0 or spike or any(p.dtype == torch.float16 for p in params)
+        if not all(math.isfinite(v) for v in (size, new_global, *layer_rates, *new_weights.values())):
+            return None
+        tensor_levels = [k for k in ("unit", "param") if k in levels]
+        return _Plan(
+            weights=new_weights,
+            global_rate=new_global,
+            layer_rates=layer_rates,
+            old_global=old_global,
+            old_layer=old_layer,
+            tensor_steps={k: [weights[k] * beta[k] * c for c in coefs] for k in tensor_levels},
+            pulls={k: 2.0 * beta[k] * lam[k] for k in tensor_levels},
+            bounds=(low, high),
+            references=references,
+            growth=growth,
+            scale=running_scale(scale, size),
+            check=check,
         )
-        return new_weights, new_global
 
-    def _parent(self, level: str) -> str | None:
-        """The next coarser active level (``None`` for the coarsest)."""
-        levels = self.param_groups[0]["levels"]
-        coarser = [c for c in levels if LEVELS.index(c) < LEVELS.index(level)]
-        return coarser[-1] if coarser else None
+    def _outcome_is_finite(self, reads: list[_Reads], plan: _Plan, unit_sums: list[Tensor | None]) -> bool:
+        """Whether the step leaves every parameter and state value finite, found by taking it on
+        copies, one tensor at a time, with the per-tensor bodies (the same operations)."""
+        levels: tuple[str, ...] = self.param_groups[0]["levels"]
+        extrema: list[Tensor] = []
+        j = 0
+        for r in reads:
+            group = {**r.group, "foreach": False}
+            for p, g, prev, scale, found in zip(r.params, r.grads, r.prevs, r.scales, r.states):
+                state = _copied(found) if prev is not None else self._new_state(p)
+                prevs = [None if prev is None else state["prev_direction"]]
+                copy = _Reads(group, [p.detach().clone()], [g.clone()], prevs, [scale], [state])
+                _apply_step_(plan.at(j), levels, [copy], [state], unit_sums[j : j + 1], foreach=False)
+                tensors = [copy.params[0], *(v for v in state.values() if isinstance(v, Tensor))]
+                numbers = [float(v) for v in state.values() if isinstance(v, float)]
+                if not all(math.isfinite(v) for v in numbers):
+                    return False
+                extrema.extend(tensor_extrema(tensors, p.device))
+                j += 1
+        device = extrema[0].device
+        return bool(torch.isfinite(torch.stack([e.to(device) for e in extrema])).all())
 
     # ------------------------------------------------------------------ recording
 

@@ -10,14 +10,29 @@ capped at ``lr``::
     τ = min(lr/ρ, [c·(f̄ − ρ·lb) + ⟨d, x⟩ − c·γ]₊ / ‖d‖²),      c = 1 + lr·weight_decay
     x ← (x − τ·d) / c
 
-The base direction is MoMo's dampened heavy-ball average ``d`` (:func:`~._directions.momentum_`
-with ``dampening = β``) or, for MoMo-Adam, Adam's ``d/Dn`` (:mod:`._directions`), in whose
-geometry ``‖d‖²`` becomes ``Σ d²/Dn``.  The step size is :func:`momo_step_size`.
+The base direction is MoMo's dampened heavy-ball average ``d`` or, for MoMo-Adam, Adam's ``d/Dn``
+(:mod:`._directions`), in whose geometry ``‖d‖²`` becomes ``Σ d²/Dn``.  The step size is
+:func:`momo_step_size`.
+
+Outside the paper's assumptions (docs/algorithms.md §1.4):
+
+* **A loss below** ``lb``: the bound is not one, and the Polyak step would be 0 for ever.  When
+  the loss average falls below it, ``lb`` is lowered (:func:`momo_lowered_bound`), counted in
+  ``lb_lowered`` and warned about once.  While the losses stay at or above ``lb`` the update is
+  the paper's.
+* **The step's outcome is gated**: the new averages are formed next to the state, and the sums
+  the step size needs (``⟨d, x⟩``, ``‖d‖²`` or ``⟨d, u⟩``, and MoMo-Adam's largest new ``v``)
+  are read by the gate with the loss; if one is not finite in the parameters' precision, the
+  step is skipped with state and parameters untouched.
+* **Momentum schedules**: MoMo's param groups also hold ``momentum`` (= ``beta``), the key
+  ``torch.optim.lr_scheduler.OneCycleLR``/``CyclicLR`` cycle and Lightning's
+  ``LearningRateMonitor`` logs; MoMo-Adam's ``betas[0]`` is cycled as torch's Adam's.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -25,20 +40,43 @@ import torch
 from torch import Tensor
 
 from . import _momo_compiled as kernels
-from ._base import BETAS, FINITE, FLAG, FRACTION, NONNEGATIVE, AdaptiveOptimizer, check_range, checked
+from ._base import (
+    BETAS,
+    DEFAULT_MAX_CONSECUTIVE_SKIPS,
+    FINITE,
+    FLAG,
+    FRACTION,
+    NONNEGATIVE,
+    AdaptiveOptimizer,
+    check_betas,
+    check_range,
+    checked,
+)
 from ._compiled import scalar
-from ._directions import adam_denominators, adam_directions, adam_moments_, momentum_
-from ._reduce import dot, sqnorm, sum_partials
+from ._directions import adam_denominators, adam_directions
+from ._reduce import (
+    accumulation_dtype,
+    dot,
+    pair_dot,
+    sqnorm,
+    sum_partials,
+    tensor_extrema,
+    work_dtype,
+)
 from ._scalars import Scalar, safe_div, smax, smin, where
-from ._tensorlists import add_scaled_, divide_, multiply_
+from ._tensorlists import add_scaled_, divide_, group_by_device_and_dtype, multiply_
 
-__all__ = ["MoMo", "MoMoAdam", "momo_loss_model", "momo_step_size"]
+__all__ = ["MoMo", "MoMoAdam", "momo_loss_model", "momo_lowered_bound", "momo_step_size"]
 
 #: One param group with its parameters that have a gradient, and those gradients.
 Group = tuple[dict[str, Any], list[Tensor], list[Tensor]]
 
 #: Param-group key of the lower bound in use (``None`` before the first step: then ``lb``).
 CURRENT_LB = "current_lb"
+#: Param-group key counting the steps at which a loss average below ``lb`` lowered it.
+LB_LOWERED = "lb_lowered"
+#: MoMo's param-group key of the β the last step used (``None`` before the first step: the constructor's).
+BETA_USED = "beta_used"
 
 
 # --------------------------------------------------------------------------- the scalar rules
@@ -95,6 +133,143 @@ def momo_step_size(
     return tau, lb
 
 
+def momo_lowered_bound(loss_avg: float, rho: float, lb: float) -> float | None:
+    """The lower bound once the loss average is below ``lb``: ``2·m − lb``; ``None`` while ``m ≥ lb``.
+
+    ``m = f̄/ρ`` is the (bias-corrected) loss average, a weighted mean of the losses seen, so it
+    is below ``lb`` only if some loss was: ``lb`` is then no lower bound, and the Polyak step
+    toward it would be 0 at every step.  The new bound lies as far below ``m`` as ``m`` fell below
+    ``lb`` (docs/algorithms.md §1.4): it follows the loss down by the amounts the loss shows,
+    never by a guessed scale, which keeps the step sizes those of a bound just below the losses.
+
+    >>> momo_lowered_bound(-0.5, 1.0, 0.0)
+    -1.0
+    >>> momo_lowered_bound(0.5, 1.0, 0.0) is None
+    True
+    """
+    mean = loss_avg / rho
+    return 2.0 * mean - lb if mean < lb else None
+
+
+# --------------------------------------------------------------------------- the eager bodies
+#
+# Each forms a group's new averages next to the state and returns them with the sums the gate reads
+# (``⟨g, x⟩``, ``⟨d', x⟩``, ``‖d'‖²`` or ``⟨d', u⟩``, and MoMo-Adam's largest ``v'``), so that a step
+# whose outcome is not finite is skipped before anything is stored; the class stores them after the
+# gate.  Chosen once per group:
+#
+# * multi-tensor (``foreach`` on an accelerator): ``torch._foreach_*`` kernels writing new tensors
+#   (the caching allocator reuses their memory), then the sums of :mod:`._reduce`;
+# * one tensor at a time (the CPU, and ``foreach=False``): the new averages go into ``outs``,
+#   buffers kept between steps (allocating parameter-sized tensors costs the CPU more than the
+#   arithmetic), and each tensor's partial sums are taken while it is in cache.
+#
+# The averages are the ``lerp`` of :func:`~._directions.momentum_` (dampening = β) and the
+# operations of :func:`~._directions.adam_moments_`, in its order, written to new tensors.
+
+
+def _start(value: Tensor | None, param: Tensor) -> Tensor:
+    """A stored average, or 0 for one not stored yet (an average starts at 0)."""
+    return torch.zeros_like(param, memory_format=torch.preserve_format) if value is None else value
+
+
+def _single_tensor_momo(
+    avgs: list[Tensor | None],
+    grads: list[Tensor],
+    params: list[Tensor],
+    weight: float,
+    outs: list[Tensor],
+    device: torch.device,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``d' = d + weight·(g − d)`` into ``outs``; ``[⟨g, x⟩, ⟨d', x⟩, ‖d'‖²]`` (0-d, on ``device``)."""
+    acc, new, partials = accumulation_dtype(device), [], []
+    for d, g, x, out in zip(avgs, grads, params, outs):
+        d_new = torch.lerp(_start(d, x), g, weight, out=out)
+        new.append(d_new)
+        partials.append(torch.stack([pair_dot(g, x, acc), pair_dot(d_new, x, acc), pair_dot(d_new, d_new, acc)]))
+    return new, sum_partials([torch.stack(partials, dim=1)], device)
+
+
+def _multi_tensor_momo(
+    avgs: list[Tensor | None], grads: list[Tensor], params: list[Tensor], weight: float, device: torch.device
+) -> tuple[list[Tensor], list[Tensor]]:
+    """As :func:`_single_tensor_momo`, the averages as new tensors from multi-tensor kernels."""
+    new = [_start(d, x) for d, x in zip(avgs, params)]
+    for ds, gs, index in group_by_device_and_dtype(list(new), grads, list(range(len(new)))):
+        for i, d in zip(index, torch._foreach_lerp(ds, gs, weight)):
+            new[i] = d
+    return new, [dot(grads, params, device), dot(new, params, device), sqnorm(new, device)]
+
+
+def _second_moment(v: Tensor, g: Tensor, weight: float, out: Tensor) -> tuple[Tensor, Tensor]:
+    """Adam's ``v' = v·(1 − weight) + weight·g²`` into ``out``, and ``v'`` for the denominator: the
+    same tensor, except for 16-bit ``v``, whose ``v'`` is computed in float32 and rounded once into
+    ``out`` (float16 flushes a small ``v'`` to 0, where ``d/(√v' + eps)`` would be ``d/eps``)."""
+    if v.dtype.itemsize == 2:
+        wide = torch.mul(v.float(), 1.0 - weight).addcmul_(g, g, value=weight)
+        return out.copy_(wide), wide
+    new = torch.mul(v, 1.0 - weight, out=out).addcmul_(g, g, value=weight)
+    return new, new
+
+
+def _single_tensor_momo_adam(
+    avgs: list[Tensor | None],
+    sq_avgs: list[Tensor | None],
+    grads: list[Tensor],
+    params: list[Tensor],
+    weights: tuple[float, float],
+    root: float,
+    eps: float,
+    outs: tuple[list[Tensor], list[Tensor], list[Tensor]],
+    device: torch.device,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """Adam's moments into ``outs`` (d', v'; the directions ``u = d'/Dn`` into the third), and
+    ``[⟨g, x⟩, ⟨d', x⟩, ⟨d', u⟩, max v']`` (0-d, on ``device``; ``max v'`` as stored)."""
+    acc, ds, vs, us, partials = accumulation_dtype(device), [], [], [], []
+    for d, v, g, x, out_d, out_v, out_u in zip(avgs, sq_avgs, grads, params, *outs):
+        d_new = torch.lerp(_start(d, x), g, weights[0], out=out_d)
+        v_new, wide = _second_moment(_start(v, x), g, weights[1], out_v)
+        denominator = adam_denominators([wide], root, eps, foreach=False, out=[out_u])
+        (u,) = adam_directions([d_new], denominator, foreach=False, out=[out_u])
+        ds.append(d_new)
+        vs.append(v_new)
+        us.append(u)
+        sums = [pair_dot(g, x, acc), pair_dot(d_new, x, acc), pair_dot(d_new, u, acc), _largest(v_new, acc)]
+        partials.append(torch.stack(sums))
+    return ds, vs, us, sum_partials([torch.stack(partials, dim=1)], device)
+
+
+def _multi_tensor_momo_adam(
+    avgs: list[Tensor | None],
+    sq_avgs: list[Tensor | None],
+    grads: list[Tensor],
+    params: list[Tensor],
+    weights: tuple[float, float],
+    root: float,
+    eps: float,
+    device: torch.device,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """As :func:`_single_tensor_momo_adam`, the moments and directions as new tensors."""
+    ds = [_start(d, x) for d, x in zip(avgs, params)]
+    starts = [_start(v, x) for v, x in zip(sq_avgs, params)]
+    vs, wides = list(starts), list(starts)
+    for ms, sq, gs, index in group_by_device_and_dtype(list(ds), starts, grads, list(range(len(ds)))):
+        narrow = sq[0].dtype.itemsize == 2
+        wide = torch._foreach_mul([v.float() for v in sq] if narrow else sq, 1.0 - weights[1])
+        torch._foreach_addcmul_(wide, gs, gs, weights[1])
+        for i, d, w in zip(index, torch._foreach_lerp(ms, gs, weights[0]), wide):
+            ds[i], wides[i], vs[i] = d, w, w.to(starts[i].dtype) if narrow else w
+    us = adam_directions(ds, adam_denominators(wides, root, eps, foreach=True), foreach=True)
+    v_max = tensor_extrema(vs, device)[1]
+    return ds, vs, us, [dot(grads, params, device), dot(ds, params, device), dot(ds, us, device), v_max]
+
+
+def _largest(t: Tensor, acc: torch.dtype) -> Tensor:
+    """The largest element of ``t`` (NaN if one is), a 0-d ``acc`` tensor: one tensor's part of
+    :func:`~._reduce.tensor_extrema`, taken while the tensor is in cache."""
+    return t.amax().to(acc)
+
+
 # --------------------------------------------------------------------------- shared by both classes
 
 
@@ -126,10 +301,48 @@ class _MoMoBase(AdaptiveOptimizer):
         "loss_avg": 0.0,
         "gamma": 0.0,
         CURRENT_LB: None,
+        LB_LOWERED: 0,
     }
 
-    #: Whether float16 parameters are supported (Adam's ``eps`` is 0 in float16: MoMo-Adam refuses them).
-    supports_float16: ClassVar[bool] = True
+    #: Run the eager step one tensor at a time on the CPU also with ``foreach`` (there a multi-tensor
+    #: kernel is a loop over tensors anyway, and buffers kept between steps spare the allocations).
+    #: Tests switch it off to exercise the multi-tensor body.
+    single_tensor_on_cpu: ClassVar[bool] = True
+    #: The gate's values computed from the step's outcome (the new averages and the parameters).
+    outcome_scalars: ClassVar[frozenset[str]] = frozenset({"d_dot_x", "d_sqnorm", "d_dot_u", "v_max"})
+
+    def _init_transient(self) -> None:
+        super()._init_transient()
+        self._warned_lb = False
+        #: Per parameter, by name, the buffers the one-tensor-at-a-time eager body writes new values
+        #: into (:func:`_single_tensor_momo`): mostly the tensors the last step replaced.  Not state.
+        self._spares: dict[Tensor, dict[str, Tensor]] = {}
+
+    def _outs(self, name: str, params: list[Tensor], *, foreach: bool, wide: bool = False) -> list[Tensor] | None:
+        """The buffers a group's eager step writes a new value into, one per parameter (shaped like
+        it; in :func:`~._reduce.work_dtype` if ``wide``): ``None`` for the multi-tensor body (on
+        accelerators), else each parameter's spare, kept between steps."""
+        if not params or (foreach and (params[0].device.type != "cpu" or not self.single_tensor_on_cpu)):
+            return None
+        outs = []
+        for p in params:
+            spares, dtype = self._spares.setdefault(self._parameter_of(p), {}), work_dtype(p.dtype) if wide else p.dtype
+            spare = spares.get(name)
+            if spare is None or (spare.shape, spare.dtype, spare.device) != (p.shape, dtype, p.device):
+                spare = spares[name] = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            outs.append(spare)
+        return outs
+
+    def _store(self, key: str, params: list[Tensor], values: list[Tensor]) -> None:
+        """``state[p][key] ← value`` (after the gate); a replaced tensor becomes ``p``'s spare if it has one."""
+        for p, value in zip(params, values):
+            state, spares = self.state[p], self._spares.get(self._parameter_of(p))
+            old, state[key] = state.get(key), value
+            if spares is not None and key in spares:
+                if old is None:
+                    del spares[key]
+                else:
+                    spares[key] = old
 
     def _loss_beta(self) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -161,17 +374,26 @@ class _MoMoBase(AdaptiveOptimizer):
             legacy[CURRENT_LB] = legacy.pop("lb")
         return super()._legacy_group_state(legacy)
 
+    def _check_shared_options(self) -> None:
+        """The shared options as a scheduler may have left them: equal in every group, and valid."""
+        first = self.param_groups[0]
+        for name in self.shared_options:
+            for group in self.param_groups[1:]:
+                if group[name] != first[name]:
+                    raise ValueError(
+                        f"{self._name}: `{name}` is shared by all param groups (it enters scalars computed over "
+                        f"the whole model), but the groups hold {first[name]!r} and {group[name]!r} (changed by "
+                        "a scheduler or by hand?); give every group the same value"
+                    )
+        if "betas" in first:
+            check_betas(self._name, first["betas"])
+
     def _update(self, loss: Tensor | None) -> None:
         assert loss is not None
+        self._check_shared_options()
         groups = [(g, *self._params_and_grads(g)) for g in self.param_groups]
         if not any(params for _, params, _ in groups):
             return
-        if not self.supports_float16 and any(p.dtype == torch.float16 for _, ps, _ in groups for p in ps):
-            raise TypeError(
-                f"{type(self).__name__} does not support float16 parameters: `eps` is 0 in float16, so an "
-                "element whose gradient is 0 would divide 0 by 0. Keep the parameters in float32 (mixed "
-                "precision: precision='16-mixed') or use bfloat16."
-            )
         step = self._compiled_step if self._shared("compiled") else self._eager_step
         step(loss, groups)
 
@@ -193,9 +415,31 @@ class _MoMoBase(AdaptiveOptimizer):
         )
         self._set_shared(step=self._shared("step") + 1, loss_avg=loss_avg, gamma=gamma)
 
-    def _step_sizes(self, groups: list[Group], d_dot_x: Tensor, d_sqnorm: Tensor, rho: float) -> list[Scalar]:
+    def _lower_bound_below_loss(self, rho: float) -> None:
+        """Lower ``lb`` (:func:`momo_lowered_bound`) if the loss average fell below it; count and warn."""
+        floor, loss_avg = self._shared("lb"), self._shared("loss_avg")
+        lowered = momo_lowered_bound(loss_avg, rho, floor)
+        if lowered is None:
+            return
+        shared: dict[str, Any] = {"lb": lowered, LB_LOWERED: self._shared(LB_LOWERED) + 1}
+        if not self._shared("estimate_lb"):
+            shared[CURRENT_LB] = lowered
+        self._set_shared(**shared)
+        if not self._warned_lb:
+            self._warned_lb = True
+            warnings.warn(
+                f"{self._name}: the loss average {loss_avg / rho:.6g} is below the lower bound lb={floor:.6g}, "
+                f"where the step size would be 0 for ever; lb is lowered to {lowered:.6g} (and again whenever "
+                "the loss average falls below it, counted in param_groups[i]['lb_lowered']). Pass an `lb` "
+                "below every loss value, use `estimate_lb=True`, or, with AdaptiveLRCallback(lb_fraction=...), "
+                "a smaller `lb_fraction`.",
+                RuntimeWarning,
+                stacklevel=8,  # the caller of step()
+            )
+
+    def _step_sizes(self, groups: list[Group], d_dot_x: float, d_sqnorm: float, rho: float) -> list[Scalar]:
         """Per group τ by :func:`momo_step_size` (recorded); the groups update the lower bound in turn."""
-        d_dot_x, d_sqnorm = self._to_host_if_free(d_dot_x, d_sqnorm)
+        self._lower_bound_below_loss(rho)
         lb = self._shared(CURRENT_LB)
         taus = []
         for group, _, _ in groups:
@@ -239,13 +483,16 @@ class MoMo(_MoMoBase):
         params: parameters or param groups.  Groups may differ in ``lr`` and ``weight_decay``.
         lr: the cap on the step size (MoMo is robust to it; the paper's default is 1).
         beta: momentum of the loss, gradient and ``⟨g, x⟩`` averages, in [0, 1).  Shared by groups.
+            Also held as ``momentum`` in every param group (see below).
         weight_decay: L2 regularization handled by the proximal (implicit) update ``x / (1 + lr·wd)``.
         lb: lower bound of the loss (0 for most losses); with ``estimate_lb`` the starting estimate
-            and a floor.  Change it between steps with :meth:`set_lower_bound`.
+            and a floor.  Change it between steps with :meth:`set_lower_bound`.  If the loss
+            average falls below it, it is lowered (docs/algorithms.md §1.4).
         bias_correction: start the averages at zero and correct by ``1 − beta^k`` (otherwise they
             start at the first values).
         estimate_lb: estimate the lower bound online (MoMo*), useful when the loss does not reach 0.
-        foreach: use the multi-tensor (``torch._foreach_*``) path; ``False`` updates tensor by tensor.
+        foreach: use the multi-tensor (``torch._foreach_*``) path on accelerators; ``False``
+            updates tensor by tensor (as the CPU always does: see the module's eager bodies).
         average_across_ranks: average the loss across ``torch.distributed`` ranks (one collective
             per step) so replicas stay identical.
         compiled: run the step as two ``torch.compile``\ d (TorchInductor) passes per tensor
@@ -256,12 +503,21 @@ class MoMo(_MoMoBase):
             shapes at the first step and needs a working Inductor (a C++ compiler on CPU, Triton
             on GPU): if it fails, ``step()`` raises a RuntimeError naming the cause before any
             state changes; there is no silent fallback.  Speed: see docs/benchmarks.md.
+        max_consecutive_skips: raise after this many skipped steps in a row (``None``: never); see
+            :class:`~._base.AdaptiveOptimizer`.
+
+    **Momentum schedules.**  Every param group holds ``momentum`` equal to ``beta``: the key that
+    ``OneCycleLR``/``CyclicLR`` (``cycle_momentum=True``) write and Lightning's
+    ``LearningRateMonitor(log_momentum=True)`` reads.  A step uses ``momentum`` if it changed since
+    the last step, otherwise ``beta`` (so changing either works; if both changed, ``momentum``
+    wins), and then sets both to the value used.  Like ``beta``, it must be equal in every group.
 
     After each step every param group holds ``effective_lr`` (= ``tau``, the step size used) and
     ``lower_bound`` (the lower bound in use after this group; ``lb`` stays the floor).  The
     optimizer-wide state is kept, equal, in every param group: ``step`` (k), ``skipped_steps``,
-    ``loss_avg`` (f̄), ``gamma`` (γ) and ``current_lb`` (the lower bound in use; ``None`` before
-    the first step, meaning ``lb``).  ``state[p]["grad_avg"]`` is ``d``.
+    ``loss_avg`` (f̄), ``gamma`` (γ), ``current_lb`` (the lower bound in use; ``None`` before
+    the first step, meaning ``lb``), ``lb_lowered`` (how many steps lowered ``lb``) and
+    ``beta_used`` (the β of the last step).  ``state[p]["grad_avg"]`` is ``d``.
 
     Example:
         >>> import torch
@@ -275,7 +531,8 @@ class MoMo(_MoMoBase):
         True
     """
 
-    shared_options = ("beta", "lb", "bias_correction", "estimate_lb", "compiled")
+    shared_options = ("beta", "momentum", "lb", "bias_correction", "estimate_lb", "compiled")
+    group_state: ClassVar[dict[str, Any]] = {**_MoMoBase.group_state, BETA_USED: None}
 
     def __init__(
         self,
@@ -290,12 +547,62 @@ class MoMo(_MoMoBase):
         foreach: bool = True,
         average_across_ranks: bool = True,
         compiled: bool = False,
+        max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         defaults = checked(
             type(self).__name__, locals(), lr=NONNEGATIVE, beta=FRACTION, weight_decay=NONNEGATIVE, lb=FINITE,
             bias_correction=FLAG, estimate_lb=FLAG, compiled=FLAG,
         )  # fmt: skip
-        super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
+        defaults["momentum"] = defaults["beta"]
+        super().__init__(
+            params,
+            defaults,
+            foreach=foreach,
+            average_across_ranks=average_across_ranks,
+            max_consecutive_skips=max_consecutive_skips,
+        )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """A group that sets one of ``beta`` and ``momentum`` gets the other alike (both: equal)."""
+        if "beta" in param_group and "momentum" not in param_group:
+            param_group["momentum"] = param_group["beta"]
+        elif "momentum" in param_group and "beta" not in param_group:
+            param_group["beta"] = param_group["momentum"]
+        elif "beta" in param_group and param_group["beta"] != param_group["momentum"]:
+            raise ValueError(
+                f"{self._name}: `momentum` is another name for `beta`; a param group gave both, "
+                f"{param_group['beta']!r} and {param_group['momentum']!r}"
+            )
+        super().add_param_group(param_group)
+
+    def _convert_legacy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """State dicts saved before ``momentum`` existed: it starts equal to ``beta``."""
+        converted = super()._convert_legacy(state_dict)
+        for group in converted["param_groups"]:
+            group.setdefault("momentum", group["beta"])
+        return converted
+
+    def _check_shared_options(self) -> None:
+        """β from ``momentum`` (if a scheduler changed it since the last step) or ``beta``: into both keys."""
+        used = self._shared(BETA_USED)
+        last = self.defaults["beta"] if used is None else used  # before the first step: the constructor's
+        for group in self.param_groups:
+            momentum = group.setdefault("momentum", group["beta"])
+            key = "momentum" if momentum != last else "beta"
+            check_range(self._name, key, group[key], 0.0, 1.0, high_open=True)
+            group["beta"] = group["momentum"] = group[key]
+        betas = [group["beta"] for group in self.param_groups]
+        if any(beta != betas[0] for beta in betas):
+            raise ValueError(
+                f"{self._name}: `beta` (`momentum`) is shared by all param groups (it averages the loss of the "
+                f"whole model), but the groups hold {betas} (set by a scheduler with per-group momenta?); give "
+                "every group the same value"
+            )
+        super()._check_shared_options()
+
+    def _advance_loss_model(self, values: dict[str, Any], *, restart: bool) -> None:
+        super()._advance_loss_model(values, restart=restart)
+        self._set_shared(**{BETA_USED: self._shared("beta")})
 
     def _loss_beta(self) -> float:
         return self._shared("beta")
@@ -307,27 +614,29 @@ class MoMo(_MoMoBase):
         return k == 1 and not bias_correction, 1.0 - beta**k if bias_correction else 1.0
 
     def _eager_step(self, loss: Tensor, groups: list[Group]) -> None:
-        params, grads = _flatten(groups)
-        values = self._gate(loss=loss, gx=dot(grads, params, loss.device))
+        restart, rho = self._this_step()
+        # A restart takes the gradient whole into the zero average (the first value itself).
+        weight, device = 1.0 if restart else 1.0 - self._shared("beta"), loss.device
+        directions, sums = [], []
+        for group, ps, gs in groups:
+            if not ps:
+                directions.append([])
+                continue
+            avgs = [self.state.get(p, {}).get("grad_avg") for p in ps]
+            outs = self._outs("grad_avg", ps, foreach=group["foreach"])
+            if outs is None:
+                ds, group_sums = _multi_tensor_momo(avgs, gs, ps, weight, device)
+            else:
+                ds, group_sums = _single_tensor_momo(avgs, gs, ps, weight, outs, device)
+            directions.append(ds)
+            sums.append(group_sums)
+        gx, d_dot_x, d_sqnorm = (sum(column) for column in zip(*sums))
+        values = self._gate(loss=loss, gx=gx, d_dot_x=d_dot_x, d_sqnorm=d_sqnorm)
         if values is None:
             return
-        restart, rho = self._this_step()
         self._advance_loss_model(values, restart=restart)
-        beta = self._shared("beta")
-        directions = [
-            momentum_(
-                [self.state[p] for p in ps],
-                gs,
-                beta,
-                dampening=beta,
-                key="grad_avg",
-                first="copy" if restart else "zero",
-                foreach=group["foreach"],
-            )
-            for group, ps, gs in groups
-        ]
-        ds = [d for group_ds in directions for d in group_ds]
-        taus = self._step_sizes(groups, dot(ds, params, loss.device), sqnorm(ds, loss.device), rho)
+        self._store("grad_avg", _flatten(groups)[0], [d for ds in directions for d in ds])
+        taus = self._step_sizes(groups, values["d_dot_x"], values["d_sqnorm"], rho)
         _descend_(groups, directions, taus)
 
     def _compiled_step(self, loss: Tensor, groups: list[Group]) -> None:
@@ -337,13 +646,13 @@ class MoMo(_MoMoBase):
         weight = scalar(1.0 if restart else 1.0 - self._shared("beta"))
         partials = kernels.run_on_buckets(name, kernels.momo_sums, (avgs, grads, params), weight)
         gx, d_dot_x, d_sqnorm = sum_partials(partials, loss.device)
-        values = self._gate(loss=loss, gx=gx)
+        values = self._gate(loss=loss, gx=gx, d_dot_x=d_dot_x, d_sqnorm=d_sqnorm)
         if values is None:
             return
         self._advance_loss_model(values, restart=restart)
         for p, d in zip(params, avgs):
             self.state[p].setdefault("grad_avg", d)
-        taus = self._step_sizes(groups, d_dot_x, d_sqnorm, rho)
+        taus = self._step_sizes(groups, values["d_dot_x"], values["d_sqnorm"], rho)
         for (group, ps, gs), tau in zip(groups, taus):
             ds = [self.state[p]["grad_avg"] for p in ps]
             divisor = scalar(1.0 + group["lr"] * group["weight_decay"])
@@ -367,15 +676,17 @@ class MoMoAdam(_MoMoBase):
         params: parameters or param groups.  Groups may differ in ``lr``, ``weight_decay``, ``eps``.
         lr: the cap on the step size (default 1e-2, as in the paper).
         betas: ``(β1, β2)``: β1 averages the loss, gradient and ``⟨g, x⟩``; β2 the squared gradient.
-            Shared by groups.
+            Shared by groups.  ``OneCycleLR``/``CyclicLR`` with ``cycle_momentum=True`` cycle β1,
+            as for ``torch.optim.Adam``; each step uses the ``betas`` the groups hold then.
         eps: added to the square root of the second moment (outside the root, as Adam).
         weight_decay: weight decay; proximal ``x / (1 + lr·wd)`` by default.
         lb: lower bound of the loss; with ``estimate_lb`` the starting estimate and a floor.
-            Change it between steps with :meth:`set_lower_bound`.
+            Change it between steps with :meth:`set_lower_bound`.  If the loss average falls
+            below it, it is lowered (docs/algorithms.md §1.4).
         estimate_lb: estimate the lower bound online.
         decoupled_weight_decay: shrink ``x ← x·(1 − lr·wd)`` before the step (AdamW style) instead
             of the proximal division.  ``τ`` keeps ``c = 1 + lr·wd`` in both modes, as the authors do.
-        foreach: use the multi-tensor path.
+        foreach: use the multi-tensor path on accelerators (the CPU goes tensor by tensor).
         average_across_ranks: average the loss across ``torch.distributed`` ranks.
         compiled: run the step as two ``torch.compile``\ d (TorchInductor) passes per tensor
             bucket (:mod:`._momo_compiled`): the three sums from the state before the step
@@ -386,12 +697,15 @@ class MoMoAdam(_MoMoBase):
             the first step and needs a working Inductor (a C++ compiler on CPU, Triton on GPU): if
             it fails, ``step()`` raises a RuntimeError naming the cause before any state changes;
             there is no silent fallback.  Speed: see docs/benchmarks.md.
+        max_consecutive_skips: raise after this many skipped steps in a row (``None``: never); see
+            :class:`~._base.AdaptiveOptimizer`.
 
     After each step every param group holds ``effective_lr`` (= ``tau``) and ``lower_bound``, and,
-    equal in every group, ``step``, ``skipped_steps``, ``loss_avg``, ``gamma`` and ``current_lb``
-    (as :class:`MoMo`); ``state[p]`` holds ``grad_avg`` (d) and ``grad_avg_sq`` (v).  float16
-    parameters are refused (a ``TypeError`` at the step): Adam's ``eps`` is 0 in float16; bfloat16
-    and float32 work.
+    equal in every group, ``step``, ``skipped_steps``, ``loss_avg``, ``gamma``, ``current_lb`` and
+    ``lb_lowered`` (as :class:`MoMo`); ``state[p]`` holds ``grad_avg`` (d) and ``grad_avg_sq`` (v),
+    in the parameters' dtype.  For 16-bit parameters ``Dn`` and ``d/Dn`` are computed in float32
+    (:mod:`._directions`: in float16 ``eps = 1e-8`` is 0); a step whose new ``v`` would overflow the
+    parameters' dtype is skipped (see the module docstring).
 
     Example:
         >>> import torch
@@ -406,7 +720,6 @@ class MoMoAdam(_MoMoBase):
     """
 
     shared_options = ("betas", "lb", "estimate_lb", "compiled")
-    supports_float16 = False
 
     def __init__(
         self,
@@ -422,12 +735,19 @@ class MoMoAdam(_MoMoBase):
         foreach: bool = True,
         average_across_ranks: bool = True,
         compiled: bool = False,
+        max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         defaults = checked(
             type(self).__name__, locals(), lr=NONNEGATIVE, betas=BETAS, eps=NONNEGATIVE, weight_decay=NONNEGATIVE,
             lb=FINITE, estimate_lb=FLAG, decoupled_weight_decay=FLAG, compiled=FLAG,
         )  # fmt: skip
-        super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
+        super().__init__(
+            params,
+            defaults,
+            foreach=foreach,
+            average_across_ranks=average_across_ranks,
+            max_consecutive_skips=max_consecutive_skips,
+        )
 
     def _loss_beta(self) -> float:
         return self._shared("betas")[0]
@@ -438,30 +758,40 @@ class MoMoAdam(_MoMoBase):
         return 1.0 - beta1**k, math.sqrt(1.0 - beta2**k)
 
     def _eager_step(self, loss: Tensor, groups: list[Group]) -> None:
-        params, grads = _flatten(groups)
-        values = self._gate(loss=loss, gx=dot(grads, params, loss.device))
+        (beta1, beta2), (rho, root) = self._shared("betas"), self._this_step()
+        weights, device = (1 - beta1, 1 - beta2), loss.device
+        moments, second_moments, directions, sums = [], [], [], []
+        for group, ps, gs in groups:
+            if not ps:
+                directions.append([])
+                continue
+            states, foreach = [self.state.get(p, {}) for p in ps], group["foreach"]
+            avgs, sq_avgs = [s.get("grad_avg") for s in states], [s.get("grad_avg_sq") for s in states]
+            outs = self._outs("grad_avg", ps, foreach=foreach)
+            eps = group["eps"]
+            if outs is None:
+                ds, vs, us, group_sums = _multi_tensor_momo_adam(avgs, sq_avgs, gs, ps, weights, root, eps, device)
+            else:
+                sq_outs = self._outs("grad_avg_sq", ps, foreach=foreach)
+                u_outs = self._outs("direction", ps, foreach=foreach, wide=True)
+                buffers = (outs, sq_outs, u_outs)
+                ds, vs, us, group_sums = _single_tensor_momo_adam(
+                    avgs, sq_avgs, gs, ps, weights, root, eps, buffers, device  # type: ignore[arg-type]
+                )
+            moments += ds
+            second_moments += vs
+            directions.append(us)
+            sums.append(group_sums)
+        gx, d_dot_x, d_dot_u, v_max = (sum(column) for column in zip(*sums))
+        values = self._gate(loss=loss, gx=gx, d_dot_x=d_dot_x, d_dot_u=d_dot_u, v_max=v_max)
         if values is None:
             return
-        (beta1, beta2), (rho, root) = self._shared("betas"), self._this_step()
         self._advance_loss_model(values, restart=False)
-        moments, directions = [], []
-        for group, ps, gs in groups:
-            states = [self.state[p] for p in ps]
-            for p, state in zip(ps, states):
-                if "grad_avg" not in state:  # both moments start at 0
-                    state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["grad_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            ds, vs = [s["grad_avg"] for s in states], [s["grad_avg_sq"] for s in states]
-            adam_moments_(ds, vs, gs, 1 - beta1, 1 - beta2, foreach=group["foreach"])
-            # d/(√v/root + eps) = root·u with u = d/(√v + eps·root): root moves to the scalars, which
-            # saves the pass dividing by it (adam_denominators skips a division by 1).
-            denominators = adam_denominators(vs, 1.0, group["eps"] * root, foreach=group["foreach"])
-            moments += ds
-            directions.append(adam_directions(ds, denominators, foreach=group["foreach"], out=denominators))
-        us = [u for group_us in directions for u in group_us]
-        d_dot_u = dot(moments, us, loss.device) * root
-        taus = self._step_sizes(groups, dot(moments, params, loss.device), d_dot_u, rho)
-        _descend_(groups, directions, [tau * root for tau in taus])
+        params = _flatten(groups)[0]
+        self._store("grad_avg", params, moments)
+        self._store("grad_avg_sq", params, second_moments)
+        taus = self._step_sizes(groups, values["d_dot_x"], values["d_dot_u"], rho)
+        _descend_(groups, directions, taus)
 
     def _compiled_step(self, loss: Tensor, groups: list[Group]) -> None:
         name, (beta1, beta2), (rho, root) = type(self).__name__, self._shared("betas"), self._this_step()
@@ -474,8 +804,8 @@ class MoMoAdam(_MoMoBase):
             moments.append((ds, vs, eps))
             columns = (ds, vs, gs, ps)
             partials += kernels.run_on_buckets(name, kernels.momo_adam_sums, columns, weight1, weight2, root_t, eps)
-        gx, d_dot_x, d_dot_u = sum_partials(partials, loss.device)
-        values = self._gate(loss=loss, gx=gx)
+        gx, d_dot_x, d_dot_u, v_max = sum_partials(partials, loss.device)
+        values = self._gate(loss=loss, gx=gx, d_dot_x=d_dot_x, d_dot_u=d_dot_u, v_max=v_max)
         if values is None:
             return
         self._advance_loss_model(values, restart=False)
@@ -483,7 +813,7 @@ class MoMoAdam(_MoMoBase):
             for p, d, v in zip(ps, ds, vs):
                 self.state[p].setdefault("grad_avg", d)
                 self.state[p].setdefault("grad_avg_sq", v)
-        taus = self._step_sizes(groups, d_dot_x, d_dot_u, rho)
+        taus = self._step_sizes(groups, values["d_dot_x"], values["d_dot_u"], rho)
         for (group, ps, gs), (ds, vs, eps), tau in zip(groups, moments, taus):
             shrink = group["lr"] * group["weight_decay"]
             keep, divisor = (1.0 - shrink, 1.0) if group["decoupled_weight_decay"] else (1.0, 1.0 + shrink)

@@ -18,13 +18,19 @@ minimum::
 rate the next trial step will use.  The base rule's buffers (momentum, Adam moments) are updated
 exactly once per step, by the trial step.  The scalar rules are :func:`qlab_step_factor` and
 :func:`qlab_rate`.
+
+Outside the method's assumptions (docs/algorithms.md §2.5), all [package]: ``lr = 0`` freezes a
+group; an ``lr`` set between 0 and ``min_trial_lr`` does not change the step and is warned about
+once; a step whose trial or fitted point (or the base rule's buffers) would not be finite is
+skipped untouched, checked on copies where a host-side screen asks for it.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,11 +38,22 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._base import BETAS, FRACTION, LEGACY_GLOBAL, NONNEGATIVE, POSITIVE, AdaptiveOptimizer, LossClosure, check_range, checked, one_of
+from ._base import (
+    BETAS,
+    DEFAULT_MAX_CONSECUTIVE_SKIPS,
+    FRACTION,
+    LEGACY_GLOBAL,
+    NONNEGATIVE,
+    AdaptiveOptimizer,
+    LossClosure,
+    check_range,
+    checked,
+    one_of,
+)
 from ._directions import adam_denominators, adam_directions, adam_moments_, momentum_, with_l2
 from ._protocol import Probe
-from ._reduce import accumulation_dtype, dot, sqnorm
-from ._tensorlists import add_scaled_, clone, subtract_
+from ._reduce import accumulation_dtype, dot, sqnorm, tensor_extrema, work_dtype
+from ._tensorlists import add_scaled_, clone, copy_, subtract_
 
 __all__ = ["QLAB", "QLABWrapper", "qlab_rate", "qlab_step_factor"]
 
@@ -134,7 +151,9 @@ def _adam_direction(
         if "step" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # v in at least float32: in float16 the squares of small gradients underflow to 0 and
+            # the direction m̂/(√v̂ + eps) becomes g/eps.
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=work_dtype(p.dtype), memory_format=torch.preserve_format)
         state["step"] += 1
     avgs, sq_avgs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
     adam_moments_(avgs, sq_avgs, grads, 1.0 - beta1, 1.0 - beta2, foreach=foreach)
@@ -172,8 +191,41 @@ class _Trial:
 
 
 def _trial_rate(group: dict[str, Any]) -> float:
-    """η: the group's rate, floored at ``min_trial_lr`` (the floor moves the trial point only)."""
-    return max(float(group["lr"]), group["min_trial_lr"])
+    """η: the group's rate, floored at ``min_trial_lr`` (the floor moves the trial point only);
+    0 for a group whose ``lr`` is 0: it is frozen (nothing of it moves, as in ``torch.optim``)."""
+    lr = float(group["lr"])
+    return 0.0 if lr == 0.0 else max(lr, group["min_trial_lr"])
+
+
+def _longest_rate(group: dict[str, Any], rate: float) -> float:
+    """The largest rate the fit can give a group tried at ``rate`` (:func:`qlab_rate`'s bounds)."""
+    if rate == 0.0:
+        return 0.0
+    return max(rate, min(max(group["max_growth"] * rate, group["min_lr"]), group["max_lr"]))
+
+
+def _may_overflow(
+    groups: Sequence[tuple[dict[str, Any], list[Tensor], list[Tensor]]],
+    rates: Sequence[float],
+    grad_sqnorms: Sequence[float],
+) -> bool:
+    """The screen of the step's outcome, on the host: whether some parameter is float16 (whose
+    range ordinary gradients exceed), or some group's longest possible step comes within 2⁻¹⁰ of
+    the largest number of its parameters' dtype.  The step is bounded by ``η_max·‖g‖/(1 − μ)`` (a
+    heavy-ball buffer sums about ``1/(1 − μ)`` gradients) or, for Adam's ``m̂/(√v̂ + eps)``, by
+    about ``η_max/√(1 − β2)``: a screen, not a proof (the parameters themselves are assumed well
+    inside the range)."""
+    for (group, params, _), rate, sqnorm_ in zip(groups, rates, grad_sqnorms):
+        dtypes = {p.dtype for p in params}
+        if torch.float16 in dtypes:
+            return True
+        momentum = 0.0 if group.get("base") == "sgd" else float(group.get("momentum", 0.0))
+        direction = math.sqrt(sqnorm_) / max(1.0 - momentum, 1e-3)
+        if "betas" in group:
+            direction = max(direction, 1.0 / math.sqrt(max(1.0 - float(group["betas"][1]), 1e-12)))
+        if _longest_rate(group, rate) * direction > min(torch.finfo(d).max for d in dtypes) / 1024.0:
+            return True
+    return False
 
 
 def _set_lr(group: dict[str, Any], rate: float) -> None:
@@ -194,6 +246,20 @@ def _check_bounds(owner: str, min_lr: float, max_lr: float, min_trial_lr: float,
         raise ValueError(f"{owner}: `max_growth` must be a number in [1, inf], got {max_growth!r}")
 
 
+def _fitted_points_are_finite(trials: list[_Trial], starts: list[list[Tensor]]) -> bool:
+    """Whether every point from ``x`` (``starts``) to the longest step the fit may take along the
+    wrapped optimizer's displacement (``directions = x − x_trial``) is finite."""
+    extrema: list[Tensor] = []
+    for trial, start in zip(trials, starts):
+        reach = _longest_rate(trial.group, trial.rate) / trial.rate
+        for x, d in zip(start, trial.directions):
+            extrema.extend(tensor_extrema([torch.add(x, d, alpha=-reach), d], x.device))
+    if not extrema:
+        return True
+    device = extrema[0].device
+    return bool(torch.isfinite(torch.stack([e.to(device) for e in extrema])).all())
+
+
 class _QLABFit(AdaptiveOptimizer):
     """What :class:`QLAB` and :class:`QLABWrapper` share: the probe intake and the fit.
 
@@ -208,6 +274,7 @@ class _QLABFit(AdaptiveOptimizer):
     def _init_transient(self) -> None:
         super()._init_transient()
         self._active_probe: tuple[Probe, bool] | None = None
+        self._warned_floor = False
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -254,20 +321,65 @@ class _QLABFit(AdaptiveOptimizer):
             raise RuntimeError(f"{self._name}: the probe returned None; it must return the loss")
         return self._loss_tensor(value, reduced, device)
 
-    def _fit_and_move(self, trials: list[_Trial], loss: float, slope: Tensor, device: torch.device) -> None:
-        """Probe the trial point, fit the quadratic, move every group to its fitted point, record."""
-        try:
-            trial_loss = self._probe_at_trial_point(device)
-        except BaseException:
-            for trial in trials:  # back to where the step started (the buffers keep their update)
-                trial.move(0.0)
-            raise
-        # The step's second device-to-host read (the first is the gate): t* decides every group's
-        # rate, which must be a number in param_groups.  The probe's forward pass has just run on
-        # the device, so this read waits for little more than that pass.
-        f_trial, a1 = torch.stack([trial_loss, slope.to(trial_loss)]).tolist()
-        a2 = f_trial - loss - a1
+    def _warn_below_floor(self) -> None:
+        """Warn once when a group's ``lr`` was set (by a scheduler or by hand) between 0 and its
+        ``min_trial_lr``: the trial step then runs at ``min_trial_lr`` and the fit chooses the step,
+        so that ``lr`` has no effect (``lr = 0`` freezes the group).  A rate the fit itself wrote
+        (``effective_lr``) may lie below the floor without a warning."""
+        if self._warned_floor:
+            return
+        for i, group in enumerate(self.param_groups):
+            lr = float(group["lr"])
+            if 0.0 < lr < group["min_trial_lr"] and lr != group.get("effective_lr"):
+                self._warned_floor = True
+                warnings.warn(
+                    f"{self._name}: param group {i} has lr={lr:g}, below min_trial_lr={group['min_trial_lr']:g}: "
+                    "the trial step runs at min_trial_lr and the quadratic fit chooses the step, so an lr (or "
+                    "a schedule) below the floor has no effect on it (lr=0 freezes a group). Lower "
+                    "`min_trial_lr` for the trial rate to follow it. This warning is shown once.",
+                    UserWarning,
+                    stacklevel=5,
+                )
+                return
+
+    def _fit_and_move(
+        self,
+        trials: list[_Trial],
+        frozen: list[dict[str, Any]],
+        loss: float,
+        slope: Tensor,
+        device: torch.device,
+        undo: Callable[[], None] | None = None,
+    ) -> bool:
+        """Probe the trial point, fit the quadratic, move every group to its fitted point, record.
+
+        ``frozen`` groups (``lr = 0``) did not move: they are recorded at rate 0.  Without a moving
+        group nothing is probed.  A slope that is not finite means the trial step overflowed: the
+        parameters are put back (``undo``; by default the move back along Δ) and the step counts
+        as skipped; returns ``False`` then.
+        """
+        f_trial, a1, a2 = loss, 0.0, 0.0
+        put_back = undo or (lambda: [trial.move(0.0) for trial in trials])
+        if trials:
+            try:
+                trial_loss = self._probe_at_trial_point(device)
+            except BaseException:
+                put_back()  # back to where the step started (the buffers keep their update)
+                raise
+            # The step's second device-to-host read (the first is the gate): t* decides every
+            # group's rate, which must be a number in param_groups.  The probe's forward pass has
+            # just run on the device, so this read waits for little more than that pass.
+            f_trial, a1 = torch.stack([trial_loss, slope.to(trial_loss)]).tolist()
+            if not math.isfinite(a1):
+                put_back()
+                self._skip_step("outcome", ["the trial step"])
+                return False
+            a2 = f_trial - loss - a1
         t_star = qlab_step_factor(a1, a2)
+        for group in frozen:
+            self._record(
+                group, effective_lr=0.0, fitted_lr=0.0, trial_loss=f_trial, directional_derivative=a1, curvature=a2
+            )
         for trial in trials:
             group = trial.group
             new_rate = qlab_rate(
@@ -283,6 +395,7 @@ class _QLABFit(AdaptiveOptimizer):
                 directional_derivative=a1,
                 curvature=a2,
             )
+        return True
 
     def _record_unfitted(self, groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> None:
         """The state-initialization step's records: every key a fitted step writes, at rest (t* = 1)."""
@@ -312,6 +425,21 @@ class QLAB(_QLABFit):
     step's rate (written to ``param_groups[i]["lr"]``).  One ``t*`` serves every param group (the
     fit is along the whole model's displacement), so groups keep the ratio of their rates, up to
     the bounds.  An lr scheduler therefore sets the next *trial* rate; the fit then chooses the step.
+
+    **Schedules and lr = 0** [package].  A scheduled ``lr`` at or above ``min_trial_lr`` is the
+    next trial rate.  One below the floor (but above 0) has no effect on the step: the trial runs
+    at ``min_trial_lr`` and the fit chooses the step, as for any rate; this is warned about once
+    (a rate the fit itself wrote below the floor is not).  ``lr = 0`` freezes the group, as in
+    ``torch.optim``: it does not move, its ``lr`` stays 0, its buffers are updated; a step in
+    which no group moves calls no probe.
+
+    **The step's outcome** [package].  A screen on the host (the longest step the fit may take,
+    ``η_max·‖g‖/(1 − momentum)``, near the range of the parameters' dtype; any float16 parameter)
+    decides whether the base rule's step is first taken on copies, up to that longest step; if
+    anything it would write is not finite, the step is skipped with parameters and state
+    untouched.  A trial step whose slope ``a1`` is still not finite is moved back and skipped.
+    Adam's ``exp_avg_sq`` is kept in at least float32 (in float16 the squares of small gradients
+    underflow to 0, and the direction becomes ``g/eps``).
 
     [reconstructed] The displacement formulation (the fit is along the base rule's own step, which
     makes QLAB work on top of any optimizer) and the safeguards:
@@ -374,7 +502,8 @@ class QLAB(_QLABFit):
     Args:
         params: parameters or param groups.  Groups may differ in every option but ``base``.
         base: the base rule, one of ``"sgd"``, ``"sgdm"``, ``"adam"``, ``"adamw"``.
-        lr: the first trial rate η (the authors start at 0.1); afterwards the fitted rate.
+        lr: the first trial rate η (the authors start at 0.1); afterwards the fitted rate.  0
+            freezes the group (see above).
         momentum: the heavy-ball coefficient of ``"sgdm"``, in [0, 1).
         betas: Adam's ``(β1, β2)``, each in [0, 1) (``"adam"``, ``"adamw"``).
         eps: Adam's denominator term, outside the square root.
@@ -386,6 +515,8 @@ class QLAB(_QLABFit):
         foreach: use the multi-tensor (``torch._foreach_*``) path; ``False`` updates tensor by tensor.
         average_across_ranks: average the loss and the probe's loss across ``torch.distributed``
             ranks (one collective each per step) so replicas stay identical.
+        max_consecutive_skips: raise after this many skipped steps in a row (see
+            :class:`~lightning_adaptive_lr.optim._base.AdaptiveOptimizer`).
 
     After each step every param group holds ``effective_lr`` (η', the rate used and the next
     trial rate), ``fitted_lr`` (``t*·η`` before ``max_growth`` and the bounds), ``trial_loss`` (f̃),
@@ -427,15 +558,38 @@ class QLAB(_QLABFit):
         *,
         foreach: bool = True,
         average_across_ranks: bool = True,
+        max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         name = type(self).__name__
         defaults = checked(
-            name, locals(), base=one_of(*BASES), lr=POSITIVE, momentum=FRACTION, betas=BETAS, eps=NONNEGATIVE,
+            name, locals(), base=one_of(*BASES), lr=NONNEGATIVE, momentum=FRACTION, betas=BETAS, eps=NONNEGATIVE,
             weight_decay=NONNEGATIVE,
         )  # fmt: skip
         _check_bounds(name, min_lr, max_lr, min_trial_lr, max_growth)
         defaults.update(min_lr=min_lr, max_lr=max_lr, min_trial_lr=min_trial_lr, max_growth=max_growth)
-        super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
+        if base in ("sgd", "sgdm"):
+            # torch's momentum-cycling schedulers (OneCycleLR, CyclicLR) and Lightning's
+            # LearningRateMonitor read `betas` when the defaults have it, else `momentum`: only the
+            # Adam bases keep `betas`, so that they act on the momentum the base uses.
+            del defaults["betas"]
+        super().__init__(
+            params,
+            defaults,
+            foreach=foreach,
+            average_across_ranks=average_across_ranks,
+            max_consecutive_skips=max_consecutive_skips,
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts floating-point state to its parameter's dtype; Adam's v is kept in at least
+        # float32 (a 16-bit v loses the squares of small gradients): put it back with its own dtype.
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            if "exp_avg_sq" in saved:
+                self.state[p]["exp_avg_sq"] = saved["exp_avg_sq"].detach().clone().to(device=p.device)
 
     @classmethod
     def wrap(cls, optimizer: Optimizer, **options: Any) -> QLABWrapper:
@@ -458,7 +612,8 @@ class QLAB(_QLABFit):
                 ``QLAB.wrap(torch.optim.Adam(...))`` follow the same trajectories as
                 ``QLAB(base="sgd"/"sgdm"/"adam")`` with the same settings.
             options: keyword-only ``min_lr``, ``max_lr``, ``min_trial_lr``, ``max_growth``,
-                ``average_across_ranks``, as for :class:`QLAB` (with its defaults); see
+                ``average_across_ranks``, ``max_consecutive_skips``, as for :class:`QLAB` (with
+                its defaults); see
                 :class:`QLABWrapper`.
 
         Example:
@@ -490,31 +645,53 @@ class QLAB(_QLABFit):
                 _base_direction(group, self.state, params, grads)
             self._record_unfitted(groups)
             return
-        for group, params, _ in groups:
-            if group["base"] in ("adam", "adamw") and any(p.dtype == torch.float16 for p in params):
-                raise TypeError(
-                    f"{self._name}(base={group['base']!r}) does not support float16 parameters: `eps` is 0 in "
-                    "float16, so an element whose gradient is 0 would divide 0 by 0. Keep the parameters in "
-                    "float32 (mixed precision: precision='16-mixed') or use bfloat16."
-                )
         self._require_probe()  # before anything changes
+        self._warn_below_floor()
         device = loss.device
         values = self._gate(loss=loss, grad_sqnorms=torch.stack([sqnorm(grads, device) for _, _, grads in groups]))
         if values is None:
             return
+        rates = [_trial_rate(group) for group, _, _ in groups]
+        # The outcome, before anything is written: screened on the host, and where the screen asks
+        # for it the base rule's step is taken on copies, up to the longest step the fit may choose.
+        if _may_overflow(groups, rates, values["grad_sqnorms"]) and not self._trial_is_finite(groups, rates):
+            self._skip_step("outcome", ["the trial step"])
+            return
 
-        trials, slope = [], torch.zeros((), dtype=accumulation_dtype(device), device=device)
-        for (group, params, grads), grad_sqnorm in zip(groups, values["grad_sqnorms"]):
-            rate = _trial_rate(group)
+        trials, frozen = [], []
+        slope = torch.zeros((), dtype=accumulation_dtype(device), device=device)
+        for (group, params, grads), grad_sqnorm, rate in zip(groups, values["grad_sqnorms"], rates):
             directions = _base_direction(group, self.state, params, grads)
+            if rate == 0.0:  # lr = 0: the buffers are updated (as torch.optim's), nothing moves
+                frozen.append(group)
+                continue
             add_scaled_(params, directions, -rate, foreach=group["foreach"])  # the trial step Δ = −η·d
             if group["base"] == "sgd" and group["weight_decay"] == 0:  # d = g: ⟨g, d⟩ is the gate's ‖g‖²
                 slope = slope - rate * grad_sqnorm
             else:
                 slope = slope - rate * dot(grads, directions, device)
             trials.append(_Trial(group, rate, rate, params, directions))
-        self._fit_and_move(trials, values["loss"], slope, device)
-        self._set_shared(step=self._shared("step") + 1)
+        if self._fit_and_move(trials, frozen, values["loss"], slope, device):
+            self._set_shared(step=self._shared("step") + 1)
+
+    def _trial_is_finite(
+        self, groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]], rates: list[float]
+    ) -> bool:
+        """Whether the base rule's buffers and every point up to the longest step the fit may take
+        (:func:`_longest_rate`) are finite: the base rule's step taken on copies, tensor by tensor."""
+        extrema: list[Tensor] = []
+        for (group, params, grads), rate in zip(groups, rates):
+            alone = {**group, "foreach": False}
+            longest = _longest_rate(group, rate)
+            for p, g in zip(params, grads):
+                x = p.detach().clone()
+                state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+                state[x] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in self.state.get(p, {}).items()}
+                (d,) = _base_direction(alone, state, [x], [g])
+                buffers = [v for v in state[x].values() if isinstance(v, Tensor)]
+                extrema.extend(tensor_extrema([x.add_(d, alpha=-longest), d, *buffers], p.device))
+        device = extrema[0].device
+        return bool(torch.isfinite(torch.stack([e.to(device) for e in extrema])).all())
 
 
 class QLABWrapper(_QLABFit):
@@ -530,6 +707,12 @@ class QLABWrapper(_QLABFit):
     When the wrapped optimizer is one of this package's, its groups already hold ``step`` and
     ``skipped_steps``: the wrapper then leaves ``step`` to it (they count the same steps) and adds
     its own skips to ``skipped_steps``.
+
+    A group whose ``lr`` is 0 is left to the wrapped optimizer's step at rate 0 (frozen).  The
+    wrapped optimizer's step cannot be taken on copies: where the screen asks for it (see
+    :class:`QLAB`), the starting point is kept until the trial point and the longest fitted step
+    are known to be finite, and put back otherwise (the step is then skipped; the wrapped
+    optimizer's own buffers keep that step's update, as when the probe raises).
     """
 
     def __init__(  # noqa: D107 - built by QLAB.wrap, which documents the arguments
@@ -541,6 +724,7 @@ class QLABWrapper(_QLABFit):
         min_trial_lr: float = DEFAULT_MIN_TRIAL_LR,
         max_growth: float = DEFAULT_MAX_GROWTH,
         average_across_ranks: bool = True,
+        max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         owner = "QLAB.wrap"
         if not isinstance(optimizer, Optimizer):
@@ -553,7 +737,10 @@ class QLABWrapper(_QLABFit):
         # Registers the wrapped optimizer's own group dicts (see add_param_group), which gain
         # QLAB's options; then the wrapper holds the wrapped optimizer's list and state themselves.
         super().__init__(
-            optimizer.param_groups, {**optimizer.defaults, **own}, average_across_ranks=average_across_ranks
+            optimizer.param_groups,
+            {**optimizer.defaults, **own},
+            average_across_ranks=average_across_ranks,
+            max_consecutive_skips=max_consecutive_skips,
         )
         self._share_base()
 
@@ -626,23 +813,41 @@ class QLABWrapper(_QLABFit):
             self._record_unfitted(groups)
             return
         self._require_probe()  # before anything changes
+        self._warn_below_floor()
         device = loss.device
-        grads = [g for _, _, gs in groups for g in gs]
         # The gate: the step's one synchronization before anything changes (the base included).
-        values = self._gate(loss=loss, grad_sqnorm=sqnorm(grads, device))
+        values = self._gate(loss=loss, grad_sqnorms=torch.stack([sqnorm(grads, device) for _, _, grads in groups]))
         if values is None:
             return
+        rates = [_trial_rate(group) for group, _, _ in groups]
+        # The wrapped optimizer's step cannot be tried on copies: where the screen asks for it, the
+        # starting point is kept until the trial point and the longest fitted step are known finite.
+        exact = _may_overflow(groups, rates, values["grad_sqnorms"])
 
-        trials = []
-        for group, params, _ in groups:
-            rate = _trial_rate(group)
+        trials, frozen, grads = [], [], []
+        for (group, params, grads_), rate in zip(groups, rates):
+            if rate == 0.0:  # lr = 0: the wrapped optimizer's step leaves the group where it is
+                frozen.append(group)
+                continue
             _set_lr(group, rate)
             trials.append(_Trial(group, rate, 1.0, params, clone(params, foreach=_uses_foreach(group))))
+            grads.append(grads_)
         self.base_optimizer.step()
+        starts = [clone(trial.directions, foreach=_uses_foreach(trial.group)) for trial in trials] if exact else []
         slope = torch.zeros((), dtype=accumulation_dtype(device), device=device)
-        for trial, (_, _, grads_) in zip(trials, groups):
+        for trial, grads_ in zip(trials, grads):
             subtract_(trial.directions, trial.params, foreach=_uses_foreach(trial.group))  # x − x_trial = −Δ
             slope = slope - dot(grads_, trial.directions, device)
-        self._fit_and_move(trials, values["loss"], slope, device)
+
+        def put_back() -> None:
+            for trial, start in zip(trials, starts):
+                copy_(trial.params, start, foreach=_uses_foreach(trial.group))
+
+        if exact and not _fitted_points_are_finite(trials, starts):
+            put_back()
+            self._skip_step("outcome", ["the trial step"])
+            return
+        if not self._fit_and_move(trials, frozen, values["loss"], slope, device, put_back if exact else None):
+            return
         if not self._base_counts_steps:
             self._set_shared(step=self._shared("step") + 1)

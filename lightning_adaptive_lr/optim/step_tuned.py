@@ -23,7 +23,9 @@ param group), the gain needs only scalars that exist before the parameters move:
 one fused ``lerp`` updates it).  ``‖g_a‖²`` and ``⟨D, g_a⟩`` are read by the gate of the first
 half-step (they also tell whether ``g_a`` is finite), ``⟨g_b, g_a⟩`` by the gate of the second (a
 non-finite entry of ``g_b`` makes it non-finite whatever ``g_a`` holds there), so every ``step()``
-reads the device exactly once and the gain and step sizes stay Python floats.
+reads the device exactly once and the gain and step sizes stay Python floats.  The same floats
+decide whether a half-step's outcome is representable (:func:`step_tuned_fits`) before anything
+moves.
 """
 
 from __future__ import annotations
@@ -37,12 +39,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import FLAG, FRACTION, LEGACY_GLOBAL, NONNEGATIVE, POSITIVE, AdaptiveOptimizer, LossClosure, check_range, checked, number
+from ._base import (
+    DEFAULT_MAX_CONSECUTIVE_SKIPS,
+    FLAG,
+    FRACTION,
+    LEGACY_GLOBAL,
+    NONNEGATIVE,
+    POSITIVE,
+    AdaptiveOptimizer,
+    LossClosure,
+    check_range,
+    checked,
+    number,
+)
 from ._directions import with_l2
-from ._reduce import dot, sqnorm
+from ._reduce import dot, sqnorm, tensor_extrema
 from ._tensorlists import add_scaled_, clone, copy_, exponential_average_, subtract_
 
-__all__ = ["StepTunedSGD", "step_tuned_curvature", "step_tuned_gain", "step_tuned_step_size"]
+__all__ = ["StepTunedSGD", "step_tuned_curvature", "step_tuned_fits", "step_tuned_gain", "step_tuned_step_size"]
 
 #: ``state[p]``: the running average of ``g_a − g_b`` (that is −G in docs/algorithms.md §5).
 DIFF_AVG = "neg_grad_diff_avg"
@@ -106,6 +120,24 @@ def step_tuned_gain(curvature: float, dx_sqnorm: float, *, nu: float, bounds: tu
     return min(max(gain, low), high)
 
 
+def step_tuned_fits(lr: float, grad_bounds: Sequence[float], largest: float) -> bool:
+    """Whether a half-step ``x − η·g`` (and, given two gradients, ``g_a − g_b``) stays finite.
+
+    ``grad_bounds`` bound the entries of the gradients the step writes from: ``[|g_a|]`` for a
+    first half-step, ``[|g_a|, |g_b|]`` for a second one; ``largest`` is the dtype's largest number
+    ``F``.  For parameters within ``±F/2``, ``x − η·g`` stays finite when ``η·|g| ≤ F/2`` (always
+    when ``η ≤ 1/2``), and the difference that enters the average when ``|g_a| + |g_b| ≤ F`` (the
+    average itself is a convex combination: computed in float32 for 16-bit dtypes, it cannot
+    overflow).
+
+    >>> step_tuned_fits(0.1, [4e4, 4e4], 65504.0), step_tuned_fits(0.1, [4e4, 1.0], 65504.0)
+    (False, True)
+    """
+    if lr > 0.5 and any(lr * bound > largest / 2 for bound in grad_bounds):
+        return False
+    return math.fsum(grad_bounds) <= largest
+
+
 # --------------------------------------------------------------------------- the bodies
 
 
@@ -153,11 +185,20 @@ class _Pairs:
     first: list[Tensor]
 
 
+def _key(p: Tensor) -> int:
+    """What pairs a tensor of one half-step with its other half: the identity of the parameter it stands
+    for (a complex parameter's real view is a new tensor at every step)."""
+    return id(AdaptiveOptimizer._parameter_of(p))
+
+
 def _pairs(half: _Half, first_of: dict[int, Tensor]) -> _Pairs:
-    """The group's parameters with a gradient at both half-steps: ``(x, g_b, g_a)``; ``first_of``: ``id(x) → g_a``."""
+    """The group's parameters with a gradient at both half-steps: ``(x, g_b, g_a)``.
+
+    ``first_of`` maps :func:`_key` of a parameter to its ``g_a``.
+    """
     pairs = _Pairs([], [], [])
     for p, g in zip(half.params, half.grads):
-        first = first_of.get(id(p))
+        first = first_of.get(_key(p))
         if first is not None:
             pairs.params.append(p)
             pairs.second.append(g)
@@ -168,6 +209,11 @@ def _pairs(half: _Half, first_of: dict[int, Tensor]) -> _Pairs:
 def _loss(loss: Tensor | None) -> dict[str, Tensor]:
     """The gate's ``loss`` entry, when there is a loss."""
     return {} if loss is None else {"loss": loss}
+
+
+def _largest(params: list[Tensor]) -> float:
+    """The largest finite number of every dtype among ``params`` (the smallest of their maxima)."""
+    return min(torch.finfo(dtype).max for dtype in {p.dtype for p in params})
 
 
 def _or_zero(value: float | None) -> float:
@@ -219,7 +265,8 @@ class StepTunedSGD(AdaptiveOptimizer):
             larger values than for constant-rate SGD are usual.
         nu: the gain used where the curvature estimate ``⟨Ĝ, Δx⟩`` is not positive (paper: 2).
         beta: decay of the running average ``G`` of gradient differences, in [0, 1) (paper: 0.9).
-            ``beta=0`` gives the plain (stochastic) Barzilai–Borwein gain.
+            ``beta=0`` gives the plain (stochastic) Barzilai–Borwein gain.  Also held as
+            ``momentum`` in every param group (see "Schedulers" below).
         gain_bounds: ``(m̃, M̃)``, the interval the gain is clipped to, ``0 < m̃ ≤ M̃`` (paper: (0.5, 2)).
         delta: ``δ`` in [0, 1/2): the decay exponent is ``1/2 + δ`` (paper: 0.001).
         weight_decay: coupled L2 penalty: ``g + weight_decay·x`` is used as the gradient at both
@@ -228,6 +275,29 @@ class StepTunedSGD(AdaptiveOptimizer):
         foreach: use the multi-tensor (``torch._foreach_*``) path; ``False`` updates tensor by tensor.
         average_across_ranks: average a given loss across ``torch.distributed`` ranks (one collective)
             before the finiteness check, so that all replicas skip the same steps.
+        max_consecutive_skips: raise after this many skipped steps in a row (``None``: never);
+            see :class:`~._base.AdaptiveOptimizer`.
+
+    **Schedulers.**  ``lr`` schedulers act on ``lr`` (a change between the two half-steps applies
+    from the next iteration, as said above).  β, the momentum-like coefficient, is also exposed as
+    ``param_groups[i]["momentum"]``, the key that torch's ``OneCycleLR`` and ``CyclicLR`` cycle
+    (``cycle_momentum=True``, their default) and that Lightning's
+    ``LearningRateMonitor(log_momentum=True)`` logs.  The two keys are one option: at each step, a
+    value written into ``momentum`` (by a scheduler) becomes β, else one written into ``beta``;
+    both then hold the β used.  β is shared by all groups, so a scheduler must write every group
+    alike (its default); differing values raise ``ValueError`` naming the key.  Cycling β between
+    0.85 and 0.95 (``OneCycleLR``'s defaults) only changes how much the curvature estimate is
+    smoothed; the bias correction ``1 − β^(k+1)`` uses the current β.
+
+    **Finite steps only.**  A half-step is skipped (parameters and state untouched, counted in
+    ``skipped_steps``) when the loss or a gradient sum the gate reads is not finite (``‖g_a‖²``
+    overflows the work dtype for ``|g_a| ≳ 1.8e19`` in float32), and also when its outcome would not
+    be: a gain or curvature that overflows float64, or a half-step that :func:`step_tuned_fits`
+    refuses (``|g_a| ≤ ‖g_a‖``; for float16 parameters the gate also reads the float16 gradients'
+    range, so that ``g_a − g_b`` cannot overflow the average).  Elsewhere the size of ``g_b`` is not
+    read (that would cost a pass over the gradients): there a finite ``g_b`` can make a second
+    half-step non-finite only with entries of the order of the dtype's largest number
+    (``F/(2·max(1, η))``, about 1e38 in float32).
 
     After each step every param group holds ``effective_lr`` (``η_k``, the step size of the
     half-step just taken), ``gain`` (the current ``γ``: ``γ_{k+1}`` after a second half-step) and
@@ -267,7 +337,7 @@ class StepTunedSGD(AdaptiveOptimizer):
     """
 
     requires_loss = False
-    shared_options = ("nu", "beta", "gain_bounds", "delta", "same_batch")
+    shared_options = ("nu", "beta", "momentum", "gain_bounds", "delta", "same_batch")
     group_state = {**AdaptiveOptimizer.group_state, "iteration": 0, "phase": 0, "gamma": 1.0}
 
     def __init__(
@@ -283,6 +353,7 @@ class StepTunedSGD(AdaptiveOptimizer):
         *,
         foreach: bool = True,
         average_across_ranks: bool = True,
+        max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         name = type(self).__name__
         if not (isinstance(gain_bounds, (tuple, list)) and len(gain_bounds) == 2):
@@ -295,9 +366,54 @@ class StepTunedSGD(AdaptiveOptimizer):
         )  # fmt: skip
         defaults.update(
             gain_bounds=(float(gain_bounds[0]), float(gain_bounds[1])),
+            momentum=defaults["beta"],  # the key torch's schedulers and Lightning's monitor read
             **dict.fromkeys(PENDING),  # per group, not shared: a group added later has none pending
         )
-        super().__init__(params, defaults, foreach=foreach, average_across_ranks=average_across_ranks)
+        #: the β of the last step (tells which of ``beta`` and ``momentum`` was written since)
+        self._applied_beta: float | None = defaults["beta"]
+        super().__init__(
+            params,
+            defaults,
+            foreach=foreach,
+            average_across_ranks=average_across_ranks,
+            max_consecutive_skips=max_consecutive_skips,
+        )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """A group that gives one of ``beta`` and ``momentum`` gets the other; one that gives neither, the current β.
+
+        (Both keys are one option: see "Schedulers" in the class docstring.)
+        """
+        for key, other in (("beta", "momentum"), ("momentum", "beta")):
+            if key in param_group:
+                param_group.setdefault(other, param_group[key])
+        if self.param_groups:
+            for key in ("beta", "momentum"):
+                param_group.setdefault(key, self.param_groups[0][key])
+        super().add_param_group(param_group)
+
+    def _sync_momentum(self) -> None:
+        """β for this step: ``momentum`` where it was written (by a scheduler), else ``beta``; both then hold it.
+
+        β is shared by all param groups: values that differ between groups raise ``ValueError``.
+        """
+        groups = self.param_groups
+        first = groups[0]["beta"]
+        if all(group.setdefault("momentum", group["beta"]) == group["beta"] == first for group in groups):
+            return
+        applied = getattr(self, "_applied_beta", None)  # None after unpickling: `momentum` wins
+        key = "beta" if all(group["momentum"] == applied for group in groups) else "momentum"
+        values = [group[key] for group in groups]
+        if any(v != values[0] for v in values):
+            raise ValueError(
+                f"{type(self).__name__}: `{key}` (β, the average of gradient differences) is shared by all param "
+                f"groups, got {values!r}: a scheduler that cycles momentum must give every group the same value"
+            )
+        check_range(type(self).__name__, key, values[0], 0.0, 1.0, high_open=True)
+        value = float(values[0])
+        self._applied_beta = value
+        for group in groups:
+            group["beta"] = group["momentum"] = value
 
     @property
     def calls_closure_twice(self) -> bool:
@@ -322,6 +438,7 @@ class StepTunedSGD(AdaptiveOptimizer):
         Returns:
             The (first) closure's return value if a closure was given, else ``loss``.
         """
+        self._sync_momentum()
         if not self.calls_closure_twice:
             return super().step(closure, loss=loss)
         if closure is None:
@@ -335,7 +452,10 @@ class StepTunedSGD(AdaptiveOptimizer):
                 "x_{k+1/2}). Lightning's automatic optimization cannot do this; use same_batch=False (the "
                 "default), where each step() is one half-step on its own mini-batch."
             )
-        return self._same_batch_step(closure, loss)
+        skipped = self._shared("skipped_steps")
+        result = self._same_batch_step(closure, loss)
+        self._end_run_of_skips(skipped)
+        return result
 
     def _update(self, loss: Tensor | None) -> None:
         if self._is_state_initialization():  # torch.distributed.checkpoint laying out the state
@@ -357,6 +477,9 @@ class StepTunedSGD(AdaptiveOptimizer):
         if values is None:
             return
         lrs = self._step_sizes()
+        if not self._first_fits(halves, lrs, values["sqnorms"]):
+            self._skip_step("outcome", ("first half-step",))
+            return
         for half, lr, avg_dot, sq in zip(halves, lrs, values["avg_dots"], values["sqnorms"]):
             self._keep_first_grads(half)
             _first_half_step(half.params, half.grads, lr, foreach=half.group["foreach"])
@@ -373,7 +496,7 @@ class StepTunedSGD(AdaptiveOptimizer):
         kept = self._pending_first_grads()
         pairs = [_pairs(h, {i: state[FIRST_GRAD] for i, state in kept.items()}) for h in halves]
         matched = len(kept) == sum(len(h.params) for h in halves) == sum(len(p.params) for p in pairs)
-        values = self._gate(**self._pair_sums(halves, pairs, matched), **_loss(loss))
+        values = self._gate(**self._pair_sums(halves, pairs, matched), **self._float16_range(halves), **_loss(loss))
         if values is None:
             return
         now = self._step_sizes()  # for groups added between the two half-steps
@@ -383,12 +506,15 @@ class StepTunedSGD(AdaptiveOptimizer):
             sqnorms = [_or_zero(g["first_half_sqnorm"]) for g in self.param_groups]
         else:
             avg_dots, sqnorms = values["paired_avg_dots"], values["paired_sqnorms"]
+        curvature, gain = self._next_gain(lrs, avg_dots, sqnorms, values["cross_dots"])
+        if not self._second_fits(halves, lrs, sqnorms, values, curvature, gain):
+            return
         self._second_halves(halves, pairs, lrs)
         for state in kept.values():
             state[FIRST_GRAD_PENDING] = False
         for group in self.param_groups:
             group.update(dict.fromkeys(PENDING))
-        self._end_iteration(lrs, avg_dots, sqnorms, values["cross_dots"])
+        self._end_iteration(lrs, curvature, gain)
 
     def _same_batch_step(self, closure: LossClosure, loss: Tensor | float | None) -> Any:
         """``same_batch=True``: both half-steps on the closure's mini-batch, in one call.
@@ -426,20 +552,29 @@ class StepTunedSGD(AdaptiveOptimizer):
         if second_loss is not None:
             losses["second_loss"] = self._loss_tensor(second_loss, False, device)
         halves = self._gather()
-        first_of = {id(p): g for h, grads in zip(firsts, first_grads) for p, g in zip(h.params, grads)}
+        first_of = {_key(p): g for h, grads in zip(firsts, first_grads) for p, g in zip(h.params, grads)}
         pairs = [_pairs(h, first_of) for h in halves]
-        matched = [id(p) for h in halves for p in h.params] == list(first_of)
-        values = self._gate(**losses, **first_sums, **self._pair_sums(halves, pairs, matched))
-        if values is None:
+        matched = [_key(p) for h in halves for p in h.params] == list(first_of)
+        values = self._gate(
+            **losses, **first_sums, **self._pair_sums(halves, pairs, matched), **self._float16_range(halves)
+        )
+        if values is not None:
+            if matched:
+                avg_dots, sqnorms = values["avg_dots"], values["sqnorms"]
+            else:
+                avg_dots, sqnorms = values["paired_avg_dots"], values["paired_sqnorms"]
+            curvature, gain = self._next_gain(lrs, avg_dots, sqnorms, values["cross_dots"])
+            if not self._first_fits(firsts, lrs, values["sqnorms"]):
+                self._skip_step("outcome", ("first half-step",))
+                values = None
+            elif not self._second_fits(halves, lrs, sqnorms, values, curvature, gain):
+                values = None
+        if values is None:  # skipped: x_k back
             for half, x_k in zip(firsts, saved):
                 copy_(half.params, x_k, foreach=half.group["foreach"])
             return first_loss
-        if matched:
-            avg_dots, sqnorms = values["avg_dots"], values["sqnorms"]
-        else:
-            avg_dots, sqnorms = values["paired_avg_dots"], values["paired_sqnorms"]
         self._second_halves(halves, pairs, lrs)
-        self._end_iteration(lrs, avg_dots, sqnorms, values["cross_dots"])
+        self._end_iteration(lrs, curvature, gain)
         return first_loss
 
     # ------------------------------------------------------------------ pieces shared by both modes
@@ -486,8 +621,8 @@ class StepTunedSGD(AdaptiveOptimizer):
         sums = {"cross_dots": torch.stack([dot(pair.second, pair.first, device) for pair in pairs])}
         if not matched:
             paired = self._first_half_sums([pair.params for pair in pairs], [pair.first for pair in pairs])
-            paired_ids = {id(p) for pair in pairs for p in pair.params}
-            alone = [g for h in halves for p, g in zip(h.params, h.grads) if id(p) not in paired_ids]
+            paired_ids = {_key(p) for pair in pairs for p in pair.params}
+            alone = [g for h in halves for p, g in zip(h.params, h.grads) if _key(p) not in paired_ids]
             sums.update(
                 paired_avg_dots=paired["avg_dots"],
                 paired_sqnorms=paired["sqnorms"],
@@ -496,7 +631,7 @@ class StepTunedSGD(AdaptiveOptimizer):
         return sums
 
     def _pending_first_grads(self) -> dict[int, dict[str, Any]]:
-        """``id(p) → state[p]`` for the parameters that took the pending first half-step."""
+        """``_key(p) → state[p]`` for the parameters that took the pending first half-step."""
         return {
             id(p): self.state[p]
             for group in self.param_groups
@@ -514,9 +649,7 @@ class StepTunedSGD(AdaptiveOptimizer):
         """The full state at its starting values, no step taken, and the records (distributed checkpoints)."""
         self._record_all([0.0] * len(self.param_groups), self.param_groups[0].get("curvature", math.nan))
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in self._params_and_grads(group)[0]:  # real views of complex parameters
                 self._diff_avg(p)
                 if not group["same_batch"]:
                     self.state[p][FIRST_GRAD] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -548,15 +681,68 @@ class StepTunedSGD(AdaptiveOptimizer):
                 half.params, half.grads, lr, diff_avgs, pair.first, pair.second, beta, foreach=half.group["foreach"]
             )
 
-    def _end_iteration(
+    def _next_gain(
         self, lrs: list[float], avg_dots: Sequence[float], sqnorms: Sequence[float], cross_dots: Sequence[float]
-    ) -> None:
-        """The gain ``γ_{k+1}`` from the gated sums, then ``k ← k+1``."""
-        options, k = self.param_groups[0], self._shared("iteration")
+    ) -> tuple[float, float]:
+        """``(⟨Ĝ, Δx⟩, γ_{k+1})`` from the gated sums (:func:`step_tuned_curvature`, :func:`step_tuned_gain`).
+
+        Non-finite (NaN) when ``‖Δx‖²`` or ``⟨Ĝ, Δx⟩`` overflow the host's float64.
+        """
+        options = self.param_groups[0]
         curvature, dx_sqnorm = step_tuned_curvature(
-            lrs, avg_dots, sqnorms, cross_dots, beta=options["beta"], iteration=k
+            lrs, avg_dots, sqnorms, cross_dots, beta=options["beta"], iteration=self._shared("iteration")
         )
-        gain = step_tuned_gain(curvature, dx_sqnorm, nu=options["nu"], bounds=options["gain_bounds"])
+        if not (math.isfinite(curvature) and math.isfinite(dx_sqnorm)):
+            return curvature, math.nan
+        return curvature, step_tuned_gain(curvature, dx_sqnorm, nu=options["nu"], bounds=options["gain_bounds"])
+
+    def _float16_range(self, halves: list[_Half]) -> dict[str, Tensor]:
+        """The gate's ``float16_range`` entry: the least and largest entry of the float16 gradients.
+
+        Only float16 gradients are read (one extra pass over them): elsewhere an entry of ``g_b``
+        large enough to overflow a half-step is of the order of the dtype's largest number.
+        """
+        grads = [g for h in halves for g in h.grads if g.dtype == torch.float16]
+        return {"float16_range": torch.stack(tensor_extrema(grads, self._device()))} if grads else {}
+
+    def _first_fits(self, halves: list[_Half], lrs: list[float], sqnorms: Sequence[float]) -> bool:
+        """Whether every group's first half-step fits its dtypes (:func:`step_tuned_fits`, ``|g_a| ≤ ‖g_a‖``)."""
+        return all(
+            step_tuned_fits(lr, [math.sqrt(q)], _largest(h.params))
+            for h, lr, q in zip(halves, lrs, sqnorms)
+            if h.params
+        )
+
+    def _second_fits(
+        self,
+        halves: list[_Half],
+        lrs: list[float],
+        sqnorms: Sequence[float],
+        values: dict[str, Any],
+        curvature: float,
+        gain: float,
+    ) -> bool:
+        """Whether the second half-step's outcome is finite; records the skip if not.
+
+        The gain and the curvature must be finite floats, and, where the float16 gradients' range was
+        read, each group's second half-step must fit (:func:`step_tuned_fits`, ``|g_a| ≤ ‖g_a‖``).
+        """
+        if not (math.isfinite(curvature) and math.isfinite(gain)):
+            self._skip_step("outcome", ("curvature", "gain"))
+            return False
+        if "float16_range" in values:
+            low, high = values["float16_range"]
+            bound = max(-low, high)
+            for half, lr, q in zip(halves, lrs, sqnorms):
+                half16 = any(p.dtype == torch.float16 for p in half.params)
+                if half16 and not step_tuned_fits(lr, [math.sqrt(q), bound], _largest(half.params)):
+                    self._skip_step("outcome", ("second half-step",))
+                    return False
+        return True
+
+    def _end_iteration(self, lrs: list[float], curvature: float, gain: float) -> None:
+        """``γ_{k+1}`` (:meth:`_next_gain`), then ``k ← k+1``."""
+        k = self._shared("iteration")
         self._set_shared(gamma=gain, iteration=k + 1, phase=0, step=self._shared("step") + 1)
         self._record_all(lrs, curvature)
 
@@ -578,6 +764,9 @@ class StepTunedSGD(AdaptiveOptimizer):
         """Also move a pending first half-step: per group its ``η_k`` and sums, per parameter its flag."""
         legacy = state_dict.get("state", {}).get(LEGACY_GLOBAL)
         converted = super()._convert_legacy(state_dict)
+        for group in converted["param_groups"]:  # saved before `momentum` mirrored `beta`
+            if "beta" in group:
+                group.setdefault("momentum", group["beta"])
         if legacy is None:
             return converted
         pending = legacy.get("phase", 0) == 1 and "half_step_lrs" in legacy
