@@ -31,15 +31,9 @@ class OptimizerCase:
             next step's trial rate), so a scheduler sets the next rate rather than the final one.
         groups_interact: why splitting the parameters into groups with equal settings changes the
             trajectory, when it does by design (empty: it must not).
-        float16: whether float16 parameters are supported; when not, the optimizer must refuse
-            them with an error that names float16 (tests/test_dtypes.py).  Release 0.1 wrote NaN
-            into float16 parameters with every Adam-based method (``eps=1e-8`` is 0 in float16: an
-            element whose gradient is 0 divided 0 by 0); Adam's intermediates of 16-bit tensors are
-            now computed in float32 (optim/_directions.py), and MoMo-Adam and HierarchicalHD(adam)
-            train in float16.  QLAB(adam/adamw) still diverges in longer float16 runs at the
-            default ``eps`` (its second moment underflows in float16 state), so it refuses it.
         float32_state: per-parameter state kept in at least float32 for 16-bit parameters (as
-            documented by the method); every other state tensor has the parameter's dtype.
+            documented by the method; Adam's second moment, which float16 flushes to 0); every
+            other state tensor has the parameter's dtype.
         momentum: where the method reads its momentum coefficient in a param group: a key, or a
             key and an index (``("betas", 0)``); empty when the method has none.  LR schedulers
             that cycle momentum (``OneCycleLR``, ``CyclicLR``) and Lightning's
@@ -54,7 +48,6 @@ class OptimizerCase:
     recorded: tuple[str, ...] = ()
     adapts_lr: bool = False
     groups_interact: str = ""
-    float16: bool = True
     float32_state: tuple[str, ...] = ()
     momentum: tuple[str | int, ...] = ()
 
@@ -142,7 +135,6 @@ CASES: list[OptimizerCase] = [
             needs_probe=True,
             recorded=("fitted_lr", "trial_loss", "directional_derivative", "curvature"),
             adapts_lr=True,
-            float16=True,
             float32_state=("exp_avg_sq",) if base in ("adam", "adamw") else (),
             momentum={"sgd": (), "sgdm": ("momentum",)}.get(base, ("betas", 0)),
         )

@@ -211,18 +211,21 @@ def test_hd_rate_growth_rule() -> None:
     assert hd_rate(1.0, 0.5, 1.0, growth=2.0) == 1.5  # below the cap: the plain rule
 
 
-def test_hd_tensor_level_rates_obey_the_growth_cap() -> None:
+def test_hd_tensor_level_rates_obey_the_growth_cap_on_a_spike() -> None:
+    """The "unit" and "param" rates are capped on the steps the screen flags (a ×100 gradient spike):
+    there each rate ends at most ``max_rate_growth·max(ρ, 1)``, and the cap binds somewhere."""
     model, loss_fn = regression(1)
     opt = HierarchicalHD(model.parameters(), base="sgd", levels=("global", "unit", "param"))
     capped = False
-    for t in range(30):
+    for t in range(14):
         old = {p: {k: opt.state[p][k].clone() for k in ("hd_rate_unit", "hd_rate_param")} for p in opt.state}
         backward(opt, loss_fn)
-        if t in (10, 11):  # a spike: the rates would jump
+        spike = t in (10, 11)
+        if spike:  # the rates would jump
             for p in model.parameters():
-                p.grad.mul_(30.0)
+                p.grad.mul_(100.0)
         opt.step()
-        if t < 5:  # warm-up: not capped
+        if not spike:
             continue
         for p, rates in old.items():
             for key, before in rates.items():

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from optimizer_registry import CASE_IDS, CASES, OptimizerCase, take_step
 from torch import nn
 
 import lightning_adaptive_lr as lalr
@@ -42,7 +43,6 @@ from lightning_adaptive_lr.optim._directions import (
     adam_preconditioners,
     adam_step_,
 )
-from optimizer_registry import CASE_IDS, CASES, OptimizerCase, take_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

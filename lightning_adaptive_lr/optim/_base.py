@@ -255,6 +255,20 @@ def checked(owner: str, values: dict[str, Any], **rules: Rule) -> dict[str, Any]
     return {name: rule(owner, name, values[name]) for name, rule in rules.items()}
 
 
+#: The keyword-only constructor options every optimizer of the package takes (see
+#: :class:`AdaptiveOptimizer`): how it runs, not what it computes.
+RUNTIME_OPTIONS = ("foreach", "average_across_ranks", "max_consecutive_skips")
+
+
+def runtime_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`RUNTIME_OPTIONS` among a constructor's ``values`` (its ``locals()``), to pass on.
+
+    >>> runtime_options({"lr": 0.1, "foreach": False, "max_consecutive_skips": None})
+    {'foreach': False, 'max_consecutive_skips': None}
+    """
+    return {name: values[name] for name in RUNTIME_OPTIONS if name in values}
+
+
 #: Attribute of a complex parameter's real view (:meth:`AdaptiveOptimizer._params_and_grads`)
 #: that holds the parameter, so that ``optimizer.state`` can be indexed by the view.
 _VIEW_OF = "_adaptive_lr_view_of"

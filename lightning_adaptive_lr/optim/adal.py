@@ -36,6 +36,7 @@ from ._base import (
     AdaptiveOptimizer,
     checked,
     one_of,
+    runtime_options,
 )
 from ._directions import (
     adam_denominators,
@@ -369,13 +370,7 @@ class AdaL(AdaptiveOptimizer):
             type(self).__name__, locals(), lr=NONNEGATIVE, betas=BETAS, eps=NONNEGATIVE, weight_decay=NONNEGATIVE,
             transform=one_of(*TRANSFORMS), eps_mode=one_of(*EPS_MODES), lr_decay=one_of(*LR_DECAYS),
         )  # fmt: skip
-        super().__init__(
-            params,
-            defaults,
-            foreach=foreach,
-            average_across_ranks=average_across_ranks,
-            max_consecutive_skips=max_consecutive_skips,
-        )
+        super().__init__(params, defaults, **runtime_options(locals()))
 
     def _state_of(self, p: Tensor) -> dict[str, Any]:
         """``state[p]``, created at its starting values (no step taken) if new."""

@@ -49,8 +49,17 @@ from ._base import (
     checked,
     one_of,
     real_number,
+    runtime_options,
 )
-from ._directions import adam_denominators, adam_directions, adam_moments_, adam_step_, momentum_, nesterov, with_l2
+from ._directions import (
+    adam_denominators,
+    adam_directions,
+    adam_moments_,
+    adam_step_,
+    momentum_,
+    nesterov,
+    with_l2,
+)
 from ._reduce import tensor_dots, tensor_extrema, tensor_sums, unit_dots, work_dtype
 from ._scalars import Scalar, smax, smin
 from ._tensorlists import add_scaled_, clamp_, copy_
@@ -381,7 +390,7 @@ def _apply_step_(
                 _parent_rates(_parent_level(levels, level), plan.old_global, plan.old_layer, states, params),
                 plan.pulls[level],
                 plan.bounds,
-                plan.growth,
+                plan.growth if plan.check else math.inf,  # per element: on the screened steps only
                 foreach=foreach,
             )
     if "layer" in levels:
@@ -439,7 +448,9 @@ class _Plan:
     bounds: tuple[float, float]
     #: Each group's ``lr_ref`` (:func:`reference_lr`), in the order of the reads.
     references: list[float]
-    #: ``max_rate_growth`` (``inf`` in the first steps) and the running scale after this step.
+    #: ``max_rate_growth`` (``inf`` in the first steps) and the running scale after this step.  The
+    #: scalar levels' rates are capped at every step; the tensor levels' (three passes over their
+    #: rates) on the steps the screen flags (``check``), where a spike would throw them up.
     growth: float
     scale: float
     #: Whether the step must be tried on copies first (:meth:`HierarchicalHD._outcome_is_finite`).
@@ -515,7 +526,8 @@ class HierarchicalHD(AdaptiveOptimizer):
 
     **Safeguards** [package].  ``max_rate_growth`` (default 2): after the first 5 steps, a rate may
     grow by at most that factor per step, from below ``lr`` up to ``max_rate_growth·lr``
-    (decreases are not limited).  One gradient spike otherwise throws the rate up (the
+    (decreases are not limited); the ``"unit"`` and ``"param"`` rates on the steps the screen
+    below flags, the global and layer rates on every step.  One gradient spike otherwise throws the rate up (the
     hypergradient ``⟨g_t, s_{t−1}⟩`` grows with the square of the gradients), the run overshoots,
     and the rate swings between 0 and ever larger values until the run diverges; on normal runs
     the cap does not bind (``inf`` turns it off).  The step's outcome is gated: the new scalar
@@ -535,8 +547,8 @@ class HierarchicalHD(AdaptiveOptimizer):
     **Cost.** One extra pass over the gradients for the dot products, plus, for ``sgd``, a copy of
     the gradient into ``s``: plain SGD-HD cannot come close to ``torch.optim.SGD``'s single fused
     pass, while the Nesterov and Adam bases, which already make several passes, add relatively
-    little.  The ``"unit"`` and ``"param"`` levels add a few passes each (three of them for
-    ``max_rate_growth``'s cap on their rates).  Measured step times:
+    little.  The ``"unit"`` and ``"param"`` levels add a few passes each (three more for
+    ``max_rate_growth``'s cap on their rates, on screened steps only).  Measured step times:
     see docs/benchmarks.md.
 
     **Default ``hyper_lr``.**  ``hyper_lr=None`` takes :data:`DEFAULT_HYPER_LR` for the base:
@@ -680,13 +692,7 @@ class HierarchicalHD(AdaptiveOptimizer):
             # LearningRateMonitor read `betas` when the defaults have it, else `momentum`: only
             # Adam's base keeps `betas`, so that they act on the momentum the base uses.
             del defaults["betas"]
-        super().__init__(
-            params,
-            defaults,
-            foreach=foreach,
-            average_across_ranks=average_across_ranks,
-            max_consecutive_skips=max_consecutive_skips,
-        )
+        super().__init__(params, defaults, **runtime_options(locals()))
 
     # ------------------------------------------------------------------ argument checks
 

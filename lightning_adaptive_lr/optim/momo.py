@@ -51,6 +51,7 @@ from ._base import (
     check_betas,
     check_range,
     checked,
+    runtime_options,
 )
 from ._compiled import scalar
 from ._directions import adam_denominators, adam_directions
@@ -225,15 +226,18 @@ def _single_tensor_momo_adam(
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """Adam's moments into ``outs`` (d', v'; the directions ``u = d'/Dn`` into the third), and
     ``[⟨g, x⟩, ⟨d', x⟩, ⟨d', u⟩, max v']`` (0-d, on ``device``; ``max v'`` as stored)."""
-    acc, ds, vs, us, partials = accumulation_dtype(device), [], [], [], []
-    for d, v, g, x, out_d, out_v, out_u in zip(avgs, sq_avgs, grads, params, *outs):
-        d_new = torch.lerp(_start(d, x), g, weights[0], out=out_d)
+    ds, vs, wides = [], [], []
+    for d, v, g, x, out_d, out_v in zip(avgs, sq_avgs, grads, params, *outs[:2]):
+        ds.append(torch.lerp(_start(d, x), g, weights[0], out=out_d))
         v_new, wide = _second_moment(_start(v, x), g, weights[1], out_v)
-        denominator = adam_denominators([wide], root, eps, foreach=False, out=[out_u])
-        (u,) = adam_directions([d_new], denominator, foreach=False, out=[out_u])
-        ds.append(d_new)
         vs.append(v_new)
-        us.append(u)
+        wides.append(wide)
+    # The list helpers once for the whole group (per tensor, their bookkeeping would cost more
+    # than the arithmetic of ResNet's small tensors).
+    denominators = adam_denominators(wides, root, eps, foreach=False, out=outs[2])
+    us = adam_directions(ds, denominators, foreach=False, out=outs[2])
+    acc, partials = accumulation_dtype(device), []
+    for g, x, d_new, v_new, u in zip(grads, params, ds, vs, us):
         sums = [pair_dot(g, x, acc), pair_dot(d_new, x, acc), pair_dot(d_new, u, acc), _largest(v_new, acc)]
         partials.append(torch.stack(sums))
     return ds, vs, us, sum_partials([torch.stack(partials, dim=1)], device)
@@ -554,13 +558,7 @@ class MoMo(_MoMoBase):
             bias_correction=FLAG, estimate_lb=FLAG, compiled=FLAG,
         )  # fmt: skip
         defaults["momentum"] = defaults["beta"]
-        super().__init__(
-            params,
-            defaults,
-            foreach=foreach,
-            average_across_ranks=average_across_ranks,
-            max_consecutive_skips=max_consecutive_skips,
-        )
+        super().__init__(params, defaults, **runtime_options(locals()))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """A group that sets one of ``beta`` and ``momentum`` gets the other alike (both: equal)."""
@@ -741,13 +739,7 @@ class MoMoAdam(_MoMoBase):
             type(self).__name__, locals(), lr=NONNEGATIVE, betas=BETAS, eps=NONNEGATIVE, weight_decay=NONNEGATIVE,
             lb=FINITE, estimate_lb=FLAG, decoupled_weight_decay=FLAG, compiled=FLAG,
         )  # fmt: skip
-        super().__init__(
-            params,
-            defaults,
-            foreach=foreach,
-            average_across_ranks=average_across_ranks,
-            max_consecutive_skips=max_consecutive_skips,
-        )
+        super().__init__(params, defaults, **runtime_options(locals()))
 
     def _loss_beta(self) -> float:
         return self._shared("betas")[0]
@@ -768,15 +760,17 @@ class MoMoAdam(_MoMoBase):
             states, foreach = [self.state.get(p, {}) for p in ps], group["foreach"]
             avgs, sq_avgs = [s.get("grad_avg") for s in states], [s.get("grad_avg_sq") for s in states]
             outs = self._outs("grad_avg", ps, foreach=foreach)
-            eps = group["eps"]
+            # d/(√v/root + eps) = root·u with u = d/(√v + eps·root): root moves to the scalars,
+            # which saves the pass dividing by it (adam_denominators skips a division by 1).
+            eps = group["eps"] * root
             if outs is None:
-                ds, vs, us, group_sums = _multi_tensor_momo_adam(avgs, sq_avgs, gs, ps, weights, root, eps, device)
+                ds, vs, us, group_sums = _multi_tensor_momo_adam(avgs, sq_avgs, gs, ps, weights, 1.0, eps, device)
             else:
                 sq_outs = self._outs("grad_avg_sq", ps, foreach=foreach)
                 u_outs = self._outs("direction", ps, foreach=foreach, wide=True)
                 buffers = (outs, sq_outs, u_outs)
                 ds, vs, us, group_sums = _single_tensor_momo_adam(
-                    avgs, sq_avgs, gs, ps, weights, root, eps, buffers, device  # type: ignore[arg-type]
+                    avgs, sq_avgs, gs, ps, weights, 1.0, eps, buffers, device  # type: ignore[arg-type]
                 )
             moments += ds
             second_moments += vs
@@ -790,8 +784,8 @@ class MoMoAdam(_MoMoBase):
         params = _flatten(groups)[0]
         self._store("grad_avg", params, moments)
         self._store("grad_avg_sq", params, second_moments)
-        taus = self._step_sizes(groups, values["d_dot_x"], values["d_dot_u"], rho)
-        _descend_(groups, directions, taus)
+        taus = self._step_sizes(groups, values["d_dot_x"], values["d_dot_u"] * root, rho)
+        _descend_(groups, directions, [tau * root for tau in taus])
 
     def _compiled_step(self, loss: Tensor, groups: list[Group]) -> None:
         name, (beta1, beta2), (rho, root) = type(self).__name__, self._shared("betas"), self._this_step()

@@ -44,13 +44,21 @@ from ._base import (
     FRACTION,
     LEGACY_GLOBAL,
     NONNEGATIVE,
+    POSITIVE,
     AdaptiveOptimizer,
     LossClosure,
-    check_range,
     checked,
     one_of,
+    real_number,
+    runtime_options,
 )
-from ._directions import adam_denominators, adam_directions, adam_moments_, momentum_, with_l2
+from ._directions import (
+    adam_denominators,
+    adam_directions,
+    adam_moments_,
+    momentum_,
+    with_l2,
+)
 from ._protocol import Probe
 from ._reduce import accumulation_dtype, dot, sqnorm, tensor_extrema, work_dtype
 from ._tensorlists import add_scaled_, clone, copy_, subtract_
@@ -236,14 +244,17 @@ def _set_lr(group: dict[str, Any], rate: float) -> None:
         group["lr"] = rate
 
 
-def _check_bounds(owner: str, min_lr: float, max_lr: float, min_trial_lr: float, max_growth: float) -> None:
-    check_range(owner, "min_lr", min_lr, 0.0, None)
-    check_range(owner, "max_lr", max_lr, 0.0, None, low_open=True)
-    if min_lr > max_lr:
-        raise ValueError(f"{owner}: `min_lr` must not exceed `max_lr`, got min_lr={min_lr!r} > max_lr={max_lr!r}")
-    check_range(owner, "min_trial_lr", min_trial_lr, 0.0, None, low_open=True)
-    if not (isinstance(max_growth, (int, float)) and not isinstance(max_growth, bool) and max_growth >= 1.0):
-        raise ValueError(f"{owner}: `max_growth` must be a number in [1, inf], got {max_growth!r}")
+def _checked_bounds(owner: str, values: dict[str, Any]) -> dict[str, float]:
+    """QLAB's rate bounds from a constructor's ``values``, validated and as floats."""
+    bounds = checked(owner, values, min_lr=NONNEGATIVE, max_lr=POSITIVE, min_trial_lr=POSITIVE)
+    if bounds["min_lr"] > bounds["max_lr"]:
+        raise ValueError(
+            f"{owner}: `min_lr` must not exceed `max_lr`, got min_lr={values['min_lr']!r} > max_lr={values['max_lr']!r}"
+        )
+    max_growth = real_number(values["max_growth"])
+    if max_growth is None or not max_growth >= 1.0:  # inf allowed: no growth limit
+        raise ValueError(f"{owner}: `max_growth` must be a number in [1, inf], got {values['max_growth']!r}")
+    return {**bounds, "max_growth": max_growth}
 
 
 def _fitted_points_are_finite(trials: list[_Trial], starts: list[list[Tensor]]) -> bool:
@@ -565,20 +576,13 @@ class QLAB(_QLABFit):
             name, locals(), base=one_of(*BASES), lr=NONNEGATIVE, momentum=FRACTION, betas=BETAS, eps=NONNEGATIVE,
             weight_decay=NONNEGATIVE,
         )  # fmt: skip
-        _check_bounds(name, min_lr, max_lr, min_trial_lr, max_growth)
-        defaults.update(min_lr=min_lr, max_lr=max_lr, min_trial_lr=min_trial_lr, max_growth=max_growth)
+        defaults.update(_checked_bounds(name, locals()))
         if base in ("sgd", "sgdm"):
             # torch's momentum-cycling schedulers (OneCycleLR, CyclicLR) and Lightning's
             # LearningRateMonitor read `betas` when the defaults have it, else `momentum`: only the
             # Adam bases keep `betas`, so that they act on the momentum the base uses.
             del defaults["betas"]
-        super().__init__(
-            params,
-            defaults,
-            foreach=foreach,
-            average_across_ranks=average_across_ranks,
-            max_consecutive_skips=max_consecutive_skips,
-        )
+        super().__init__(params, defaults, **runtime_options(locals()))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -731,8 +735,7 @@ class QLABWrapper(_QLABFit):
             raise ValueError(f"{owner}: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, _QLABFit):
             raise ValueError(f"{owner}: `optimizer` is already a QLAB optimizer")
-        _check_bounds(owner, min_lr, max_lr, min_trial_lr, max_growth)
-        own = dict(min_lr=min_lr, max_lr=max_lr, min_trial_lr=min_trial_lr, max_growth=max_growth)
+        own = _checked_bounds(owner, locals())
         self.base_optimizer = optimizer
         # Registers the wrapped optimizer's own group dicts (see add_param_group), which gain
         # QLAB's options; then the wrapper holds the wrapped optimizer's list and state themselves.

@@ -51,6 +51,7 @@ from ._base import (
     check_range,
     checked,
     number,
+    runtime_options,
 )
 from ._directions import with_l2
 from ._reduce import dot, sqnorm, tensor_extrema
@@ -371,13 +372,7 @@ class StepTunedSGD(AdaptiveOptimizer):
         )
         #: the β of the last step (tells which of ``beta`` and ``momentum`` was written since)
         self._applied_beta: float | None = defaults["beta"]
-        super().__init__(
-            params,
-            defaults,
-            foreach=foreach,
-            average_across_ranks=average_across_ranks,
-            max_consecutive_skips=max_consecutive_skips,
-        )
+        super().__init__(params, defaults, **runtime_options(locals()))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """A group that gives one of ``beta`` and ``momentum`` gets the other; one that gives neither, the current β.
