@@ -454,29 +454,9 @@ def test_step_tuned_old_state_dict_gets_its_momentum():
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_learning_rate_monitor_logs_the_momentum_used(name):
     """Before: the monitor found no ``momentum`` on StepTunedSGD and logged 0."""
-    pytest.importorskip("lightning.pytorch")
     from lightning.pytorch.callbacks import LearningRateMonitor
-    from lightning.pytorch.loggers.logger import Logger
     from lightning_helpers import Classifier, loader, trainer
-
-    class Memory(Logger):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rows: list[dict[str, float]] = []
-
-        @property
-        def name(self) -> str:
-            return "memory"
-
-        @property
-        def version(self) -> int:
-            return 0
-
-        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-            self.rows.append(dict(metrics))
+    from test_lightning_monitor import MemoryLogger
 
     make_opt, lr = OPTIMIZERS[name]
     used: list[float] = []  # the β (StepTunedSGD) or β1 (AdaL) each step used, read right after it
@@ -492,14 +472,14 @@ def test_learning_rate_monitor_logs_the_momentum_used(name):
             cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=16)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": cycle, "interval": "step"}}
 
-    logger = Memory()
+    logger = MemoryLogger()
     fit = trainer(
         max_steps=16, logger=logger, log_every_n_steps=1, callbacks=[LearningRateMonitor(log_momentum=True)]
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         fit.fit(Scheduled(lambda p: None), loader(n=256, batch_size=16))
-    logged = [value for row in logger.rows for key, value in row.items() if key.endswith("-momentum")]
+    logged = [value for _, row in logger.calls for key, value in row.items() if key.endswith("-momentum")]
     assert len(logged) == len(used) == 16
     assert logged == pytest.approx(used, rel=0, abs=0)
     assert len(set(used)) > 3
