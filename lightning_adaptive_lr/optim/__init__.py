@@ -2,6 +2,7 @@
 
 from ._base import AdaptiveOptimizer
 from ._protocol import AdaptiveLROptimizer, LowerBoundOptimizer, Probe
+from ._sharding import reshard_after_probe
 from .adal import AdaL
 from .hypergradient import HierarchicalHD
 from .momo import MoMo, MoMoAdam
@@ -19,4 +20,5 @@ __all__ = [
     "MoMoAdam",
     "QLAB",
     "StepTunedSGD",
+    "reshard_after_probe",
 ]

@@ -44,7 +44,7 @@ import math
 import numbers
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -52,6 +52,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _sharding
 from ._protocol import Probe
 from ._reduce import accumulation_dtype
 from ._scalars import Scalar
@@ -278,19 +279,58 @@ def _param_key(key: Any) -> Any:
     return getattr(key, _VIEW_OF, key) if isinstance(key, Tensor) else key
 
 
-class _ParamState(defaultdict):
-    """``optimizer.state`` of an optimizer with complex parameters: indexed by a parameter or by
-    the real view :meth:`AdaptiveOptimizer._params_and_grads` handed out for it (both reach the
-    entry of the parameter, so the state stays keyed by parameters only).
+class _LocalState(MutableMapping):
+    """One DTensor parameter's state as the step sees it: its local shards.
 
-    Installed only when a complex parameter is present: a plain ``defaultdict`` costs nothing.
+    Reads give a DTensor entry's local tensor (in-place writes reach the DTensor); a plain tensor
+    written is stored as a DTensor laid out like the parameter (:func:`._sharding.to_like`), so that
+    ``optimizer.state`` holds DTensors for DTensor parameters, as ``torch.optim`` does and as
+    ``torch.distributed.checkpoint`` expects.
     """
 
+    __slots__ = ("_entry", "_param")
+
+    def __init__(self, entry: dict[str, Any], param: Tensor) -> None:
+        self._entry, self._param = entry, param
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._entry[key]
+        return _sharding.local(value) if _sharding.is_dtensor(value) else value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._entry[key] = _sharding.to_like(value, self._param) if isinstance(value, Tensor) else value
+
+    def __delitem__(self, key: str) -> None:
+        del self._entry[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._entry)
+
+    def __len__(self) -> int:
+        return len(self._entry)
+
+
+class _ParamState(defaultdict):
+    """``optimizer.state`` of an optimizer with complex or DTensor parameters: indexed by a parameter
+    or by the real or local view :meth:`AdaptiveOptimizer._params_and_grads` handed out for it (both
+    reach the entry of the parameter, so the state stays keyed by parameters only).  The entry of a
+    DTensor parameter is seen through :class:`_LocalState` (its local shards).
+
+    Installed only when such a parameter is present: a plain ``defaultdict`` costs nothing.
+    """
+
+    def _seen(self, param: Any, entry: Any) -> Any:
+        return _LocalState(entry, param) if _sharding.is_dtensor(param) and isinstance(entry, dict) else entry
+
     def __getitem__(self, key: Any) -> Any:
-        return super().__getitem__(_param_key(key))
+        param = _param_key(key)
+        return self._seen(param, super().__getitem__(param))
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(_param_key(key), value)
+        param = _param_key(key)
+        if _sharding.is_dtensor(param) and isinstance(value, dict):  # in place: defaultdict returns `value`
+            value.update({k: _sharding.to_like(v, param) for k, v in value.items() if isinstance(v, Tensor)})
+        super().__setitem__(param, value)
 
     def __delitem__(self, key: Any) -> None:
         super().__delitem__(_param_key(key))
@@ -299,10 +339,14 @@ class _ParamState(defaultdict):
         return super().__contains__(_param_key(key))
 
     def get(self, key: Any, default: Any = None) -> Any:
-        return super().get(_param_key(key), default)
+        param = _param_key(key)
+        return self._seen(param, super().__getitem__(param)) if super().__contains__(param) else default
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
-        return super().setdefault(_param_key(key), default)
+        param = _param_key(key)
+        if not super().__contains__(param):
+            self[param] = default
+        return self[param]
 
     def pop(self, key: Any, *default: Any) -> Any:
         return super().pop(_param_key(key), *default)
@@ -354,6 +398,13 @@ class AdaptiveOptimizer(Optimizer):
     #: Convert post-gate scalars to Python floats when the parameters live on the CPU, where
     #: reading a tensor costs nothing. Tests switch it off to exercise the on-device path.
     host_scalars_on_cpu: ClassVar[bool] = True
+    #: Whether a step needs quantities per parameter tensor (not only sums over the whole model):
+    #: refused over FSDP1 ``FlatParameter`` objects, which hold many tensors each.
+    per_tensor_quantities: ClassVar[bool] = False
+    #: :meth:`_gate` values completed over shards by a maximum, or as a ``[min, max]`` pair (the
+    #: others are sums; values named ``*loss*`` are already averaged across ranks).
+    gate_maxima: ClassVar[frozenset[str]] = frozenset({"v_max"})
+    gate_ranges: ClassVar[frozenset[str]] = frozenset({"float16_range"})
 
     def __init__(
         self,
@@ -380,23 +431,32 @@ class AdaptiveOptimizer(Optimizer):
         """Attributes that are not state: lost on pickling, rebuilt here."""
         self._pending_loss: tuple[Tensor | float, bool] | None = None
         self._registered_probe: tuple[Probe, bool] | None = None
+        self._layout: _sharding.Layout | None = None
+        #: Called with the optimizer at the start of every step (``lightning_adaptive_lr.fabric``
+        #: installs one that refuses a step a GradScaler did not unscale); not state.
+        self._step_guard: Callable[[AdaptiveOptimizer], None] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_registered_probe"] = None  # a function: not state (register it again after loading)
+        state["_layout"] = None  # found again at the next step
+        state["_step_guard"] = None  # a function: not state
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if not hasattr(self, "_pending_loss"):
             self._init_transient()
+        for name in ("_layout", "_step_guard"):  # pickled before these existed
+            if not hasattr(self, name):
+                setattr(self, name, None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self.param_groups:  # a group added later joins the optimizer-wide state where it stands
             for key in self.group_state:
                 param_group.setdefault(key, copy.deepcopy(self.param_groups[0][key]))
         super().add_param_group(param_group)
-        if any(p.is_complex() for p in self.param_groups[-1]["params"]):
+        if any(p.is_complex() or _sharding.is_dtensor(p) for p in self.param_groups[-1]["params"]):
             self._index_state_by_real_views()
         first = self.param_groups[0]
         for name in self.shared_options:
@@ -439,7 +499,7 @@ class AdaptiveOptimizer(Optimizer):
         loaded (see :meth:`_check_compatible`).
         """
         super().load_state_dict(self._convert_legacy(state_dict))
-        if any(p.is_complex() for group in self.param_groups for p in group["params"]):
+        if any(p.is_complex() or _sharding.is_dtensor(p) for group in self.param_groups for p in group["params"]):
             self._index_state_by_real_views()  # torch's load_state_dict builds a new state
 
     def _convert_legacy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -630,7 +690,7 @@ class AdaptiveOptimizer(Optimizer):
         if self.state or any(group["lr"] != 0 for group in self.param_groups):
             return False
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        return bool(grads) and all(not bool(g.any()) for g in grads)
+        return bool(grads) and all(not bool(_sharding.local(g).any()) for g in grads)
 
     # ------------------------------------------------------------------ step
 
@@ -647,6 +707,8 @@ class AdaptiveOptimizer(Optimizer):
         Returns:
             The closure's return value if a closure was given, else ``loss``.
         """
+        if self._step_guard is not None:
+            self._step_guard(self)
         if loss is not None:
             self._checked_loss(loss, "`loss`")  # before the closure runs
         closure_loss = None
@@ -658,6 +720,7 @@ class AdaptiveOptimizer(Optimizer):
             if not self._is_state_initialization():
                 raise RuntimeError(f"{self._name}.step() needs the mini-batch loss: {_LOSS_FIXES}.")
             value, reduced = 0.0, True
+        self._layout = self._find_layout()
         device = self._device()
         loss_tensor = None if value is None else self._loss_tensor(value, reduced, device)
         skipped = self._shared("skipped_steps")
@@ -677,6 +740,60 @@ class AdaptiveOptimizer(Optimizer):
     def _update(self, loss: Tensor | None) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ sharding
+
+    def _find_layout(self) -> _sharding.Layout | None:
+        """How this step's parameters are sharded (``None``: not at all; free without ``torch.distributed``)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        params = [p for group in self.param_groups for p in group["params"]]
+        return _sharding.layout_of(params, self._name, per_tensor=self.per_tensor_quantities)
+
+    def _gate_kinds(self, name: str, n: int) -> list[str]:
+        """How each of the ``n`` entries of the gate value ``name`` is completed over shards."""
+        if "loss" in name:
+            return [_sharding.SAME] * n
+        if name in self.gate_maxima:
+            return [_sharding.MAX] * n
+        if name in self.gate_ranges and n == 2:
+            return [_sharding.MIN, _sharding.MAX]
+        return [_sharding.SUM] * n
+
+    def _completed(self, values: Tensor, kinds: Sequence[str]) -> Tensor:
+        """``values`` (a 1-d vector of partials) completed over the shards, or as it is when nothing is sharded."""
+        layout = self._layout
+        if layout is None or layout.size == 1:
+            return values
+        return _sharding.complete(values, kinds, layout)
+
+    def _agree(self, flag: bool) -> bool:
+        """``flag`` if every process of the sharding group has it (a local outcome check made global).
+
+        Unsharded, ``flag`` itself: replicas hold equal values and decide alike.
+        """
+        layout = self._layout
+        if layout is None or layout.size == 1:
+            return flag
+        vote = torch.tensor([1.0 if flag else 0.0], device=self._device(), dtype=torch.float32)
+        return bool(_sharding.complete(vote, [_sharding.MIN], layout)[0] > 0)
+
+    def _require_whole_units(self, what: str) -> None:
+        """Refuse per-output-unit sums (``what`` names them) where shards cut output units (rows along dim 0)."""
+        layout = self._layout
+        if layout is not None and layout.size > 1 and not layout.units_intact:
+            raise RuntimeError(
+                f"{self._name}: {what} sums over each output unit (a row along dim 0), but the parameters are "
+                f"sharded across units ({layout.what}), so no process holds a unit whole. Shard along dim 0 only "
+                "(FSDP2 `fully_shard` does, and HSDP), or drop that level."
+            )
+
+    def _local_view(self, p: Tensor) -> Tensor:
+        """The local shard of the DTensor parameter ``p``, by which ``self.state`` reaches ``p``'s state."""
+        view = _sharding.local(p)
+        if getattr(view, _VIEW_OF, None) is not p:
+            setattr(view, _VIEW_OF, p)
+        return view
+
     # ------------------------------------------------------------------ helpers for subclasses
 
     def _params_and_grads(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
@@ -688,20 +805,47 @@ class AdaptiveOptimizer(Optimizer):
         created from the view is the real pairs' state).
         """
         params, grads = [], []
+        sharded = self._layout is not None
         for p in group["params"]:
             grad = p.grad
             if grad is None:
-                continue
+                if sharded and self._fsdp1_empty_shard(p):
+                    grad = p.detach()  # an empty slice: its place in per-tensor vectors, nothing to sum
+                else:
+                    continue
             if grad.is_sparse:
                 raise RuntimeError(
                     f"{self._name} does not support sparse gradients; use dense gradients "
                     "(e.g. `nn.Embedding(..., sparse=False)`)."
                 )
-            if p.is_complex():
+            if _sharding.is_dtensor(p):
+                p, grad = self._local_view(p), _sharding.local(grad)
+                if p.is_complex():
+                    view = torch.view_as_real(p)
+                    setattr(view, _VIEW_OF, getattr(p, _VIEW_OF))
+                    p, grad = view, torch.view_as_real(grad.resolve_conj())
+            elif p.is_complex():
                 p, grad = self._real_view(p), torch.view_as_real(grad.resolve_conj())
             params.append(p)
             grads.append(grad)
         return params, grads
+
+    def _fsdp1_empty_shard(self, p: Tensor) -> bool:
+        """Whether ``p`` is an FSDP1 parameter none of which lies on this process (FSDP leaves its
+        ``.grad`` None).  It is handed out, empty, where a per-tensor quantity needs every rank to
+        list the same tensors; a parameter that has elements here but no gradient is refused then,
+        since the other ranks cannot know to leave it out."""
+        if not (p.requires_grad and getattr(p, _sharding.FSDP1_FLAG, False)) or _sharding.is_flat_parameter(p):
+            return False
+        if not self.per_tensor_quantities:
+            return False
+        if p.numel() == 0:
+            return True
+        raise RuntimeError(
+            f"{self._name}: an FSDP1 parameter of local shape {tuple(p.shape)} requires a gradient but got none this "
+            "step; under FSDP1 a per-tensor optimizer needs every rank to step the same tensors. Set "
+            "`requires_grad=False` on parameters the loss does not use, or use FSDP2 (`fully_shard`)."
+        )
 
     def _real_view(self, p: Tensor) -> Tensor:
         """The real view of the complex parameter ``p``, by which ``self.state`` reaches ``p``'s state."""
@@ -726,7 +870,11 @@ class AdaptiveOptimizer(Optimizer):
         first = next(iter(scalars.values()))
         dtype = accumulation_dtype(first.device)
         flat = [scalars[n].to(device=first.device, dtype=dtype).reshape(-1) for n in names]
-        values = torch.cat(flat).tolist() if flat else []
+        joined = torch.cat(flat) if flat else None
+        if joined is not None and self._layout is not None:  # partial sums over shards: complete them
+            kinds = [kind for n, piece in zip(names, flat) for kind in self._gate_kinds(n, piece.numel())]
+            joined = self._completed(joined, kinds)
+        values = joined.tolist() if joined is not None else []
         out: dict[str, Any] = {}
         bad: list[str] = []
         offset = 0

@@ -99,9 +99,15 @@ def tensor_sums(xs: Sequence[Tensor], device: torch.device) -> Tensor:
 
 
 def tensor_extrema(xs: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
-    """The smallest and the largest element over all of ``xs``, as 0-d tensors on ``device``."""
-    pairs = [torch.aminmax(_real(x)) for x in xs]
+    """The smallest and the largest element over all of ``xs``, as 0-d tensors on ``device``.
+
+    Empty tensors (a process's empty slice of a sharded parameter) are left out; with nothing
+    left, both are 0, which neither a magnitude bound nor a finiteness check notices.
+    """
     acc = accumulation_dtype(device)
+    pairs = [torch.aminmax(_real(x)) for x in xs if x.numel()]
+    if not pairs:
+        return _zero(device), _zero(device)
     low = torch.stack([lo.to(device=device, dtype=acc) for lo, _ in pairs])
     high = torch.stack([hi.to(device=device, dtype=acc) for _, hi in pairs])
     return low.min(), high.max()
@@ -167,6 +173,8 @@ def unit_dots(x: Tensor, y: Tensor) -> Tensor:
     if x.is_complex() or y.is_complex():  # a unit's elements are the real pairs of its entries
         x, y = _real(x), _real(y)
     dtype = work_dtype(x.dtype)
+    if x.numel() == 0:  # no units here (an empty shard), or units without elements
+        return torch.zeros(n, device=x.device, dtype=dtype)
     return torch.bmm(x.reshape(n, 1, -1).to(dtype), y.reshape(n, -1, 1).to(dtype)).reshape(n)
 
 

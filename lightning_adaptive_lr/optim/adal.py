@@ -349,6 +349,7 @@ class AdaL(AdaptiveOptimizer):
     """
 
     requires_loss = False
+    per_tensor_quantities = True  # per-tensor rates/norms: see AdaptiveOptimizer
     shared_options = ("transform",)
 
     def __init__(

@@ -60,8 +60,16 @@ from ._directions import (
     nesterov,
     with_l2,
 )
-from ._reduce import tensor_dots, tensor_extrema, tensor_sums, unit_dots, work_dtype
+from ._reduce import (
+    accumulation_dtype,
+    tensor_dots,
+    tensor_extrema,
+    tensor_sums,
+    unit_dots,
+    work_dtype,
+)
 from ._scalars import Scalar, smax, smin
+from ._sharding import local as _local_tensor
 from ._tensorlists import add_scaled_, clamp_, copy_
 
 __all__ = [
@@ -618,6 +626,7 @@ class HierarchicalHD(AdaptiveOptimizer):
     """
 
     requires_loss = False
+    per_tensor_quantities = True  # per-tensor rates/norms: see AdaptiveOptimizer
     shared_options = (
         "base",
         "levels",
@@ -853,6 +862,8 @@ class HierarchicalHD(AdaptiveOptimizer):
         # Reductions: ⟨g_j, prev_j⟩ per tensor and per output unit, and the weights' partials
         # Σ_i g_i·prev_i·ρ_i per tensor (a tensor without s_{t−1} has h = 0: tensor_dots' None).
         device = grads[0].device
+        if "unit" in levels:
+            self._require_whole_units('the "unit" level')
         scalars = {"dots": tensor_dots(grads, prevs, device)}
         if loss is not None:
             scalars["loss"] = loss
@@ -875,7 +886,7 @@ class HierarchicalHD(AdaptiveOptimizer):
         if plan is None:
             self._skip_step("outcome", ["the new learning rates"])
             return
-        if plan.check and not self._outcome_is_finite(reads, plan, unit_sums):
+        if plan.check and not self._agree(self._outcome_is_finite(reads, plan, unit_sums)):
             self._skip_step("outcome", ["the step's parameters or state"])
             return
 
@@ -996,7 +1007,13 @@ class HierarchicalHD(AdaptiveOptimizer):
             if "global" in levels:
                 values["hd_rate_global"] = lr * global_rate
                 mean = mean + weights["global"] * global_rate
-            if "layer" in levels:
+            if self._layout is not None and len(levels) > ("global" in levels):  # sharded: complete the statistics
+                statistics = self._sharded_statistics(levels, stated)
+                for level, (low, level_mean, high) in statistics.items():
+                    key = _RATE_KEYS.get(level, "hd_rate_layer")
+                    values.update({f"{key}_min": lr * low, f"{key}_mean": lr * level_mean, f"{key}_max": lr * high})
+                    mean = mean + weights[level] * level_mean
+            elif "layer" in levels:
                 rates = [st["hd_rate_layer"] for _, st in stated] or [1.0]
                 layer_mean = sum(r * n for r, n in zip(rates, sizes)) / total if total else 1.0
                 values.update(
@@ -1005,7 +1022,7 @@ class HierarchicalHD(AdaptiveOptimizer):
                     hd_rate_layer_max=lr * max(rates),
                 )
                 mean = mean + weights["layer"] * layer_mean
-            for level in ("unit", "param"):
+            for level in ("unit", "param") if self._layout is None else ():
                 if level in levels:
                     low, high, level_mean = self._rate_statistics(level, stated, total)
                     key = _RATE_KEYS[level]
@@ -1014,6 +1031,40 @@ class HierarchicalHD(AdaptiveOptimizer):
             values["effective_lr"] = lr * mean
             values.update({f"hd_weight_{level}": weights[level] for level in levels})
             self._record(group, **values)
+
+    def _sharded_statistics(
+        self, levels: tuple[str, ...], stated: list[tuple[Tensor, dict[str, Any]]]
+    ) -> dict[str, tuple[float, float, float]]:
+        """(min, element-weighted mean, max) of each tensor-valued level's multiples over all shards,
+        completed in one collective (1 before any step)."""
+        entries: list[Tensor] = []
+        kinds: list[str] = []
+        device = self._device()
+        dtype = accumulation_dtype(device)
+        sizes = [_local_tensor(p).numel() for p, _ in stated]
+        entries.append(torch.tensor(float(sum(sizes)), dtype=dtype))
+        kinds.append("sum")
+        order = [level for level in ("layer", "unit", "param") if level in levels]
+        for level in order:
+            if level == "layer":
+                rates = [torch.tensor(float(st["hd_rate_layer"]), dtype=dtype) for _, st in stated]
+                counts = [float(n) for n in sizes]
+            else:
+                rates = [st[_RATE_KEYS[level]].to(dtype) for _, st in stated]
+                counts = [float(n // r.numel()) if r.numel() else 0.0 for n, r in zip(sizes, rates)]
+            present = [r.reshape(-1) for r in rates if r.numel()]
+            flat = torch.cat(present).cpu() if present else torch.zeros(0, dtype=dtype)
+            low = flat.min() if flat.numel() else torch.tensor(math.inf, dtype=dtype)
+            high = flat.max() if flat.numel() else torch.tensor(-math.inf, dtype=dtype)
+            weighted = sum((r.sum().cpu() * c for r, c in zip(rates, counts)), torch.zeros((), dtype=dtype))
+            entries += [low, high, weighted]
+            kinds += ["min", "max", "sum"]
+        done = self._completed(torch.stack(entries).to(device), kinds).tolist()
+        total, out = done[0], {}
+        for i, level in enumerate(order):
+            low, high, weighted = done[1 + 3 * i : 4 + 3 * i]
+            out[level] = (low, weighted / total, high) if total else (1.0, 1.0, 1.0)
+        return out
 
     def _rate_statistics(
         self, level: str, stated: list[tuple[Tensor, dict[str, Any]]], total: float

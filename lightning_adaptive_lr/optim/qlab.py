@@ -380,7 +380,8 @@ class _QLABFit(AdaptiveOptimizer):
             # The step's second device-to-host read (the first is the gate): t* decides every
             # group's rate, which must be a number in param_groups.  The probe's forward pass has
             # just run on the device, so this read waits for little more than that pass.
-            f_trial, a1 = torch.stack([trial_loss, slope.to(trial_loss)]).tolist()
+            # (Under sharding the slope is a partial sum: completed here, in the same read.)
+            f_trial, a1 = self._completed(torch.stack([trial_loss, slope.to(trial_loss)]), ("same", "sum")).tolist()
             if not math.isfinite(a1):
                 put_back()
                 self._skip_step("outcome", ["the trial step"])
@@ -658,7 +659,7 @@ class QLAB(_QLABFit):
         rates = [_trial_rate(group) for group, _, _ in groups]
         # The outcome, before anything is written: screened on the host, and where the screen asks
         # for it the base rule's step is taken on copies, up to the longest step the fit may choose.
-        if _may_overflow(groups, rates, values["grad_sqnorms"]) and not self._trial_is_finite(groups, rates):
+        if _may_overflow(groups, rates, values["grad_sqnorms"]) and not self._agree(self._trial_is_finite(groups, rates)):
             self._skip_step("outcome", ["the trial step"])
             return
 
@@ -670,7 +671,8 @@ class QLAB(_QLABFit):
                 frozen.append(group)
                 continue
             add_scaled_(params, directions, -rate, foreach=group["foreach"])  # the trial step Δ = −η·d
-            if group["base"] == "sgd" and group["weight_decay"] == 0:  # d = g: ⟨g, d⟩ is the gate's ‖g‖²
+            # d = g: ⟨g, d⟩ is the gate's ‖g‖² (not when sharded: there the slope stays a partial sum)
+            if group["base"] == "sgd" and group["weight_decay"] == 0 and self._layout is None:
                 slope = slope - rate * grad_sqnorm
             else:
                 slope = slope - rate * dot(grads, directions, device)
@@ -846,7 +848,7 @@ class QLABWrapper(_QLABFit):
             for trial, start in zip(trials, starts):
                 copy_(trial.params, start, foreach=_uses_foreach(trial.group))
 
-        if exact and not _fitted_points_are_finite(trials, starts):
+        if exact and not self._agree(_fitted_points_are_finite(trials, starts)):
             put_back()
             self._skip_step("outcome", ["the trial step"])
             return
