@@ -122,6 +122,72 @@ def test_lowered_bound_rule_on_floats():
     assert momo_lowered_bound(2.0, 1.0, 0.0) is None
 
 
+# ---------------------------------------------------------------------------------------------- lb=None
+
+def test_following_bound_rule_on_floats():
+    from lightning_adaptive_lr.optim.momo import momo_following_bound
+
+    assert momo_following_bound(2.0, 0.95) == pytest.approx(1.9)
+    assert momo_following_bound(-2.0, 0.5) == pytest.approx(-3.0)  # always below m
+    assert momo_following_bound(3.0, 0.0) == 0.0  # fraction 0: the paper's lb = 0
+
+
+@pytest.mark.parametrize("cls", [MoMo, MoMoAdam])
+def test_lb_none_follows_the_lowest_loss_average(cls):
+    """``lb=None``: after each step the bound in use is ``φ·m_min`` (a positive loss), ``m_min`` the
+    lowest bias-corrected loss average so far, computed here from the losses handed over."""
+    x, y = regression_data()
+    model = network()
+    fraction = 0.8
+    opt = cls(model.parameters(), lr=0.05, lb=None, lb_fraction=fraction)
+    beta = 0.9
+    avg, lowest = 0.0, float("inf")
+    for k in range(1, 16):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step(loss=loss)
+        if cls is MoMo and k == 1:  # without bias correction MoMo's average starts at the first loss
+            avg, rho = loss.item(), 1.0
+        else:
+            avg, rho = beta * avg + (1 - beta) * loss.item(), (1 - beta**k) if cls is MoMoAdam else 1.0
+        lowest = min(lowest, avg / rho)
+        group = opt.param_groups[0]
+        assert group["lower_bound"] == pytest.approx(fraction * lowest, rel=1e-12)
+        assert group["loss_min"] == pytest.approx(lowest, rel=1e-12)
+        assert group["lb"] is None
+    # set_lower_bound gives a number: the paper's rule from then on.
+    opt.set_lower_bound(0.0)
+    assert opt.param_groups[0]["lb"] == 0.0 and opt.param_groups[0]["current_lb"] == 0.0
+
+
+@pytest.mark.parametrize("cls", [MoMo, MoMoAdam])
+def test_lb_none_resumes_bit_identically(cls):
+    x, y = regression_data()
+    runs = []
+    for reload_at in (None, 5):
+        model = network()
+        opt = cls(model.parameters(), lr=0.05, lb=None)
+        for k in range(10):
+            if k == reload_at:
+                state = copy.deepcopy(opt.state_dict())
+                opt = cls(model.parameters(), lr=0.05, lb=None)
+                opt.load_state_dict(state)
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step(loss=loss)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_lb_none_is_refused_where_a_number_is_meant():
+    with pytest.raises(ValueError, match="lb_fraction"):
+        MoMo([nn.Parameter(torch.zeros(2))], lb=None, lb_fraction=1.0)
+    with pytest.raises(ValueError, match="`lb`"):
+        MoMoAdam([nn.Parameter(torch.zeros(2))], lb=float("nan"))
+
+
 # ---------------------------------------------------------------------------------------------- outcome gate
 
 #: The step's bodies: on the CPU ``foreach`` runs one tensor at a time like ``foreach=False`` unless

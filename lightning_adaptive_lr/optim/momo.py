@@ -67,7 +67,7 @@ from ._reduce import (
 from ._scalars import Scalar, safe_div, smax, smin, where
 from ._tensorlists import add_scaled_, divide_, group_by_device_and_dtype, multiply_
 
-__all__ = ["MoMo", "MoMoAdam", "momo_loss_model", "momo_lowered_bound", "momo_step_size"]
+__all__ = ["MoMo", "MoMoAdam", "momo_following_bound", "momo_loss_model", "momo_lowered_bound", "momo_step_size"]
 
 #: One param group with its parameters that have a gradient, and those gradients.
 Group = tuple[dict[str, Any], list[Tensor], list[Tensor]]
@@ -76,6 +76,11 @@ Group = tuple[dict[str, Any], list[Tensor], list[Tensor]]
 CURRENT_LB = "current_lb"
 #: Param-group key counting the steps at which a loss average below ``lb`` lowered it.
 LB_LOWERED = "lb_lowered"
+#: Param-group key of the smallest bias-corrected loss average so far (``lb=None``'s rule).
+LOSS_MIN = "loss_min"
+#: Default of ``lb_fraction``: with ``lb=None`` the bound follows ``0.95·`` the lowest loss average
+#: (the best of 0.5, 0.75, 0.9, 0.95 on the character-level language model; docs/algorithms.md §1.4).
+DEFAULT_LB_FRACTION = 0.95
 #: MoMo's param-group key of the β the last step used (``None`` before the first step: the constructor's).
 BETA_USED = "beta_used"
 
@@ -132,6 +137,19 @@ def momo_step_size(
     if estimate_lb:
         lb = smax((loss_avg + d_dot_x - gamma - 0.5 * tau * d_sqnorm) / rho, lb_floor)
     return tau, lb
+
+
+def momo_following_bound(loss_min: float, fraction: float) -> float:
+    """The lower bound of ``lb=None``: ``m − (1 − fraction)·|m|``, ``m`` the lowest loss average so far.
+
+    That is ``fraction·m`` for a non-negative loss, and always at most ``m``: the bound follows the
+    loss down, a fixed share below the best average the run has reached (docs/algorithms.md §1.4).
+    ``fraction = 0`` gives 0 for a non-negative loss: the paper's ``lb = 0``.
+
+    >>> momo_following_bound(2.0, 0.95), momo_following_bound(-2.0, 0.5)
+    (1.9, -3.0)
+    """
+    return loss_min - (1.0 - fraction) * abs(loss_min)
 
 
 def momo_lowered_bound(loss_avg: float, rho: float, lb: float) -> float | None:
@@ -270,8 +288,8 @@ def _multi_tensor_momo_adam(
 
 def _largest(t: Tensor, acc: torch.dtype) -> Tensor:
     """The largest element of ``t`` (NaN if one is), a 0-d ``acc`` tensor: one tensor's part of
-    :func:`~._reduce.tensor_extrema`, taken while the tensor is in cache."""
-    return t.amax().to(acc)
+    :func:`~._reduce.tensor_extrema`, taken while the tensor is in cache (0 for an empty shard)."""
+    return t.amax().to(acc) if t.numel() else t.new_zeros((), dtype=acc)
 
 
 # --------------------------------------------------------------------------- shared by both classes
@@ -296,6 +314,11 @@ def _descend_(groups: list[Group], directions: list[list[Tensor]], taus: list[Sc
             divide_(params, 1.0 + shrink, foreach=foreach)
 
 
+def _optional_bound(owner: str, name: str, value: Any) -> float | None:
+    """``lb``: ``None`` (follow the losses) or a finite number."""
+    return None if value is None else FINITE(owner, name, value)
+
+
 class _MoMoBase(AdaptiveOptimizer):
     """The loss model, the per-group Polyak step sizes and the lower bound, shared by both methods."""
 
@@ -306,6 +329,7 @@ class _MoMoBase(AdaptiveOptimizer):
         "gamma": 0.0,
         CURRENT_LB: None,
         LB_LOWERED: 0,
+        LOSS_MIN: None,
     }
 
     #: Run the eager step one tensor at a time on the CPU also with ``foreach`` (there a multi-tensor
@@ -419,6 +443,22 @@ class _MoMoBase(AdaptiveOptimizer):
         )
         self._set_shared(step=self._shared("step") + 1, loss_avg=loss_avg, gamma=gamma)
 
+    def _floor(self, rho: float) -> float:
+        """This step's floor of the lower bound: ``lb`` (lowered if the loss average fell below it),
+        or with ``lb=None`` :func:`momo_following_bound` of the lowest loss average so far, which
+        is then also the bound in use (unless it is estimated online)."""
+        if self._shared("lb") is not None:
+            self._lower_bound_below_loss(rho)
+            return self._shared("lb")
+        loss_avg, previous = self._shared("loss_avg") / rho, self._shared(LOSS_MIN)
+        loss_min = loss_avg if previous is None else smin(previous, loss_avg)
+        floor = momo_following_bound(loss_min, self._shared("lb_fraction"))
+        shared: dict[str, Any] = {LOSS_MIN: loss_min}
+        if not self._shared("estimate_lb"):
+            shared[CURRENT_LB] = floor
+        self._set_shared(**shared)
+        return floor
+
     def _lower_bound_below_loss(self, rho: float) -> None:
         """Lower ``lb`` (:func:`momo_lowered_bound`) if the loss average fell below it; count and warn."""
         floor, loss_avg = self._shared("lb"), self._shared("loss_avg")
@@ -443,7 +483,7 @@ class _MoMoBase(AdaptiveOptimizer):
 
     def _step_sizes(self, groups: list[Group], d_dot_x: float, d_sqnorm: float, rho: float) -> list[Scalar]:
         """Per group τ by :func:`momo_step_size` (recorded); the groups update the lower bound in turn."""
-        self._lower_bound_below_loss(rho)
+        floor = self._floor(rho)
         lb = self._shared(CURRENT_LB)
         taus = []
         for group, _, _ in groups:
@@ -455,8 +495,8 @@ class _MoMoBase(AdaptiveOptimizer):
                 d_dot_x=d_dot_x,
                 d_sqnorm=d_sqnorm,
                 rho=rho,
-                lb=group["lb"] if lb is None else lb,
-                lb_floor=group["lb"],
+                lb=floor if lb is None else lb,
+                lb_floor=floor,
                 estimate_lb=group["estimate_lb"],
             )
             self._record(group, effective_lr=tau, tau=tau, lower_bound=lb)
@@ -491,10 +531,16 @@ class MoMo(_MoMoBase):
         weight_decay: L2 regularization handled by the proximal (implicit) update ``x / (1 + lr·wd)``.
         lb: lower bound of the loss (0 for most losses); with ``estimate_lb`` the starting estimate
             and a floor.  Change it between steps with :meth:`set_lower_bound`.  If the loss
-            average falls below it, it is lowered (docs/algorithms.md §1.4).
+            average falls below it, it is lowered (docs/algorithms.md §1.4).  ``None``: the bound
+            follows the losses, ``lb_fraction`` of the lowest loss average so far
+            (:func:`momo_following_bound`): for losses whose floor is far above 0 (language
+            models), where ``lb=0`` makes the cap decide every step.
         bias_correction: start the averages at zero and correct by ``1 − beta^k`` (otherwise they
             start at the first values).
         estimate_lb: estimate the lower bound online (MoMo*), useful when the loss does not reach 0.
+        lb_fraction: with ``lb=None``, the bound is ``m − (1 − lb_fraction)·|m|`` for the lowest
+            bias-corrected loss average ``m`` so far, in [0, 1) (0: the paper's ``lb=0`` for a
+            non-negative loss).  Ignored when ``lb`` is a number.
         foreach: use the multi-tensor (``torch._foreach_*``) path on accelerators; ``False``
             updates tensor by tensor (as the CPU always does: see the module's eager bodies).
         average_across_ranks: average the loss across ``torch.distributed`` ranks (one collective
@@ -535,7 +581,7 @@ class MoMo(_MoMoBase):
         True
     """
 
-    shared_options = ("beta", "momentum", "lb", "bias_correction", "estimate_lb", "compiled")
+    shared_options = ("beta", "momentum", "lb", "bias_correction", "estimate_lb", "lb_fraction", "compiled")
     group_state: ClassVar[dict[str, Any]] = {**_MoMoBase.group_state, BETA_USED: None}
 
     def __init__(
@@ -544,9 +590,10 @@ class MoMo(_MoMoBase):
         lr: float = 1.0,
         beta: float = 0.9,
         weight_decay: float = 0.0,
-        lb: float = 0.0,
+        lb: float | None = 0.0,
         bias_correction: bool = False,
         estimate_lb: bool = False,
+        lb_fraction: float = DEFAULT_LB_FRACTION,
         *,
         foreach: bool = True,
         average_across_ranks: bool = True,
@@ -554,8 +601,8 @@ class MoMo(_MoMoBase):
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         defaults = checked(
-            type(self).__name__, locals(), lr=NONNEGATIVE, beta=FRACTION, weight_decay=NONNEGATIVE, lb=FINITE,
-            bias_correction=FLAG, estimate_lb=FLAG, compiled=FLAG,
+            type(self).__name__, locals(), lr=NONNEGATIVE, beta=FRACTION, weight_decay=NONNEGATIVE, lb=_optional_bound,
+            bias_correction=FLAG, estimate_lb=FLAG, lb_fraction=FRACTION, compiled=FLAG,
         )  # fmt: skip
         defaults["momentum"] = defaults["beta"]
         super().__init__(params, defaults, **runtime_options(locals()))
@@ -680,8 +727,11 @@ class MoMoAdam(_MoMoBase):
         weight_decay: weight decay; proximal ``x / (1 + lr·wd)`` by default.
         lb: lower bound of the loss; with ``estimate_lb`` the starting estimate and a floor.
             Change it between steps with :meth:`set_lower_bound`.  If the loss average falls
-            below it, it is lowered (docs/algorithms.md §1.4).
+            below it, it is lowered (docs/algorithms.md §1.4).  ``None``: the bound follows the
+            losses (see :class:`MoMo`; recommended for language models).
         estimate_lb: estimate the lower bound online.
+        lb_fraction: with ``lb=None``, how close below the lowest loss average the bound follows
+            (see :class:`MoMo`).
         decoupled_weight_decay: shrink ``x ← x·(1 − lr·wd)`` before the step (AdamW style) instead
             of the proximal division.  ``τ`` keeps ``c = 1 + lr·wd`` in both modes, as the authors do.
         foreach: use the multi-tensor path on accelerators (the CPU goes tensor by tensor).
@@ -717,7 +767,7 @@ class MoMoAdam(_MoMoBase):
         ['grad_avg', 'grad_avg_sq']
     """
 
-    shared_options = ("betas", "lb", "estimate_lb", "compiled")
+    shared_options = ("betas", "lb", "estimate_lb", "lb_fraction", "compiled")
 
     def __init__(
         self,
@@ -726,9 +776,10 @@ class MoMoAdam(_MoMoBase):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        lb: float = 0.0,
+        lb: float | None = 0.0,
         estimate_lb: bool = False,
         decoupled_weight_decay: bool = False,
+        lb_fraction: float = DEFAULT_LB_FRACTION,
         *,
         foreach: bool = True,
         average_across_ranks: bool = True,
@@ -737,7 +788,7 @@ class MoMoAdam(_MoMoBase):
     ) -> None:
         defaults = checked(
             type(self).__name__, locals(), lr=NONNEGATIVE, betas=BETAS, eps=NONNEGATIVE, weight_decay=NONNEGATIVE,
-            lb=FINITE, estimate_lb=FLAG, decoupled_weight_decay=FLAG, compiled=FLAG,
+            lb=_optional_bound, estimate_lb=FLAG, decoupled_weight_decay=FLAG, lb_fraction=FRACTION, compiled=FLAG,
         )  # fmt: skip
         super().__init__(params, defaults, **runtime_options(locals()))
 
