@@ -119,6 +119,10 @@ def test_deepspeed_is_refused_naming_the_strategies_that_work() -> None:
 
     with pytest.raises(MisconfigurationException, match="ModelParallelStrategy"):
         refuse_unsupported_strategy(Trainer())
+    callback = lalr.AdaptiveLRCallback()  # the callback runs the check when fitting starts
+    Trainer.callbacks = [callback]
+    with pytest.raises(MisconfigurationException, match="DeepSpeedStrategy is not supported"):
+        callback.setup(Trainer(), nn.Linear(2, 1), "fit")
 
     class Fabric:
         strategy = DeepSpeedStrategy()

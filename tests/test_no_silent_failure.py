@@ -268,7 +268,7 @@ def test_the_monitor_logs_skipped_steps_once_per_optimizer() -> None:
             bad_step(momo_case, momo, model)
     values = AdaptiveLRMonitor().collect([momo, wrapped, plain])
     assert values["adaptive_lr/MoMo/skipped_steps"] == 3.0
-    assert values["adaptive_lr/QLAB-SGD/skipped_steps"] == 0.0
+    assert values["adaptive_lr/QLAB.wrap(SGD)/skipped_steps"] == 0.0
     assert not any(name.startswith("adaptive_lr/SGD/") and "skipped" in name for name in values)
     assert not any(re.search(r"group\d+/skipped_steps", name) for name in values), sorted(values)
 

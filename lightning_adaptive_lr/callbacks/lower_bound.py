@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..optim import LowerBoundOptimizer
+from ..optim.momo import momo_following_bound
 
 __all__ = ["LowerBoundRule", "lower_bound_from_losses", "set_lower_bound"]
 
@@ -26,12 +27,14 @@ def lower_bound_from_losses(min_epoch_loss: float, fraction: float) -> float:
 
     ``lb = m − (1 − fraction)·|m|`` where ``m`` is the smallest epoch-mean training loss seen so far:
     ``fraction·m`` for a non-negative loss (the usual case), and always at most ``m``, so that the
-    bound stays below every loss level the training has shown it can reach on average.
+    bound stays below every loss level the training has shown it can reach on average.  The same
+    rule as the optimizers' own ``lb=None`` (:func:`~lightning_adaptive_lr.optim.momo.momo_following_bound`),
+    applied to epoch means at epoch ends.
 
     >>> lower_bound_from_losses(2.0, 0.5), lower_bound_from_losses(-2.0, 0.5)
     (1.0, -3.0)
     """
-    return min_epoch_loss - (1.0 - fraction) * abs(min_epoch_loss)
+    return momo_following_bound(min_epoch_loss, fraction)
 
 
 def set_lower_bound(optimizer: Optimizer, lb: float) -> None:

@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from ..optim import AdaptiveLROptimizer
+from ..optim import AdaptiveLROptimizer, reshard_after_probe
 from ..optim._reduce import accumulation_dtype
 from .loss_window import MicroBatch, average_over_ranks, nan_loss, rng_state, set_rng_state
 
@@ -133,6 +133,7 @@ def evaluate_window(
                 loss = loss.detach().reshape(()).to(accumulation_dtype(loss.device))
                 total = loss if total is None else total + loss
     finally:
+        reshard_after_probe(pl_module)  # FSDP keeps a forward-only pass's gathered parameters
         for buffer, saved in zip(buffers, saved_buffers):
             buffer.copy_(saved)
         set_rng_state(rng_before, device)
