@@ -87,7 +87,7 @@ def command(recipe: Recipe, seed: int, run_dir: Path, args: argparse.Namespace) 
         str(seed),
         "--trainer.accelerator",
         args.accelerator,
-        "--trainer.logger.init_args.save_dir",
+        "--trainer.default_root_dir",
         str(run_dir),
         "--data.data_dir",
         str(args.data_dir),

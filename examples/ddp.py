@@ -12,16 +12,18 @@ check that the replicas are bit-identical.
     python examples/ddp.py --fast           # a few steps (what the tests run)
     python examples/ddp.py --no-average     # average_across_ranks=False: watch the replicas drift
 
-The same ``worker`` runs under ``torchrun``: call ``dist.init_process_group("gloo")`` (or
+The same ``train`` runs under ``torchrun``: call ``dist.init_process_group("gloo")`` (or
 ``"nccl"`` on GPUs) there without the address and rank arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
-import socket
 import sys
+import tempfile
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -50,56 +52,67 @@ def digits() -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
 
 
-def worker(rank: int, port: int, epochs: int, max_steps: int | None, average: bool, results: mp.SimpleQueue) -> None:
-    """One rank: train, then compare this replica's parameters with every other rank's."""
+def train(rank: int, epochs: int, max_steps: int | None, average: bool) -> dict[str, float] | None:
+    """One rank's training; then this replica's parameters are compared with every other rank's."""
+    train_set, test_set = digits()
+    # Each rank reads a different half of the training set (the sampler shards by rank).
+    sampler = DistributedSampler(train_set, num_replicas=WORLD_SIZE, rank=rank, shuffle=True, seed=0)
+    loader = DataLoader(train_set, batch_size=32, sampler=sampler)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    ddp_model = DistributedDataParallel(model)  # copies rank 0's weights to every rank
+    # average_across_ranks=True is the default; it is spelled out here because it is the point.
+    optimizer = MoMo(model.parameters(), lr=1.0, average_across_ranks=average)
+
+    steps = 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(ddp_model(x), y)  # this rank's loss, on this rank's batch
+            loss.backward()  # DDP averages the gradients across ranks here
+            optimizer.step(loss=loss)  # MoMo averages the loss across ranks itself
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                break
+
+    # Gather every rank's parameters and compare them bit for bit.
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, flat)
+    if rank != 0:
+        return None
+    with torch.no_grad():
+        x, y = test_set.tensors
+        accuracy = (model(x).argmax(dim=1) == y).float().mean().item()
+    difference = max((g - gathered[0]).abs().max().item() for g in gathered)
+    return {"test_acc": accuracy, "max_difference": difference, "steps": steps}
+
+
+def worker(rank: int, init_file: str, epochs: int, max_steps: int | None, average: bool, results: mp.SimpleQueue) -> None:
+    """One process: join the group, train, report, leave the group cleanly."""
     torch.set_num_threads(1)  # one core per process
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    # A file both processes can see names the group (no TCP port to pick, which another program
+    # could take first); a rank that waits longer than the timeout fails instead of hanging.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(minutes=5)
+    )
     try:
-        train_set, test_set = digits()
-        # Each rank reads a different half of the training set (the sampler shards by rank).
-        sampler = DistributedSampler(train_set, num_replicas=WORLD_SIZE, rank=rank, shuffle=True, seed=0)
-        loader = DataLoader(train_set, batch_size=32, sampler=sampler)
-
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-        ddp_model = DistributedDataParallel(model)  # copies rank 0's weights to every rank
-        # average_across_ranks=True is the default; it is spelled out here because it is the point.
-        optimizer = MoMo(model.parameters(), lr=1.0, average_across_ranks=average)
-
-        steps = 0
-        for epoch in range(epochs):
-            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-            for x, y in loader:
-                optimizer.zero_grad()
-                loss = F.cross_entropy(ddp_model(x), y)  # this rank's loss, on this rank's batch
-                loss.backward()  # DDP averages the gradients across ranks here
-                optimizer.step(loss=loss)  # MoMo averages the loss across ranks itself
-                steps += 1
-                if max_steps is not None and steps >= max_steps:
-                    break
-
-        # Gather every rank's parameters and compare them bit for bit.
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
-        dist.all_gather(gathered, flat)
-        if rank == 0:
-            with torch.no_grad():
-                x, y = test_set.tensors
-                accuracy = (model(x).argmax(dim=1) == y).float().mean().item()
-            difference = max((g - gathered[0]).abs().max().item() for g in gathered)
-            results.put({"test_acc": accuracy, "max_difference": difference, "steps": steps})
+        result = train(rank, epochs, max_steps, average)
+        if result is not None:
+            results.put(result)
     finally:
-        # Both ranks reach this point before either tears down: gloo aborts a rank (SIGABRT,
-        # "terminate called without an active exception") whose peer closed the connection first.
+        # Tear down in order: DDP's reducer holds the group's pending work (free it while Python is
+        # fully alive), both ranks finish communicating (the barrier), then the group goes.
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    """A TCP port on this machine that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Nothing is left to do: leave without the interpreter's teardown, during which gloo's threads
+    # can abort a process ("terminate called without an active exception") on a busy machine.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -111,7 +124,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     results = mp.get_context("spawn").SimpleQueue()
     epochs, max_steps = (1, 8) if args.fast else (args.epochs, None)
-    mp.spawn(worker, args=(free_port(), epochs, max_steps, args.average, results), nprocs=WORLD_SIZE)
+    with tempfile.TemporaryDirectory() as folder:
+        init_file = os.path.join(folder, "process_group")
+        mp.spawn(worker, args=(init_file, epochs, max_steps, args.average, results), nprocs=WORLD_SIZE)
     result = results.get()
     identical = result["max_difference"] == 0.0
     print(

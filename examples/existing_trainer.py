@@ -2,7 +2,7 @@
 
 The module below is an ordinary Lightning module: its ``configure_optimizers`` returns plain
 ``torch.optim.SGD``.  ``AdaptiveLRCallback(qlab=True)`` puts QLAB on top of that optimizer when
-training starts (QLAB-SGD: each step fits the step size from one extra loss evaluation), and
+training starts (``QLAB.wrap(SGD)``: each step fits the step size from one extra loss evaluation), and
 ``AdaptiveLRMonitor`` logs the step sizes it picks.  Nothing in the module changes.
 
 If your ``configure_optimizers`` already returns one of this package's optimizers (``MoMo``,
@@ -12,7 +12,7 @@ Offline: scikit-learn's bundled 8×8 digits.  Run::
 
     python examples/existing_trainer.py                 # a few epochs, TensorBoard logs in ./lightning_logs
     python examples/existing_trainer.py --fast          # a few steps, no logs (what the tests run)
-    tensorboard --logdir lightning_logs                 # adaptive_lr/QLAB-SGD/group0/effective_lr, ...
+    tensorboard --logdir lightning_logs                 # adaptive_lr/QLAB.wrap(SGD)/group0/effective_lr, ...
 """
 
 from __future__ import annotations

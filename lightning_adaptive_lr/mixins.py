@@ -10,7 +10,8 @@ What a mixin does:
 * ``configure_optimizers`` builds the method's optimizer from ``self.hparams["adaptive_lr"]``, a
   dict of constructor arguments filled at construction with the documented defaults (the
   optimizer constructor's defaults, then the mixin class's :attr:`~AdaptiveLRMixin.adaptive_lr_hparams`).
-  Being in ``hparams``, they are saved in checkpoints and logged with the other hyperparameters.
+  Being in ``hparams``, they are saved in checkpoints and logged with the other hyperparameters
+  (tuples as lists, so that the logger's ``hparams.yaml`` loads with ``yaml.safe_load``).
   If the module defines its own ``configure_optimizers`` (an existing module usually does), it is
   replaced: it is still called, to keep its choice of parameters and their grouping, but the
   optimizer and schedulers it returns are discarded (a message says so).  Set
@@ -76,6 +77,22 @@ def optimizer_defaults(cls: type) -> dict[str, Any]:
     }
 
 
+def plain(value: Any) -> Any:
+    """``value`` with its tuples made lists (recursively), so that ``hparams.yaml`` stays plain YAML.
+
+    Loggers write ``hparams`` with ``yaml.dump``, which writes a tuple as ``!!python/tuple``: a
+    tag that ``yaml.safe_load`` refuses.  The optimizers take lists where they take tuples.
+
+    >>> plain({"betas": (0.9, 0.999), "levels": ("global", "layer"), "lr": 1.0})
+    {'betas': [0.9, 0.999], 'levels': ['global', 'layer'], 'lr': 1.0}
+    """
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
 def _as_list(callbacks: Any) -> list[Callback]:
     if not callbacks:
         return []
@@ -108,7 +125,7 @@ class AdaptiveLRMixin(pl.LightningModule):
 
     def __init__(self, *args: Any, adaptive_lr: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.hparams[self.adaptive_lr_key] = {**self.adaptive_lr_defaults(), **(adaptive_lr or {})}
+        self.hparams[self.adaptive_lr_key] = plain({**self.adaptive_lr_defaults(), **(adaptive_lr or {})})
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

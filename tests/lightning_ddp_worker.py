@@ -10,6 +10,7 @@ AdaptiveLRMonitor's desync check reported on a clean run and on a run whose rank
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import warnings
@@ -68,5 +69,15 @@ def main(out: str) -> None:
     torch.save(extra, os.path.join(out, f"extra-{rank}.pt"))
 
 
+def leave_the_process_group() -> None:
+    """Lightning keeps the process group after `fit`: free what holds it, then destroy it in order
+    (as examples/ddp.py does), instead of leaving it to the interpreter's teardown."""
+    gc.collect()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     main(sys.argv[1])
+    leave_the_process_group()

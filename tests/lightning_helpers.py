@@ -218,3 +218,10 @@ class ProbingSGD(ContractSGD):
         self.losses.append(float(self._loss))
         self._loss = None
         return result
+
+
+class RequiredLRSGD(torch.optim.SGD):
+    """SGD whose ``lr`` has no default (as some third-party optimizers have): for the command line."""
+
+    def __init__(self, params: Any, lr: float, momentum: float = 0.0) -> None:
+        super().__init__(params, lr=lr, momentum=momentum)

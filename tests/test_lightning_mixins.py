@@ -69,7 +69,8 @@ def test_changing_the_base_class_trains_with_the_method(name) -> None:
     assert sum(isinstance(c, AdaptiveLRCallback) for c in fit.callbacks) == 1
     assert sum(isinstance(c, AdaptiveLRMonitor) for c in fit.callbacks) == 1
     expected = {**mixins.optimizer_defaults(getattr(lalr, name)), **lr}
-    assert model.hparams["adaptive_lr"] == expected
+    # tuples stored as lists (plain YAML in hparams.yaml)
+    assert model.hparams["adaptive_lr"] == {k: list(v) if isinstance(v, tuple) else v for k, v in expected.items()}
     assert model.hparams["hidden"] == 8  # the module's own hyperparameters are still there
     # Built from those hyperparameters: the same options as a direct construction with them.
     direct = getattr(lalr, name)(model.parameters(), **expected)
@@ -111,6 +112,23 @@ def test_checkpoints_carry_the_hyperparameters(tmp_path) -> None:
     restored = cls.load_from_checkpoint(path)
     assert restored.hparams["adaptive_lr"]["lr"] == 0.3
     assert restored.configure_optimizers().defaults["lr"] == 0.3
+
+
+@pytest.mark.parametrize("name", ["MoMoAdam", "HierarchicalHD", "StepTunedSGD"])
+def test_hparams_yaml_is_plain_yaml(tmp_path, name) -> None:
+    """The optimizers' tuple defaults (betas, levels, bounds) reach the logger's hparams.yaml as
+    lists: yaml.safe_load reads it (a tuple would be written as !!python/tuple)."""
+    import yaml
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    mixin, lr = MIXINS[name]
+    cls = existing_module(mixin)
+    cls.adaptive_lr_hparams = lr
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer(max_steps=1, logger=logger).fit(cls(), loader(64))
+    saved = yaml.safe_load((tmp_path / "tb" / "version_0" / "hparams.yaml").read_text())
+    tuples = {k: list(v) for k, v in mixins.optimizer_defaults(getattr(lalr, name)).items() if isinstance(v, tuple)}
+    assert tuples and {k: saved["adaptive_lr"][k] for k in tuples} == tuples
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -60,7 +60,10 @@ def test_tensorboard_event_files_hold_the_traces(tmp_path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     model = Classifier(lambda p: lalr.MoMo(p, lr=1.0, estimate_lb=True))
     trainer(
-        max_steps=6, logger=logger, log_every_n_steps=2, callbacks=[AdaptiveLRCallback(), AdaptiveLRMonitor(), spy]
+        max_steps=6,
+        logger=logger,
+        log_every_n_steps=2,
+        callbacks=[AdaptiveLRCallback(), AdaptiveLRMonitor(logging_interval=2), spy],
     ).fit(model, loader(256))
     logger.experiment.flush()
 
@@ -68,9 +71,11 @@ def test_tensorboard_event_files_hold_the_traces(tmp_path) -> None:
     events.Reload()
     tags = set(events.Tags()["scalars"])
     base = "adaptive_lr/MoMo/group0"
-    for key in ("effective_lr", "tau", "lower_bound", "lr"):
+    for key in ("effective_lr", "lower_bound"):
         assert f"{base}/{key}" in tags, sorted(tags)
-    assert f"{base}/beta" not in tags  # constant hyperparameters are not traced
+    # constant hyperparameters (lr without a scheduler: MoMo's cap) and aliases (tau) are not traced
+    for key in ("beta", "lr", "tau"):
+        assert f"{base}/{key}" not in tags, sorted(tags)
     assert "train_loss" in tags  # beside the module's own metrics ...
     loss_steps = [e.step for e in events.Scalars("train_loss")]
     effective = events.Scalars(f"{base}/effective_lr")
@@ -92,7 +97,8 @@ def test_every_optimizer_has_its_recorded_quantities_traced(case) -> None:
     for _, metrics in memory.calls:
         logged.update(_adaptive_only(metrics))
     base = f"adaptive_lr/{case.cls.__name__}/group0/"
-    for key in ("effective_lr", *case.recorded):
+    excluded = AdaptiveLRMonitor().exclude  # aliases of effective_lr (MoMo's tau)
+    for key in [k for k in ("effective_lr", *case.recorded) if k not in excluded]:
         assert any(name == base + key or name.startswith(base + key + "/") for name in logged), (key, sorted(logged))
     assert all(isinstance(v, float) for v in logged.values())
 
@@ -136,7 +142,6 @@ def test_collect_names_and_value_kinds() -> None:
     assert monitor.optimizer_names([first, second, momo]) == ["SGD_0", "SGD_1", "MoMo"]
     values = monitor.collect([first, second, momo])
     assert values == {
-        "adaptive_lr/SGD_0/group0/lr": 0.1,
         "adaptive_lr/SGD_0/group0/effective_lr": 0.5,
         "adaptive_lr/SGD_0/group0/rates/0": 1.0,
         "adaptive_lr/SGD_0/group0/rates/1": 2.0,
@@ -145,11 +150,19 @@ def test_collect_names_and_value_kinds() -> None:
         "adaptive_lr/SGD_0/group0/per_layer/0": 1.0,
         "adaptive_lr/SGD_0/group0/per_layer/1": 2.0,
         "adaptive_lr/SGD_0/group0/per_layer/2": 3.0,
-        "adaptive_lr/SGD_1/group0/lr": 0.2,
-        "adaptive_lr/MoMo/group0/lr": 1.0,
-        "adaptive_lr/MoMo/group1/lr": 1.0,
         "adaptive_lr/MoMo/group1/effective_lr": 3.0,
         "adaptive_lr/MoMo/skipped_steps": 0.0,
+    }
+    # `lr` for the optimizers a scheduler drives (by index), or for all with include=("lr",)
+    scheduled = monitor.collect([first, second, momo], scheduled={1})
+    assert set(scheduled) - set(values) == {"adaptive_lr/SGD_1/group0/lr"}
+    assert scheduled["adaptive_lr/SGD_1/group0/lr"] == 0.2
+    everything = AdaptiveLRMonitor(include=("lr",)).collect([first, second, momo])
+    assert {k for k in everything if k.endswith("/lr")} == {
+        "adaptive_lr/SGD_0/group0/lr",
+        "adaptive_lr/SGD_1/group0/lr",
+        "adaptive_lr/MoMo/group0/lr",
+        "adaptive_lr/MoMo/group1/lr",
     }
 
 

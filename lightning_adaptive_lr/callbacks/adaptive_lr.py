@@ -6,13 +6,18 @@ a trial point.  What a step needs, each optimizer declares through
 :class:`~lightning_adaptive_lr.optim.AdaptiveLROptimizer`; this callback reads that and nothing else.
 It never calls Lightning's closure itself (that closure re-runs ``training_step``, logging and hooks).
 
-The parts, one module each: the accumulation window (:mod:`.loss_window`), the probe
-(:mod:`.probe`), QLAB on any optimizer (:mod:`.qlab_wrapping`), MoMo's lower bound
-(:mod:`.lower_bound`).  Where they run (Lightning 2.x hook order):
+The parts, one module each: the accumulation window (:mod:`.loss_window`), the losses of manual
+optimization (:mod:`.manual`), the probe (:mod:`.probe`), QLAB on any optimizer
+(:mod:`.qlab_wrapping`), MoMo's lower bound (:mod:`.lower_bound`), Lightning's learning-rate finder
+(:mod:`.lr_finder`).  Where they run (Lightning 2.x hook order):
 
+* ``setup``: a ``LearningRateFinder`` is made to refuse the optimizers that need the loss.
+* ``on_train_start``: in manual optimization, the optimizers that need the loss get step hooks that
+  see ``opt.step(loss=...)``.
 * ``on_train_batch_start``: the batch and the random-number state are kept for the probe (only
   when an optimizer needs a probe).
-* ``on_before_backward``: the loss is added to the window, the AMP scale undone.
+* ``on_before_backward``: the loss is added to the window, the AMP scale undone (in manual
+  optimization: to the optimizers whose parameters it reaches).
 * ``on_before_optimizer_step``: gradients are complete and unscaled.  The window's loss is averaged
   across ranks (one collective) and handed to the raw optimizer with ``set_loss(..., reduced=True)``;
   QLAB gets its probe with ``set_probe(...)``.  This hook runs inside the closure under 32-bit and
@@ -37,10 +42,13 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from ..optim import AdaptiveLROptimizer
-from .loss_window import LossWindow, MicroBatch, average_over_ranks, nan_loss
+from .loss_window import LossWindow, MicroBatch, average_over_ranks, loss_value, nan_loss
 from .lower_bound import LowerBoundRule, lower_bound_from_losses, set_lower_bound
+from .lr_finder import guard_lr_finders
+from .manual import ExplicitLossCheck, ManualLosses
 from .probe import LOSS_HOOK, evaluate_window, make_probe
-from .qlab_wrapping import wrap_with_qlab
+from .qlab_wrapping import optimizer_name, wrap_with_qlab
+from .strategies import refuse_unsupported_strategy
 
 __all__ = ["AdaptiveLRCallback", "lower_bound_from_losses", "set_lower_bound"]
 
@@ -89,6 +97,15 @@ def _refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> N
             )
 
 
+def _no_loss_message(optimizer: Optimizer, index: int) -> str:
+    return (
+        f"AdaptiveLRCallback: {optimizer_name(optimizer)} (optimizer {index}) needs the loss of its step, but no "
+        "loss passed to `manual_backward` since its previous step reached its parameters. In manual "
+        "optimization call `self.manual_backward(loss)` with a loss computed from its parameters before "
+        "`opt.step()`, or pass the loss: `opt.step(loss=loss)`."
+    )
+
+
 class AdaptiveLRCallback(Callback):
     """Feeds this package's optimizers from a Lightning training loop.
 
@@ -102,9 +119,13 @@ class AdaptiveLRCallback(Callback):
       ``accumulate_grad_batches``), with the ``GradScaler`` scale of ``precision="16-mixed"`` undone,
       averaged across data-parallel ranks once (unless the optimizer's ``average_across_ranks`` is
       off), and handed over with ``optimizer.set_loss(loss, reduced=True)``.  Works with 32-true,
-      bf16-mixed and 16-mixed.  In manual optimization the loss of an optimizer step is the sum of
-      the losses passed to ``manual_backward`` since the previous optimizer step.  A step whose
-      ``training_step`` returned ``None`` gets a NaN loss, which the optimizers treat as "skip this step".
+      bf16-mixed and 16-mixed.  A step whose ``training_step`` returned ``None`` gets a NaN loss,
+      which the optimizers treat as "skip this step".
+    * **Manual optimization** (several optimizers, GANs): each optimizer gets its own loss: the
+      sum of the losses passed to ``manual_backward`` since its previous step (or since its
+      ``zero_grad()``) that reach its parameters in the autograd graph, i.e. the loss whose gradient
+      is in its ``.grad``; ``opt.step(loss=...)`` always wins over it.  A step with neither raises
+      an error that names both fixes.  The rule and the usual patterns: :mod:`.manual`.
     * **Probe** (``requires_probe``: QLAB): a loss-only re-evaluation of the window's micro-batches
       at the trial point, registered with ``optimizer.set_probe(fn, reduced=True)``.  It runs under
       ``torch.no_grad()`` and ``trainer.precision_plugin.forward_context()`` on the unwrapped
@@ -128,8 +149,10 @@ class AdaptiveLRCallback(Callback):
     What it refuses, with a message that says why: an optimizer that would call Lightning's closure
     twice in automatic optimization (``calls_closure_twice``: Step-Tuned SGD with ``same_batch=True``),
     a probe in manual optimization without an ``adaptive_lr_loss`` method (``training_step`` there
-    steps the optimizers itself).  Several optimizers are supported in manual optimization
-    (Lightning requires it for several optimizers).
+    steps the optimizers itself), and Lightning's learning-rate finder (``Tuner.lr_find``) for the
+    optimizers that need the loss (it runs without this callback, and their ``lr`` is not a step
+    size: :mod:`.lr_finder`).  Several optimizers are supported in manual optimization (Lightning
+    requires it for several optimizers).
 
     Args:
         qlab: ``True`` or a dict of ``QLAB.wrap`` options: put QLAB on top of the module's own
@@ -165,8 +188,16 @@ class AdaptiveLRCallback(Callback):
         self.restore_buffers = restore_buffers
         self._window = LossWindow()
         self._lower_bound = LowerBoundRule(lb_fraction)
+        self._manual: ManualLosses | None = None
+        self._explicit = ExplicitLossCheck(_no_loss_message)
 
     # ------------------------------------------------------------------ set-up
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            guard_lr_finders(trainer)
+            refuse_unsupported_strategy(trainer)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -190,6 +221,18 @@ class AdaptiveLRCallback(Callback):
         for index, optimizer in _adaptive(trainer.optimizers):
             if optimizer.requires_probe:
                 optimizer.set_probe(self._probe(trainer, pl_module, optimizer, index), reduced=True)
+        if not pl_module.automatic_optimization:
+            self._manual = ManualLosses(trainer.optimizers)
+            self._explicit.attach(trainer.optimizers)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._explicit.detach()
+        self._manual = None
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._explicit.detach()
 
     # ------------------------------------------------------------------ per micro-batch and per step
 
@@ -199,7 +242,12 @@ class AdaptiveLRCallback(Callback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        self._window.add_loss(loss, _grad_scaler(trainer))
+        if self._manual is None:
+            self._window.add_loss(loss, _grad_scaler(trainer))
+            return
+        value = loss_value(loss, _grad_scaler(trainer))
+        if value is not None:
+            self._manual.add(value, loss)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
@@ -208,30 +256,20 @@ class AdaptiveLRCallback(Callback):
         if not isinstance(optimizer, AdaptiveLROptimizer):
             return
         index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
-        if optimizer.requires_loss:
-            self._hand_over_loss(trainer, pl_module, optimizer, index, loss_sum)
+        if optimizer.requires_loss and self._manual is not None:
+            loss = self._manual.take(index)
+            if loss is None:  # unless the step is given `loss=` (seen by a step hook): an error
+                self._explicit.no_attributed_loss(optimizer, index)
+            else:
+                self._explicit.attributed_loss(index)
+                self._hand_over_loss(trainer, optimizer, index, loss)
+        elif optimizer.requires_loss:
+            # None: training_step returned None for every micro-batch, Lightning skipped the backward.
+            self._hand_over_loss(trainer, optimizer, index, nan_loss(pl_module.device) if loss_sum is None else loss_sum)
         if optimizer.requires_probe:
             optimizer.set_probe(self._probe(trainer, pl_module, optimizer, index), reduced=True)
 
-    def _hand_over_loss(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        optimizer: AdaptiveLROptimizer,
-        index: int,
-        loss_sum: Tensor | None,
-    ) -> None:
-        if loss_sum is None and not pl_module.automatic_optimization:
-            if not optimizer.has_pending_loss:
-                raise RuntimeError(
-                    f"AdaptiveLRCallback: {type(optimizer).__name__} needs the loss, but no loss was passed to "
-                    "`manual_backward` since the previous optimizer step. In manual optimization call "
-                    "`self.manual_backward(loss)` before each `opt.step()`, or pass it: `opt.step(loss=loss)`."
-                )
-            return  # the loss handed over by other means is used
-        if loss_sum is None:
-            # training_step returned None for every micro-batch: Lightning skipped the backward.
-            loss_sum = nan_loss(pl_module.device)
+    def _hand_over_loss(self, trainer: pl.Trainer, optimizer: AdaptiveLROptimizer, index: int, loss_sum: Tensor) -> None:
         loss = average_over_ranks(loss_sum, trainer) if optimizer.average_across_ranks else loss_sum
         optimizer.set_loss(loss, reduced=True)
         self._lower_bound.track(index, loss)

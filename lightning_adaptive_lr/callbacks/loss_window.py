@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..optim._reduce import accumulation_dtype
 
-__all__ = ["LossWindow", "MicroBatch", "average_over_ranks", "nan_loss", "rng_state", "set_rng_state"]
+__all__ = ["LossWindow", "MicroBatch", "average_over_ranks", "loss_value", "nan_loss", "rng_state", "set_rng_state"]
 
 
 @dataclass
@@ -74,6 +74,15 @@ def _unscaled(loss: Tensor, scaler: torch.amp.GradScaler | None) -> Tensor:
     return loss / (scale.reshape(()).to(loss) if scale is not None else scaler.get_scale())
 
 
+def loss_value(loss: Tensor, scaler: torch.amp.GradScaler | None) -> Tensor | None:
+    """A loss about to be back-propagated as a detached 0-d tensor in the accumulation dtype, the
+    ``GradScaler``'s scale divided out; ``None`` unless it is a floating-point scalar."""
+    value = loss.detach()
+    if not value.is_floating_point() or value.numel() != 1:
+        return None
+    return _unscaled(value.reshape(()).to(accumulation_dtype(value.device)), scaler)
+
+
 class LossWindow:
     """The micro-batches since the last optimizer step and the sum of their losses.
 
@@ -106,10 +115,9 @@ class LossWindow:
 
     def add_loss(self, loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
         """A micro-batch loss about to be back-propagated (ignored unless a floating-point scalar)."""
-        value = loss.detach()
-        if not value.is_floating_point() or value.numel() != 1:
+        value = loss_value(loss, scaler)
+        if value is None:
             return
-        value = _unscaled(value.reshape(()).to(accumulation_dtype(value.device)), scaler)
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
 
     def close(self) -> Tensor | None:

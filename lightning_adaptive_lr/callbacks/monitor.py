@@ -5,12 +5,18 @@ methods that is only a cap or a starting value.  After each step this package's 
 step size they used to ``param_groups[i]["effective_lr"]`` and their internal quantities (MoMo's
 ``tau`` and ``lower_bound``, QLAB's fitted rate and curvature, Step-Tuned SGD's gain, the hypergradient
 levels' rates, AdaL's gradient scale, ...) to further keys; this monitor logs them.
+
+How often: by default often enough that a short run shows a curve, and never less often than
+Lightning logs the training loss: every ``min(log_every_n_steps, total_steps // 100)`` optimizer
+steps (at least every step), so a run of up to 100 steps is traced at every step, and a long run
+at Lightning's ``log_every_n_steps`` (default 50).  ``logging_interval`` sets it explicitly.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,8 +28,13 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from ..optim._reduce import accumulation_dtype, dot
+from .qlab_wrapping import optimizer_name
 
-__all__ = ["AdaptiveLRMonitor"]
+__all__ = ["AdaptiveLRMonitor", "automatic_interval"]
+
+#: A run traced with the automatic interval gets at least this many points per tag (when it has
+#: that many optimizer steps), however large ``log_every_n_steps`` is.
+MIN_POINTS = 100
 
 #: Param-group keys never logged: the parameters themselves and LR-scheduler bookkeeping.
 _NEVER = frozenset({"params", "initial_lr", "param_names"})
@@ -32,6 +43,20 @@ _NEVER = frozenset({"params", "initial_lr", "param_names"})
 _OPTIMIZER_WIDE = ("skipped_steps",)
 #: Largest tensor logged element by element (per-layer rates of a small model, level weights).
 _MAX_ELEMENTS = 16
+
+
+def automatic_interval(log_every_n_steps: int, total_steps: float) -> int:
+    """The monitor's default logging interval: ``min(log_every_n_steps, total_steps // MIN_POINTS)``, at least 1.
+
+    ``total_steps`` is the run's number of optimizer steps (``trainer.estimated_stepping_batches``;
+    infinite when the run has no end, which leaves ``log_every_n_steps``).
+
+    >>> automatic_interval(50, 75), automatic_interval(10, 460), automatic_interval(50, 100_000)
+    (1, 4, 50)
+    """
+    if not math.isfinite(total_steps):
+        return max(1, log_every_n_steps)
+    return max(1, min(log_every_n_steps, int(total_steps) // MIN_POINTS))
 
 
 def _flatten(key: str, value: Any) -> Iterable[tuple[str, float | Tensor]]:
@@ -71,34 +96,58 @@ def _as_floats(pairs: list[tuple[str, float | Tensor]]) -> dict[str, float]:
     return out
 
 
+def _scheduled(trainer: pl.Trainer) -> set[int]:
+    """The indices of the Trainer's optimizers that an LR scheduler drives (directly, or through
+    the optimizer QLAB was put on)."""
+    targets = {id(getattr(config.scheduler, "optimizer", None)) for config in trainer.lr_scheduler_configs}
+    return {
+        i
+        for i, optimizer in enumerate(trainer.optimizers)
+        if id(optimizer) in targets or id(getattr(optimizer, "base_optimizer", None)) in targets
+    }
+
+
 class AdaptiveLRMonitor(Callback):
     """Log the adaptive methods' step sizes and internal quantities after each optimizer step.
 
-    Every ``trainer.log_every_n_steps`` optimizer steps (or ``logging_interval``), for every optimizer
-    and param group, it logs to every logger of the Trainer (TensorBoard, CSV, W&B, ...), with
-    Lightning's own step counter so the curves line up with the training loss:
+    Every few optimizer steps (see below), for every optimizer and param group, it logs to every
+    logger of the Trainer (TensorBoard, CSV, W&B, ...), with Lightning's own step counter so the
+    curves line up with the training loss:
 
     * ``adaptive_lr/<Optimizer>/group<i>/effective_lr``: the step size actually used;
     * ``adaptive_lr/<Optimizer>/group<i>/<key>`` for every other numeric value the optimizer records
-      in the param group (keys that are not constructor hyperparameters), plus ``lr`` (which some
-      methods change: QLAB's fitted rate becomes the next step's ``lr``).
-      Values may be Python floats, 0-d tensors, small tensors, sequences or mappings of those
-      (``rates/0``, ``weights/layer`` ...);
+      in the param group (keys that are not constructor hyperparameters), except aliases of
+      ``effective_lr`` (``exclude``: MoMo's ``tau``).  Values may be Python floats, 0-d tensors,
+      small tensors, sequences or mappings of those (``rates/0``, ``weights/layer`` ...);
+    * ``adaptive_lr/<Optimizer>/group<i>/lr`` for the optimizers an LR scheduler drives (MoMo's cap,
+      the base rate of the others, as the scheduler sets it); without a scheduler ``lr`` is the
+      constant you configured (or, for QLAB, ``effective_lr`` again) and is not logged;
     * ``adaptive_lr/<Optimizer>/skipped_steps``: the steps skipped so far because of a non-finite
       loss, gradient or outcome (once per optimizer: every group holds the same count; per group,
       ``.../group<i>/skipped_steps``, if they ever differ).
 
-    ``<Optimizer>`` is the class name (``QLAB-SGD`` for ``QLAB.wrap(SGD(...))``), suffixed by the
-    optimizer's index when a module has several optimizers of one class.  Tensors are read in one
-    synchronization per device, and only on the steps that log.
+    ``<Optimizer>`` is the class name (``QLAB.wrap(SGD)`` for QLAB put on an SGD, as the optimizer
+    names itself), suffixed by the optimizer's index when a module has several optimizers of one
+    class.  Tensors are read in one synchronization per device, and only on the steps that log.
+
+    How often: every ``logging_interval`` optimizer steps.  By default (``None``) every
+    ``min(trainer.log_every_n_steps, total_steps // 100)`` steps, at least every step
+    (:func:`automatic_interval`): a short run gets a point at every step, a run of more than
+    100 × ``log_every_n_steps`` steps one every ``log_every_n_steps`` steps, like the training loss.
+
+    Example::
+
+        trainer = Trainer(callbacks=[AdaptiveLRCallback(), AdaptiveLRMonitor()], max_steps=75)
+        # 75 points per adaptive_lr/* tag; AdaptiveLRMonitor(logging_interval=10): 7
 
     Args:
-        logging_interval: log every this many optimizer steps; ``None`` uses the Trainer's
-            ``log_every_n_steps``.
+        logging_interval: log every this many optimizer steps; ``None`` chooses as above.
         prog_bar: also show the first optimizer's first group's ``effective_lr`` in the progress bar
             (as ``eff_lr``; read every step).
-        include: hyperparameter keys logged although they are constructor arguments, because the
-            methods change them.
+        include: hyperparameter keys logged although they are constructor arguments (``("lr",)``
+            logs ``lr`` even without a scheduler).
+        exclude: recorded keys not logged: by default ``tau``, which MoMo and MoMo-Adam record
+            beside ``effective_lr`` with the same value.
         check_desync_every: every this many optimizer steps, all-gather a checksum of the parameters
             (sum and sum of squares, in float64) across data-parallel ranks and warn if the replicas
             differ; ``None`` disables it.  Costs one all-gather when it runs.
@@ -109,7 +158,8 @@ class AdaptiveLRMonitor(Callback):
         self,
         logging_interval: int | None = None,
         prog_bar: bool = False,
-        include: Sequence[str] = ("lr",),
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = ("tau",),
         check_desync_every: int | None = None,
         prefix: str = "adaptive_lr",
     ) -> None:
@@ -119,9 +169,11 @@ class AdaptiveLRMonitor(Callback):
         self.logging_interval = logging_interval
         self.prog_bar = prog_bar
         self.include = tuple(include)
+        self.exclude = tuple(exclude)
         self.check_desync_every = check_desync_every
         self.prefix = prefix
         self._step_at_batch_start = 0
+        self._interval = logging_interval or 1
         #: Optimizer steps (``trainer.global_step``) at which replicas were found to differ.
         self.desync_steps: list[int] = []
 
@@ -130,22 +182,20 @@ class AdaptiveLRMonitor(Callback):
     def optimizer_names(self, optimizers: Sequence[Optimizer]) -> list[str]:
         """One name per optimizer: its class name, with its index when the name repeats.
 
-        A wrapper built on another optimizer (``QLAB.wrap(SGD(...))``) is named after both: ``QLAB-SGD``.
+        QLAB put on another optimizer is named as it names itself: ``QLAB.wrap(SGD)``.
         """
-        classes = []
-        for optimizer in optimizers:
-            name = type(optimizer).__name__
-            base = getattr(optimizer, "base_optimizer", None)
-            if base is not None:
-                name = f"{name.removesuffix('Wrapper')}-{type(base).__name__}"
-            classes.append(name)
+        classes = [optimizer_name(optimizer) for optimizer in optimizers]
         return [f"{c}_{i}" if classes.count(c) > 1 else c for i, c in enumerate(classes)]
 
-    def collect(self, optimizers: Sequence[Optimizer]) -> dict[str, float]:
-        """The values to log now, by name (see the class docstring for the names)."""
+    def collect(self, optimizers: Sequence[Optimizer], scheduled: Collection[int] = ()) -> dict[str, float]:
+        """The values to log now, by name (see the class docstring for the names).
+
+        ``scheduled``: the indices of the optimizers an LR scheduler drives (their ``lr`` is logged).
+        """
         pairs: list[tuple[str, float | Tensor]] = []
-        for name, optimizer in zip(self.optimizer_names(optimizers), optimizers):
-            hyperparameters = set(getattr(optimizer, "defaults", {})) - set(self.include)
+        for index, (name, optimizer) in enumerate(zip(self.optimizer_names(optimizers), optimizers)):
+            shown = set(self.include) | ({"lr"} if index in scheduled else set())
+            hyperparameters = (set(getattr(optimizer, "defaults", {})) | set(self.exclude)) - shown
             groups = optimizer.param_groups
             per_group: set[str] = set()
             for key in _OPTIMIZER_WIDE:
@@ -165,6 +215,12 @@ class AdaptiveLRMonitor(Callback):
     # ------------------------------------------------------------------ hooks
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._interval = self.logging_interval or automatic_interval(
+            trainer.log_every_n_steps, trainer.estimated_stepping_batches
+        )
+
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._step_at_batch_start = trainer.global_step
 
@@ -177,13 +233,12 @@ class AdaptiveLRMonitor(Callback):
         # Lightning logs this batch's metrics at `_batches_that_stepped` (incremented after this hook).
         loop = trainer.fit_loop.epoch_loop
         stepped = getattr(loop, "_batches_that_stepped", trainer.global_step - 1)
-        interval = self.logging_interval or max(1, trainer.log_every_n_steps)
         if self.prog_bar and trainer.optimizers:
             value = trainer.optimizers[0].param_groups[0].get("effective_lr")
             if isinstance(value, (Tensor, numbers.Real)) and not isinstance(value, bool):
                 pl_module.log("eff_lr", value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        if (stepped + 1) % interval == 0 and trainer.loggers:
-            metrics = self.collect(trainer.optimizers)
+        if (stepped + 1) % self._interval == 0 and trainer.loggers:
+            metrics = self.collect(trainer.optimizers, _scheduled(trainer))
             if metrics:
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=stepped)
