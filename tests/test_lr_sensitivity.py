@@ -8,6 +8,7 @@ import csv
 import math
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -39,14 +40,20 @@ def counted_runs(
     calls: list[tuple[str, float, int]] = []
     real = lrs.train_run
 
-    def counting(method: str, lr: float, seed: int, epochs: int, batch_size: int) -> lrs.RunResult:
+    def counting(method: str, lr: float, seed: int, epochs: int, batch_size: int, *rest: object) -> lrs.RunResult:
         calls.append((method, lr, seed))
-        result = real(method, lr, seed, epochs, batch_size)
+        result = real(method, lr, seed, epochs, batch_size, *rest)  # type: ignore[arg-type]
         run_results[(method, lr, seed)] = result
         return result
 
     monkeypatch.setattr(lrs, "train_run", counting)
     return calls
+
+
+@pytest.fixture
+def no_plot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip drawing the figure (seconds of matplotlib) in tests that do not look at it."""
+    monkeypatch.setattr(lrs, "plot", lambda *args, **kwargs: None)
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:
@@ -73,7 +80,8 @@ def test_quick_mode_writes_the_csv_the_plot_and_the_table(
     for row in rows:
         # Each row holds what its run measured, unrounded.
         measured = run_results[(row["method"], float(row["lr"]), int(row["seed"]))]
-        assert float(row["test_acc"]) == measured.test_acc
+        assert float(row["score"]) == measured.score
+        assert row["task"] == "mlp" and row["schedule"] == "constant" and row["steps"] == "40"
         assert float(row["seconds"]) > 0.0
         assert row["epochs"] == "1" and row["batch_size"] == "32"
     assert (tmp_path / lrs.PNG_NAME).read_bytes()[:8] == PNG_MAGIC
@@ -82,7 +90,7 @@ def test_quick_mode_writes_the_csv_the_plot_and_the_table(
     assert "robust range" in table
 
 
-def test_divergence_is_recorded(tmp_path: Path, counted_runs: list) -> None:
+def test_divergence_is_recorded(tmp_path: Path, counted_runs: list, no_plot: None) -> None:
     _quick(tmp_path)
     rows = _csv_rows(tmp_path / lrs.CSV_NAME)
     flags = {(r["method"], round(math.log10(float(r["lr"])))): r["diverged"] for r in rows}
@@ -93,12 +101,12 @@ def test_divergence_is_recorded(tmp_path: Path, counted_runs: list) -> None:
     assert flags[("MoMo", -3)] == "False"
     assert flags[("MoMo", 3)] == "False"
     # ...and MoMo at lr 1e3 learns in one epoch (10 classes: chance is 0.1; measured 0.88).
-    accs = {(r["method"], round(math.log10(float(r["lr"])))): float(r["test_acc"]) for r in rows}
+    accs = {(r["method"], round(math.log10(float(r["lr"])))): float(r["score"]) for r in rows}
     assert accs[("MoMo", 3)] > 0.5
     # The table names the first rate at which a seed diverged.
     lines = (tmp_path / lrs.MD_NAME).read_text().splitlines()
     sgdm = next(line for line in lines if line.startswith("| SGD-M (baseline)"))
-    assert sgdm.rstrip().endswith("| 1e2 |")
+    assert sgdm.rstrip().endswith("| 1e2 | 1 of 2 | n/a |")  # no Adam row: no time ratio
 
 
 def test_finite_but_no_progress_counts_as_diverged(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,7 +124,7 @@ def test_finite_but_no_progress_counts_as_diverged(monkeypatch: pytest.MonkeyPat
     assert not ok.diverged and ok.test_acc > 0.5
 
 
-def test_resuming_skips_the_runs_already_in_the_csv(tmp_path: Path, counted_runs: list) -> None:
+def test_resuming_skips_the_runs_already_in_the_csv(tmp_path: Path, counted_runs: list, no_plot: None) -> None:
     _quick(tmp_path)
     assert len(counted_runs) == 4
 
@@ -130,7 +138,7 @@ def test_resuming_skips_the_runs_already_in_the_csv(tmp_path: Path, counted_runs
     assert len(_csv_rows(tmp_path / lrs.CSV_NAME)) == 8
 
 
-def test_resuming_after_an_interruption_mid_write(tmp_path: Path, counted_runs: list) -> None:
+def test_resuming_after_an_interruption_mid_write(tmp_path: Path, counted_runs: list, no_plot: None) -> None:
     _quick(tmp_path)
     path = tmp_path / lrs.CSV_NAME
     lines = path.read_text().splitlines(keepends=True)
@@ -141,7 +149,9 @@ def test_resuming_after_an_interruption_mid_write(tmp_path: Path, counted_runs: 
 
     _quick(tmp_path)
 
-    assert counted_runs == [(lost[0], float(lost[2]), int(lost[3]))]  # only the cut row is run again
+    field = {name: i for i, name in enumerate(lrs.FIELDS)}
+    cut_run = (lost[field["method"]], float(lost[field["lr"]]), int(lost[field["seed"]]))
+    assert counted_runs == [cut_run]  # only the cut row is run again
     assert len(lrs.read_rows(path)) == 4
 
 
@@ -196,6 +206,8 @@ def test_table_from_hand_made_runs() -> None:
     assert cells[5] == "1.0 decades"  # neither end of the grid reached: no "≥"
     assert cells[6] == "1e-3 .. 1e-2"
     assert cells[7] == "1e-1"
+    assert cells[8] == "1 of 12"
+    assert cells[9] == "1.00x"  # its own time per step
 
 
 def test_non_finite_logits_count_as_wrong() -> None:
@@ -212,7 +224,7 @@ def test_two_worker_processes(tmp_path: Path) -> None:
 
     def measured(folder: str) -> list[tuple[str, str, str]]:
         rows = _csv_rows(tmp_path / folder / lrs.CSV_NAME)
-        return sorted((r["lr"], r["test_acc"], r["train_loss"]) for r in rows)
+        return sorted((r["lr"], r["score"], r["train_loss"]) for r in rows)
 
     assert len(measured("a")) == 2
     assert measured("a") == measured("b")
@@ -259,8 +271,291 @@ def test_without_matplotlib_the_csv_and_table_are_still_written(
     assert "needs matplotlib" in capsys.readouterr().err
 
 
-def test_a_table_read_back_from_the_csv_says_so(tmp_path: Path, counted_runs: list) -> None:
+def test_a_table_read_back_from_the_csv_says_so(tmp_path: Path, counted_runs: list, no_plot: None) -> None:
     _quick(tmp_path)
     _quick(tmp_path)  # everything is in runs.csv already
     assert len(counted_runs) == 4
     assert "read back from an earlier invocation" in (tmp_path / lrs.MD_NAME).read_text()
+
+
+# --------------------------------------------------------------------------- tasks, schedules, competitors
+
+
+def test_the_default_task_is_the_digits_mlp_with_its_eleven_rows() -> None:
+    # `lalr sweep` without --task: today's sweep, so earlier outputs and docs stay comparable.
+    assert lrs.TASKS["mlp"].methods == (
+        "MoMo", "QLAB-sgd", "HierarchicalHD-sgdn", "HD-sgdn-global", "StepTunedSGD", "MoMoAdam",
+        "QLAB-adam", "AdaL", "SGD-M damp=0.9", "SGD-M", "Adam",
+    )  # fmt: skip
+    assert lrs.task_grid(lrs.TASKS["mlp"], lrs.METHOD_BY_NAME["MoMo"], 13)[0] == pytest.approx(1e-3)
+    assert lrs.default_out("mlp", "constant") == Path("lr_sensitivity")
+    assert lrs.default_out("lm", "warmup-cosine") == Path("lr_sensitivity_lm_warmup-cosine")
+
+
+def test_robust_range_of_a_loss_by_hand() -> None:
+    # Losses at 1e-3 .. 1e1 (rates out of order): sorted 3.10, 2.70, 2.64, 2.60, 2.66, 2.61, inf.
+    # Best 2.60 at 1e-1; within 0.05 nats: 2.64 (1e-2) yes, 2.70 no; 2.66 (3e-1... here 1e0) no,
+    # so 2.61 beyond it does not count.  Range 1e-2 .. 1e-1: one decade.
+    rates = [1e-1, 1e-3, 1e-2, 3e-3, 1.0, 3.0, 10.0]
+    losses = [2.60, 3.10, 2.64, 2.70, 2.66, 2.61, math.inf]
+    r = lrs.robust_range(rates, losses, higher_is_better=False, tolerance=0.05)
+    assert (r.low, r.high) == (pytest.approx(1e-2), pytest.approx(1e-1))
+    assert r.decades == pytest.approx(1.0) and not r.open_low and not r.open_high
+    # A NaN is the worst score, never the best.
+    r = lrs.robust_range([1e-2, 1e-1, 1.0], [math.nan, 2.5, 2.52], higher_is_better=False, tolerance=0.05)
+    assert (r.low, r.high, r.open_high) == (pytest.approx(0.1), pytest.approx(1.0), True)
+    # The LM tasks use 0.05 nats; the CNN keeps rates within 0.5 % of the best accuracy.
+    lm, cnn = lrs.TASKS["lm"], lrs.TASKS["cnn"]
+    assert lrs.task_robust_range(lm, [1e-3, 1e-2, 1e-1], [2.66, 2.60, 2.651]).decades == pytest.approx(0.0)
+    assert lrs.task_robust_range(lm, [1e-3, 1e-2, 1e-1], [2.66, 2.60, 2.649]).decades == pytest.approx(1.0)
+    # 0.995 · 0.990 = 0.98505: 0.986 is in, 0.984 is out.
+    assert lrs.task_robust_range(cnn, [1e-3, 1e-2, 1e-1], [0.984, 0.990, 0.986]).decades == pytest.approx(1.0)
+
+
+def test_loss_table_takes_the_lowest_median() -> None:
+    rows = [
+        lrs.Row("Adam", True, lr, seed, 4, 16, loss, 2.5, 2.9, False, 1.0, "lm", "constant", 400)
+        for lr, losses in {1e-3: (2.70, 2.72), 1e-2: (2.60, 2.64), 1e-1: (2.64, 2.70)}.items()
+        for seed, loss in enumerate(losses)
+    ]
+    (curve,) = lrs.curves(rows, [lrs.METHOD_BY_NAME["Adam"]])
+    text = lrs.markdown([curve], "t", lrs.TASKS["lm"])
+    line = next(x for x in text.splitlines() if x.startswith("| Adam (baseline)"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # Medians 2.71, 2.62, 2.67: the best is 2.62 at 1e-2; 2.67 is within 0.05, 2.71 is not.
+    assert cells[2] == "2.620 [2.600, 2.640]" and cells[3] == "1e-2"
+    assert cells[5] == "≥ 1.0 decades" and cells[6] == "1e-2 .. 1e-1"
+    assert "best val loss" in text and "within 0.05 of the best" in text
+    assert cells[9] == "1.00x"
+
+
+def test_warmup_cosine_factor_by_hand() -> None:
+    f = lrs.schedule_factor("warmup-cosine", 40)  # 4 warm-up steps, then 36 of cosine
+    assert [f(k) for k in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(4) == pytest.approx(1.0)
+    assert f(22) == pytest.approx(0.5)  # half-way through the decay: cos(π/2) = 0
+    assert f(39) == pytest.approx(0.5 * (1 + math.cos(math.pi * 35 / 36)))
+    assert lrs.schedule_factor("constant", 40)(17) == 1.0
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        lrs.schedule_factor("linear", 10)
+
+
+class _RecordingSGD(torch.optim.SGD):
+    """Plain SGD that records the lr of every step, and (as Schedule-Free does) train/eval calls."""
+
+    log: ClassVar[list[object]] = []
+
+    def step(self, closure=None):  # type: ignore[override]
+        self.log.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+    def train(self) -> None:
+        self.log.append("train")
+
+    def eval(self) -> None:
+        self.log.append("eval")
+
+
+def test_the_schedule_is_applied_to_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    _RecordingSGD.log = []
+    method = lrs.Method("rec", lambda p, lr: _RecordingSGD(p, lr=lr), (-2, -2), "sgd", step_kind="plain")
+    monkeypatch.setitem(lrs.METHOD_BY_NAME, "rec", method)
+    lrs.train_run("rec", 0.02, 0, 1, 32, "mlp", "warmup-cosine")  # 40 steps
+    f = lrs.schedule_factor("warmup-cosine", 40)
+    assert _RecordingSGD.log == pytest.approx([0.02 * f(k) for k in range(40)])
+
+
+def test_schedule_free_switching_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    # train() before the first step, eval() around every evaluation and train() again after it:
+    # initial loss, after epoch 1, final training loss, test accuracy (MLP, 2 epochs of 40 steps).
+    _RecordingSGD.log = []
+    method = lrs.Method(
+        "sf", lambda p, lr: _RecordingSGD(p, lr=lr), (-2, -2), "sgd", step_kind="plain", schedule_free=True
+    )
+    monkeypatch.setitem(lrs.METHOD_BY_NAME, "sf", method)
+    lrs.train_run("sf", 0.01, 0, 2, 32)
+    modes = ["train", "eval", "train"]
+    steps = [0.01] * 40
+    assert _RecordingSGD.log == ["train", *modes[1:], *steps, *modes[1:], *steps, *modes[1:], *modes[1:]]
+
+
+def test_schedule_free_batchnorm_statistics_use_the_evaluation_weights() -> None:
+    # eval() doubles the weight (as if moving to the averaged point), train() halves it back.
+    class Doubling(torch.optim.SGD):
+        def eval(self) -> None:
+            with torch.no_grad():
+                model[0].weight.mul_(2.0)
+
+        def train(self) -> None:
+            with torch.no_grad():
+                model[0].weight.div_(2.0)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False), torch.nn.BatchNorm1d(2))
+    optimizer = Doubling(model.parameters(), lr=0.1)
+    method = lrs.Method("sf", lambda p, lr: optimizer, (0, 0), "sgd", schedule_free=True)
+    batches = [torch.randn(8, 3), torch.randn(5, 3)]
+    model(torch.randn(4, 3))  # some running statistics from training
+    before = [model[1].running_mean.clone(), model[1].running_var.clone()]
+    weight = model[0].weight.detach().clone()
+
+    with lrs.evaluating(model, optimizer, method, batches):
+        assert not model.training
+        # Cumulative averages, over the two batches, of the doubled weights' batch statistics.
+        outs = [x @ (2 * weight).T for x in batches]
+        assert model[1].running_mean == pytest.approx(((outs[0].mean(0) + outs[1].mean(0)) / 2).tolist())
+        var = [o.var(0, unbiased=True) for o in outs]
+        assert model[1].running_var == pytest.approx(((var[0] + var[1]) / 2).tolist(), rel=1e-5)
+
+    assert model.training
+    assert torch.equal(model[0].weight, weight)  # train() undid eval()
+    assert torch.equal(model[1].running_mean, before[0]) and torch.equal(model[1].running_var, before[1])
+
+
+def test_qlab_probe_leaves_batchnorm_statistics_alone() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    optimizer = lrs.METHOD_BY_NAME["QLAB-adam"].make(model.parameters(), 1e-2)
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    after_training_pass = model[1].running_mean.clone()
+    probes = []
+
+    def probe() -> torch.Tensor:
+        probes.append(1)
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    lrs._step(optimizer, "probe", loss.detach(), model, probe)
+    assert probes == [1]  # QLAB ran the probe: a training-mode forward pass...
+    assert torch.equal(model[1].running_mean, after_training_pass)  # ...that moved no statistic
+
+
+def test_shift_moves_each_image_by_at_most_one_pixel() -> None:
+    x = torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 4, 4)
+    out = lrs._shift(x, torch.Generator().manual_seed(0), background=-1.0)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
+    for i in range(2):
+        windows = [padded[i, :, dy : dy + 4, dx : dx + 4] for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(out[i], w) for w in windows)
+
+
+def test_cnn_task_learns_the_digits() -> None:
+    result = lrs.train_run("Adam", 3e-3, 0, 1, 32, "cnn")  # one epoch, 40 steps
+    assert not result.diverged
+    assert result.score > 0.6  # chance is 0.1; measured 0.93
+
+
+def test_language_model_sweep_writes_nats_per_character(tmp_path: Path, counted_runs: list, no_plot: None) -> None:
+    lrs.main(["--task", "lm", "--methods", "Adam,MoMo-Adam", "--points", "2", "--seeds", "1", "--epochs", "1",
+              "--steps-per-epoch", "4", "--jobs", "1", "--out", str(tmp_path)])  # fmt: skip
+    rows = _csv_rows(tmp_path / lrs.CSV_NAME)
+    assert sorted((r["method"], round(math.log10(float(r["lr"])))) for r in rows) == [
+        ("Adam", -4), ("Adam", 0), ("MoMoAdam", -4), ("MoMoAdam", 0),
+    ]  # fmt: skip
+    for row in rows:
+        assert row["task"] == "lm" and row["steps"] == "4" and row["batch_size"] == "16"
+        # ln 97 = 4.575 nats per character is the uniform guess; 4 steps stay near it.
+        assert 3.0 < float(row["score"]) < 6.0 or row["diverged"] == "True"
+    table = (tmp_path / lrs.MD_NAME).read_text()
+    assert "best val loss" in table and "nats per character" in table
+
+
+def test_missing_competitors_are_skipped_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counted_runs: list, capsys: pytest.CaptureFixture, no_plot: None
+) -> None:
+    for name in ("prodigyopt", "schedulefree", "dadaptation"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+    lrs.main(["--quick", "--methods", "Adam,Prodigy,SF-AdamW,DAdapt-Adam", *TINY, "--jobs", "1", "--out", str(tmp_path)])
+
+    assert {m for m, _, _ in counted_runs} == {"Adam"}
+    err = capsys.readouterr().err
+    for method, package in (("Prodigy", "prodigyopt"), ("ScheduleFree-AdamW", "schedulefree"), ("DAdapt-Adam", "dadaptation")):
+        assert f"skipped {method}: needs the optional package {package}" in err
+    assert "[bench]" in err
+    assert "Skipped: Prodigy" in (tmp_path / lrs.MD_NAME).read_text()
+
+
+def test_only_skipped_methods_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)
+    with pytest.raises(SystemExit) as exit_info:
+        lrs.main(["--methods", "Prodigy", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "every method asked for was skipped" in capsys.readouterr().err
+
+
+def test_a_present_competitor_is_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counted_runs: list, no_plot: None) -> None:
+    # Stand-ins for the optional packages, so this runs whether or not they are installed.
+    fake = type(sys)("prodigyopt")
+    fake.Prodigy = lambda params, lr: torch.optim.SGD(params, lr=lr)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "prodigyopt", fake)
+    lrs.main(["--quick", "--methods", "Prodigy", *TINY, "--jobs", "1", "--out", str(tmp_path)])
+    rows = _csv_rows(tmp_path / lrs.CSV_NAME)
+    assert sorted(round(math.log10(float(r["lr"]))) for r in rows) == [-3, 3]
+    assert {r["baseline"] for r in rows} == {"True"}
+
+
+def test_help_lists_every_method_and_a_quoting_free_alias(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        lrs.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in (*lrs.METHOD_BY_NAME, "SGD-M-damp", "SF-AdamW", "lm-comments", "warmup-cosine"):
+        assert name in out
+    assert lrs.resolve_method("SGD-M-damp") is lrs.METHOD_BY_NAME["SGD-M damp=0.9"]
+
+
+def test_alias_runs_the_method(tmp_path: Path, counted_runs: list, no_plot: None) -> None:
+    lrs.main(["--quick", "--methods", "SGD-M-damp", *TINY, "--jobs", "1", "--out", str(tmp_path)])
+    assert {m for m, _, _ in counted_runs} == {"SGD-M damp=0.9"}
+
+
+def test_unwritable_out_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sweep", "--quick", "--methods", "Adam", "--out", str(blocker / "sub")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write to --out" in err and "Traceback" not in err
+
+
+def test_a_csv_of_the_earlier_layout_is_read_and_resumed(tmp_path: Path, counted_runs: list, no_plot: None) -> None:
+    # The header and one row as the sweep wrote them before tasks and schedules existed.
+    old = (
+        "method,baseline,lr,seed,epochs,batch_size,test_acc,train_loss,first_epoch_loss,diverged,seconds\n"
+        "MoMo,False,0.001,0,1,32,0.25,2.0,2.1,False,0.5\n"
+    )
+    (tmp_path / lrs.CSV_NAME).write_text(old)
+    (row,) = lrs.read_rows(tmp_path / lrs.CSV_NAME)
+    assert (row.task, row.schedule, row.score, row.steps) == ("mlp", "constant", 0.25, 40)
+
+    lrs.main(["--quick", "--methods", "MoMo", *TINY, "--jobs", "1", "--out", str(tmp_path)])
+    assert [round(math.log10(lr)) for _, lr, _ in counted_runs] == [3]  # 1e-3 was already there
+    rows = _csv_rows(tmp_path / lrs.CSV_NAME)
+    assert len(rows) == 2 and set(rows[0]) == set(lrs.FIELDS)
+    assert rows[0]["score"] == "0.25"
+
+
+def test_the_benchmark_entry_names_the_task_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(benchmark_entry, "DEFAULT_OUT", tmp_path / "results" / "lr_sensitivity")
+    assert benchmark_entry.output_folder(["--quick"]) == tmp_path / "results" / "lr_sensitivity"
+    assert benchmark_entry.output_folder(["--task", "lm"]) == tmp_path / "results" / "lr_sensitivity_lm"
+    assert (
+        benchmark_entry.output_folder(["--task", "cnn", "--schedule", "warmup-cosine"])
+        == tmp_path / "results" / "lr_sensitivity_cnn_warmup-cosine"
+    )
+
+
+def test_bench_extra_lists_the_competitors() -> None:
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    bench = config["options.extras_require"]["bench"]
+    for package in ("prodigyopt", "schedulefree", "dadaptation"):
+        assert package in bench
+        assert package in {m.requires for m in lrs.METHODS}

@@ -276,3 +276,44 @@ def test_fake_data_rejects_bad_shapes():
         FakeDataModule(input_shape=(8, 8))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="train_size"):
         FakeDataModule(train_size=0)
+
+
+def test_digits_shift_moves_training_images_only():
+    data = DigitsDataModule(shift=1, seed=0)
+    data.setup()
+    plain = DigitsDataModule(seed=0)
+    plain.setup()
+    image, label = plain.train_set[5]
+    padded = nn.functional.pad(image, (1, 1, 1, 1), value=data.train_set.background)
+    windows = [padded[:, dy : dy + 8, dx : dx + 8] for dy in range(3) for dx in range(3)]
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        shifted, shifted_label = data.train_set[5]
+        assert shifted_label == label
+        seen.add(next(i for i, w in enumerate(windows) if torch.equal(shifted, w)))  # one of the 9 moves
+    assert len(seen) > 3  # random moves, not always the same one
+    # The blank border is a standardized 0 pixel; validation and test images are not moved.
+    assert data.train_set.background == pytest.approx(plain.train_set.tensors[0].min().item())
+    assert torch.equal(data.val_set.tensors[0], plain.val_set.tensors[0])
+    with pytest.raises(ValueError, match="shift"):
+        DigitsDataModule(shift=1, flatten=True)
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_cnn_config_trains_a_few_steps(tmp_path):
+    from pathlib import Path
+
+    from lightning_adaptive_lr.cli import AdaptiveLRCLI
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "cnn_digits_momo.yaml"
+    cli = AdaptiveLRCLI(args=[
+        "fit", "--config", str(config), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5",
+        "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--test_after_fit", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+    ])  # fmt: skip
+    assert cli.trainer.global_step == 5
+    assert cli.datamodule.shift == 1 and any(isinstance(m, nn.BatchNorm2d) for m in cli.model.modules())
+    assert type(cli.trainer.optimizers[0]).__name__ == "MoMo"
+    assert 0.0 < cli.trainer.callback_metrics["val_loss"].item() < 2.3  # below chance's ln 10 after 5 steps

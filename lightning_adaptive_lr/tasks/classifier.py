@@ -6,19 +6,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..optim import MoMo
 from .backbones import BackboneName, build_backbone
+from .module import TaskModule
 
 __all__ = ["ImageClassifier"]
 
 Batch = tuple[Tensor, Tensor]
 
 
-class ImageClassifier(LightningModule):
+class ImageClassifier(TaskModule):
     """Cross-entropy image classification over one of the seed papers' backbones.
 
     Logs ``train_loss`` (every step), ``train_acc`` (per epoch), ``val_loss``, ``val_acc``,
@@ -78,7 +79,7 @@ class ImageClassifier(LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
 
     @classmethod
-    def for_datamodule(cls, datamodule: LightningDataModule, backbone: BackboneName = "mlp", **kwargs: Any) -> "ImageClassifier":
+    def for_datamodule(cls, datamodule: LightningDataModule, backbone: BackboneName = "mlp", **kwargs: Any) -> ImageClassifier:
         """An ``ImageClassifier`` sized for ``datamodule`` (its ``input_shape`` and ``num_classes``)."""
         return cls(backbone, num_classes=datamodule.num_classes, input_shape=datamodule.input_shape, **kwargs)
 
@@ -120,20 +121,6 @@ class ImageClassifier(LightningModule):
         accuracy(logits, y)
         self.log(f"{stage}_loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log(f"{stage}_acc", accuracy, prog_bar=True)
-
-    def setup(self, stage: str) -> None:
-        """Check that the data fits the network when the data module says what it yields."""
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        for name in ("input_shape", "num_classes"):
-            expected = getattr(datamodule, name, None)
-            if expected is None:
-                continue
-            expected = tuple(expected) if name == "input_shape" else int(expected)
-            if expected != getattr(self, name):
-                raise ValueError(
-                    f"the data module yields {name}={expected} but the model was built for "
-                    f"{name}={getattr(self, name)}; build it with ImageClassifier.for_datamodule(...)"
-                )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """MoMo with its defaults; replaced by ``lalr ... --optimizer`` (LightningCLI)."""

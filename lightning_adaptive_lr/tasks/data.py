@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
@@ -30,6 +31,7 @@ __all__ = [
     "FakeDataModule",
     "ImageDataModule",
     "MNISTDataModule",
+    "ShiftedImages",
 ]
 
 
@@ -104,13 +106,42 @@ def _check_fraction(name: str, value: float) -> None:
 # --------------------------------------------------------------------------- offline, real
 
 
+class ShiftedImages(Dataset[tuple[Tensor, Tensor]]):
+    """Images moved by a random offset of up to ``shift`` pixels in each direction every time one
+    is read (the vacated border filled with ``background``): the digits' augmentation.
+
+    Example:
+        >>> data = ShiftedImages(torch.zeros(3, 1, 8, 8), torch.arange(3), shift=1, background=-1.0)
+        >>> x, y = data[2]
+        >>> x.shape, int(y)
+        (torch.Size([1, 8, 8]), 2)
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, shift: int, background: float) -> None:
+        if shift < 0:
+            raise ValueError(f"shift must be at least 0, got {shift}")
+        self.images, self.labels, self.shift, self.background = images, labels, shift, background
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image, s = self.images[index], self.shift
+        if s:
+            h, w = image.shape[-2:]
+            dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+            image = F.pad(image, (s, s, s, s), value=self.background)[..., dy : dy + h, dx : dx + w]
+        return image, self.labels[index]
+
+
 class DigitsDataModule(ImageDataModule):
     """scikit-learn's 8×8 handwritten digits: real data that ships with scikit-learn (no download).
 
     1797 grey images of the digits 0-9 with 17 intensity levels, split once by a seeded random
     permutation into test (``test_fraction``), validation (``val_fraction``) and training (the
     rest: 1258 images by default).  Pixels are scaled to [0, 1] and standardized with the training
-    split's mean and standard deviation.
+    split's mean and standard deviation.  ``shift`` augments the training images with random moves
+    of up to that many pixels (a blank border fills in), as ``lalr sweep --task cnn`` does.
 
     Args:
         batch_size: examples per batch.
@@ -119,6 +150,8 @@ class DigitsDataModule(ImageDataModule):
         seed: seed of the split (the same seed always gives the same split).
         flatten: yield vectors of 64 features instead of 1×8×8 images.
         num_workers: DataLoader worker processes.
+        shift: training images move by up to this many pixels each time they are read (0: no
+            augmentation; images only, not with ``flatten``).
     """
 
     def __init__(
@@ -129,16 +162,20 @@ class DigitsDataModule(ImageDataModule):
         seed: int = 0,
         flatten: bool = False,
         num_workers: int = 0,
+        shift: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         _check_fraction("val_fraction", val_fraction)
         _check_fraction("test_fraction", test_fraction)
         if val_fraction + test_fraction >= 1.0:
             raise ValueError(f"val_fraction + test_fraction must be below 1, got {val_fraction + test_fraction}")
+        if shift < 0 or (shift and flatten):
+            raise ValueError(f"shift must be at least 0, and 0 with flatten=True; got {shift}")
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
         self.flatten = flatten
+        self.shift = shift
         self.input_shape = (64,) if flatten else (1, 8, 8)
         self.num_classes = 10
 
@@ -159,7 +196,11 @@ class DigitsDataModule(ImageDataModule):
         x = (x - mean) / std
         if not self.flatten:
             x = x.view(n, 1, 8, 8)
-        self.train_set = TensorDataset(x[train_idx], y[train_idx])
+        if self.shift:
+            background = ((0.0 - mean) / std).item()  # a blank pixel, standardized
+            self.train_set = ShiftedImages(x[train_idx], y[train_idx], self.shift, background)
+        else:
+            self.train_set = TensorDataset(x[train_idx], y[train_idx])
         self.val_set = TensorDataset(x[val_idx], y[val_idx])
         self.test_set = TensorDataset(x[test_idx], y[test_idx])
 
