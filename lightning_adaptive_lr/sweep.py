@@ -365,6 +365,23 @@ _GRIDS_4 = {
 }
 _LM_TITLE = "Causal char Transformer (2 layers, d=64, 4 heads, context 64) on the standard library's {}"
 
+def _lm_task(name: str, source: str) -> Task:
+    """The character Transformer on one of the standard library's texts (``source``)."""
+    return Task(
+        name,
+        _LM_TITLE.format(source),
+        "validation loss (nats/char)",
+        False,
+        _CORE,
+        _GRIDS_4,
+        epochs=4,
+        batch_size=16,
+        quick=(3, 1, 1),
+        steps_per_epoch=100,
+        robust_tolerance=0.05,
+    )
+
+
 TASKS: dict[str, Task] = {
     "mlp": Task(
         "mlp",
@@ -386,32 +403,7 @@ TASKS: dict[str, Task] = {
         _GRIDS_4,
         robust_fraction=0.995,
     ),
-    "lm": Task(
-        "lm",
-        _LM_TITLE.format("docstrings"),
-        "validation loss (nats/char)",
-        False,
-        _CORE,
-        _GRIDS_4,
-        epochs=4,
-        batch_size=16,
-        quick=(3, 1, 1),
-        steps_per_epoch=100,
-        robust_tolerance=0.05,
-    ),
-    "lm-comments": Task(
-        "lm-comments",
-        _LM_TITLE.format("comments"),
-        "validation loss (nats/char)",
-        False,
-        _CORE,
-        _GRIDS_4,
-        epochs=4,
-        batch_size=16,
-        quick=(3, 1, 1),
-        steps_per_epoch=100,
-        robust_tolerance=0.05,
-    ),
+    **{name: _lm_task(name, source) for name, source in (("lm", "docstrings"), ("lm-comments", "comments"))},
 }
 
 

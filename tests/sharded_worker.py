@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
+from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -107,20 +107,27 @@ def run(
     opt, needs_probe = build(spec, wrapped.parameters())
     params, lrs, times = [], [], []
     for x, y in batches_:
-        rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-        xs, ys = x[rows], y[rows]
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(wrapped(xs), ys)
-        loss.backward()
-        kwargs: dict[str, Any] = {"loss": loss}
-        if needs_probe:
-            kwargs["probe"] = lambda xs=xs, ys=ys: probe(wrapped, xs, ys)
-        start = time.perf_counter()
-        opt.step(**kwargs)
-        times.append(time.perf_counter() - start)
+        times.append(step_on_half(opt, needs_probe, wrapped, x, y, rank, world))
         params.append(gather())
         lrs.append([float(g["effective_lr"]) for g in opt.param_groups])
     return {"params": params, "lrs": lrs, "times": times}
+
+
+def step_on_half(
+    opt: torch.optim.Optimizer, needs_probe: bool, wrapped: nn.Module, x: Tensor, y: Tensor, rank: int, world: int
+) -> float:
+    """One step of ``opt`` on this rank's share of the batch ``(x, y)``; the seconds ``step()`` took."""
+    rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    xs, ys = x[rows], y[rows]
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(wrapped(xs), ys)
+    loss.backward()
+    kwargs: dict[str, Any] = {"loss": loss}
+    if needs_probe:
+        kwargs["probe"] = lambda: probe(wrapped, xs, ys)
+    start = time.perf_counter()
+    opt.step(**kwargs)
+    return time.perf_counter() - start
 
 
 def wrap_mode(mode: str, rank: int) -> tuple[nn.Module, nn.Module, Any]:
@@ -204,15 +211,7 @@ def _roundtrip_bytes(state: Any) -> Any:
 def run_with(opt: torch.optim.Optimizer, needs_probe: bool, wrapped: nn.Module, batches_: list, rank: int) -> None:
     """Step ``opt`` on ``wrapped`` for ``batches_`` (each rank its half)."""
     for x, y in batches_:
-        rows = slice(rank * len(x) // WORLD, (rank + 1) * len(x) // WORLD)
-        xs, ys = x[rows], y[rows]
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(wrapped(xs), ys)
-        loss.backward()
-        kwargs: dict[str, Any] = {"loss": loss}
-        if needs_probe:
-            kwargs["probe"] = lambda xs=xs, ys=ys: probe(wrapped, xs, ys)
-        opt.step(**kwargs)
+        step_on_half(opt, needs_probe, wrapped, x, y, rank, WORLD)
 
 
 def worker(rank: int, out: str, modes: list[str], init_file: str) -> None:
