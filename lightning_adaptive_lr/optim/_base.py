@@ -966,9 +966,9 @@ def _options_of(cls: type, *, own: bool) -> set[str] | None:
     constructor options; torch's: its defaults), or None if it cannot be built so (a wrapper)."""
     try:
         optimizer = cls([torch.zeros(1, requires_grad=True)])
+        return optimizer._option_names() if own else set(optimizer.defaults)
     except Exception:  # noqa: BLE001 - any class that needs more than parameters is no candidate
         return None
-    return optimizer._option_names() if own else set(optimizer.defaults)
 
 
 def _best_fitting_optimizers(keys: set[str], *, exclude: str) -> tuple[float, list[str]]:
@@ -977,7 +977,9 @@ def _best_fitting_optimizers(keys: set[str], *, exclude: str) -> tuple[float, li
     candidates: list[tuple[str, set[str] | None]] = [
         (cls.__name__, _options_of(cls, own=True))
         for cls in dict.fromkeys(_subclasses(AdaptiveOptimizer))
-        if not cls.__name__.startswith("_") and cls.__name__ != exclude
+        # this package's own classes: not the subclasses others derive at run time (Lightning's
+        # LightningOptimizer makes one per optimizer it wraps)
+        if cls.__module__.startswith(__package__) and not cls.__name__.startswith("_") and cls.__name__ != exclude
     ]
     for name in getattr(torch.optim, "__all__", ()):
         cls = getattr(torch.optim, name, None)
