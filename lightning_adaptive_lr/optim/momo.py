@@ -243,19 +243,23 @@ def _single_tensor_momo_adam(
     device: torch.device,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """Adam's moments into ``outs`` (d', v'; the directions ``u = d'/Dn`` into the third), and
-    ``[⟨g, x⟩, ⟨d', x⟩, ⟨d', u⟩, max v']`` (0-d, on ``device``; ``max v'`` as stored)."""
-    ds, vs, wides = [], [], []
-    for d, v, g, x, out_d, out_v in zip(avgs, sq_avgs, grads, params, *outs[:2]):
-        ds.append(torch.lerp(_start(d, x), g, weights[0], out=out_d))
+    ``[⟨g, x⟩, ⟨d', x⟩, ⟨d', u⟩, max v']`` (0-d, on ``device``; ``max v'`` as stored).
+
+    One tensor at a time, each quantity taken while the tensor is in cache; the denominator and
+    the direction are :func:`~._directions.adam_denominators` and ``adam_directions``' operations
+    written out (called per tensor, their bookkeeping costs more than ResNet's small tensors' arithmetic).
+    """
+    acc, ds, vs, us, partials = accumulation_dtype(device), [], [], [], []
+    for d, v, g, x, out_d, out_v, out_u in zip(avgs, sq_avgs, grads, params, *outs):
+        d_new = torch.lerp(_start(d, x), g, weights[0], out=out_d)
         v_new, wide = _second_moment(_start(v, x), g, weights[1], out_v)
+        denominator = torch.sqrt(wide, out=out_u)
+        if root != 1.0:
+            denominator.div_(root)
+        u = torch.div(d_new, denominator.add_(eps), out=out_u)
+        ds.append(d_new)
         vs.append(v_new)
-        wides.append(wide)
-    # The list helpers once for the whole group (per tensor, their bookkeeping would cost more
-    # than the arithmetic of ResNet's small tensors).
-    denominators = adam_denominators(wides, root, eps, foreach=False, out=outs[2])
-    us = adam_directions(ds, denominators, foreach=False, out=outs[2])
-    acc, partials = accumulation_dtype(device), []
-    for g, x, d_new, v_new, u in zip(grads, params, ds, vs, us):
+        us.append(u)
         sums = [pair_dot(g, x, acc), pair_dot(d_new, x, acc), pair_dot(d_new, u, acc), _largest(v_new, acc)]
         partials.append(torch.stack(sums))
     return ds, vs, us, sum_partials([torch.stack(partials, dim=1)], device)
