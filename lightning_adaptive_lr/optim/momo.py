@@ -237,13 +237,13 @@ def _single_tensor_momo_adam(
     grads: list[Tensor],
     params: list[Tensor],
     weights: tuple[float, float],
-    root: float,
     eps: float,
     outs: tuple[list[Tensor], list[Tensor], list[Tensor]],
     device: torch.device,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """Adam's moments into ``outs`` (d', v'; the directions ``u = d'/Dn`` into the third), and
-    ``[⟨g, x⟩, ⟨d', x⟩, ⟨d', u⟩, max v']`` (0-d, on ``device``; ``max v'`` as stored).
+    """Adam's moments into ``outs`` (d', v'; the directions ``u = d'/(√v' + eps)`` into the third),
+    and ``[⟨g, x⟩, ⟨d', x⟩, ⟨d', u⟩, max v']`` (0-d, on ``device``; ``max v'`` as stored).  The
+    caller folds Adam's bias correction √(1 − β2^k) into ``eps`` and its scalars.
 
     One tensor at a time, each quantity taken while the tensor is in cache; the denominator and
     the direction are :func:`~._directions.adam_denominators` and ``adam_directions``' operations
@@ -253,10 +253,7 @@ def _single_tensor_momo_adam(
     for d, v, g, x, out_d, out_v, out_u in zip(avgs, sq_avgs, grads, params, *outs):
         d_new = torch.lerp(_start(d, x), g, weights[0], out=out_d)
         v_new, wide = _second_moment(_start(v, x), g, weights[1], out_v)
-        denominator = torch.sqrt(wide, out=out_u)
-        if root != 1.0:
-            denominator.div_(root)
-        u = torch.div(d_new, denominator.add_(eps), out=out_u)
+        u = torch.div(d_new, torch.sqrt(wide, out=out_u).add_(eps), out=out_u)
         ds.append(d_new)
         vs.append(v_new)
         us.append(u)
@@ -271,7 +268,6 @@ def _multi_tensor_momo_adam(
     grads: list[Tensor],
     params: list[Tensor],
     weights: tuple[float, float],
-    root: float,
     eps: float,
     device: torch.device,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
@@ -285,7 +281,7 @@ def _multi_tensor_momo_adam(
         torch._foreach_addcmul_(wide, gs, gs, weights[1])
         for i, d, w in zip(index, torch._foreach_lerp(ms, gs, weights[0]), wide):
             ds[i], wides[i], vs[i] = d, w, w.to(starts[i].dtype) if narrow else w
-    us = adam_directions(ds, adam_denominators(wides, root, eps, foreach=True), foreach=True)
+    us = adam_directions(ds, adam_denominators(wides, 1.0, eps, foreach=True), foreach=True)
     v_max = tensor_extrema(vs, device)[1]
     return ds, vs, us, [dot(grads, params, device), dot(ds, params, device), dot(ds, us, device), v_max]
 
@@ -819,13 +815,13 @@ class MoMoAdam(_MoMoBase):
             # which saves the pass dividing by it (adam_denominators skips a division by 1).
             eps = group["eps"] * root
             if outs is None:
-                ds, vs, us, group_sums = _multi_tensor_momo_adam(avgs, sq_avgs, gs, ps, weights, 1.0, eps, device)
+                ds, vs, us, group_sums = _multi_tensor_momo_adam(avgs, sq_avgs, gs, ps, weights, eps, device)
             else:
                 sq_outs = self._outs("grad_avg_sq", ps, foreach=foreach)
                 u_outs = self._outs("direction", ps, foreach=foreach, wide=True)
                 buffers = (outs, sq_outs, u_outs)
                 ds, vs, us, group_sums = _single_tensor_momo_adam(
-                    avgs, sq_avgs, gs, ps, weights, 1.0, eps, buffers, device  # type: ignore[arg-type]
+                    avgs, sq_avgs, gs, ps, weights, eps, buffers, device  # type: ignore[arg-type]
                 )
             moments += ds
             second_moments += vs
