@@ -112,6 +112,23 @@ CASES: list[OptimizerCase] = [
         groups_interact="the lower-bound estimate is updated once per group, in group order (docs/algorithms.md §1)",
         momentum=("betas", 0),
     ),
+    # The device-side step (capturable=True: no host read, docs/algorithms.md "The device-side step").
+    OptimizerCase(
+        "MoMo-capturable",
+        lalr.MoMo,
+        {"lr": 1.0, "capturable": True, "bias_correction": True, "lb": None},
+        ({"capturable": True, "compiled": True},),
+        recorded=("tau", "lower_bound"),
+        momentum=("beta",),
+    ),
+    OptimizerCase(
+        "MoMoAdam-capturable",
+        lalr.MoMoAdam,
+        {"lr": 1e-2, "capturable": True, "weight_decay": 1e-2},
+        ({"capturable": True, "compiled": True},),
+        recorded=("tau", "lower_bound"),
+        momentum=("betas", 0),
+    ),
     # --- QLAB (§2): entries go here
     *(
         OptimizerCase(

@@ -88,6 +88,7 @@ def bad_step(case: OptimizerCase, opt: torch.optim.Optimizer, model: nn.Module, 
     else:
         loss = loss * float("nan")
     opt.step(**step_kwargs(case, model, x, y, loss))
+    opt.sync_warnings()  # where a capturable optimizer reports (a no-op for the others)
 
 
 def shared(opt: torch.optim.Optimizer, key: str) -> Any:

@@ -237,6 +237,11 @@ class AdaptiveLRMonitor(Callback):
             value = trainer.optimizers[0].param_groups[0].get("effective_lr")
             if isinstance(value, (Tensor, numbers.Real)) and not isinstance(value, bool):
                 pl_module.log("eff_lr", value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if (stepped + 1) % self._interval == 0:  # a capturable optimizer's warnings, read here
+            for optimizer in trainer.optimizers:
+                sync = getattr(optimizer, "sync_warnings", None)
+                if callable(sync):
+                    sync()
         if (stepped + 1) % self._interval == 0 and trainer.loggers:
             metrics = self.collect(trainer.optimizers, _scheduled(trainer))
             if metrics:

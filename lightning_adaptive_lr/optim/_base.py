@@ -129,6 +129,13 @@ _CAUSES = {
             "and check the precision (keep 16-bit parameters' optimizer in float32: 16-mixed)."
         ),
     ),
+    "step": (  # skips a capturable optimizer counted before it was loaded: which value is not known
+        "loss, gradient or step outcome",
+        (
+            "Check the data and the loss, lower `lr`, clip gradients, and check the precision (bf16-mixed, "
+            "or 16-mixed with its loss scaler)."
+        ),
+    ),
 }
 
 _LOSS_FIXES = (
@@ -405,6 +412,9 @@ class AdaptiveOptimizer(Optimizer):
     #: others are sums; values named ``*loss*`` are already averaged across ranks).
     gate_maxima: ClassVar[frozenset[str]] = frozenset({"v_max"})
     gate_ranges: ClassVar[frozenset[str]] = frozenset({"float16_range"})
+    #: :attr:`group_state` keys about the options (not the step's numbers): kept on the host also by
+    #: a ``capturable`` optimizer.
+    host_group_state: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -435,6 +445,10 @@ class AdaptiveOptimizer(Optimizer):
         #: Called with the optimizer at the start of every step (``lightning_adaptive_lr.fabric``
         #: installs one that refuses a step a GradScaler did not unscale); not state.
         self._step_guard: Callable[[AdaptiveOptimizer], None] | None = None
+        #: ``capturable``: the skip count :meth:`sync_warnings` last reported, and the gate's names
+        #: with, on the device, which were not finite at the last skipped step.
+        self._reported_skips = 0
+        self._skip_record: tuple[tuple[str, ...], Tensor] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -450,6 +464,8 @@ class AdaptiveOptimizer(Optimizer):
         for name in ("_layout", "_step_guard"):  # pickled before these existed
             if not hasattr(self, name):
                 setattr(self, name, None)
+        if not hasattr(self, "_reported_skips"):
+            self._reported_skips, self._skip_record = 0, None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self.param_groups:  # a group added later joins the optimizer-wide state where it stands
@@ -734,6 +750,8 @@ class AdaptiveOptimizer(Optimizer):
         :meth:`step` calls it; a subclass whose ``step`` does not go through :meth:`step` (Step-Tuned
         SGD's ``same_batch=True``) calls it with ``skipped_steps`` read before its update.
         """
+        if self._capturable:  # counted on the device by the step itself
+            return
         if self._shared("skipped_steps") == skipped_before and self._shared("consecutive_skips"):
             self._set_shared(consecutive_skips=0)
 
@@ -859,6 +877,18 @@ class AdaptiveOptimizer(Optimizer):
         parameter of a real view): what to compare or key by across calls."""
         return getattr(t, _VIEW_OF, t)
 
+    def _gate_vector(self, scalars: dict[str, Tensor]) -> tuple[list[Tensor], Tensor | None]:
+        """The gate's values flattened (one piece per name, in :func:`~._reduce.accumulation_dtype`)
+        and joined into one vector, completed over shards when the parameters are sharded."""
+        first = next(iter(scalars.values()))
+        dtype = accumulation_dtype(first.device)
+        flat = [value.to(device=first.device, dtype=dtype).reshape(-1) for value in scalars.values()]
+        joined = torch.cat(flat) if flat else None
+        if joined is not None and self._layout is not None:  # partial sums over shards: complete them
+            kinds = [kind for n, piece in zip(scalars, flat) for kind in self._gate_kinds(n, piece.numel())]
+            joined = self._completed(joined, kinds)
+        return flat, joined
+
     def _gate(self, **scalars: Tensor) -> dict[str, Any] | None:
         """The step's one device-to-host synchronization, by name.
 
@@ -866,19 +896,12 @@ class AdaptiveOptimizer(Optimizer):
         device) and returns them by name: a 0-d tensor as a float, a 1-d one as a list of floats.
         Returns ``None`` (after recording the skip) if any value is not finite.
         """
-        names = list(scalars)
-        first = next(iter(scalars.values()))
-        dtype = accumulation_dtype(first.device)
-        flat = [scalars[n].to(device=first.device, dtype=dtype).reshape(-1) for n in names]
-        joined = torch.cat(flat) if flat else None
-        if joined is not None and self._layout is not None:  # partial sums over shards: complete them
-            kinds = [kind for n, piece in zip(names, flat) for kind in self._gate_kinds(n, piece.numel())]
-            joined = self._completed(joined, kinds)
+        flat, joined = self._gate_vector(scalars)
         values = joined.tolist() if joined is not None else []
         out: dict[str, Any] = {}
         bad: list[str] = []
         offset = 0
-        for name, piece in zip(names, flat):
+        for name, piece in zip(scalars, flat):
             n = piece.numel()
             part = values[offset : offset + n]
             out[name] = part[0] if scalars[name].dim() == 0 else part
@@ -889,6 +912,138 @@ class AdaptiveOptimizer(Optimizer):
             self._skip_step(self._cause(bad), bad)
             return None
         return out
+
+    # ------------------------------------------------------------------ the device-side step
+
+    @property
+    def _capturable(self) -> bool:
+        """Whether steps keep every decision on the device (the ``capturable`` option)."""
+        return bool(self.param_groups[0].get("capturable", False))
+
+    def _device_gate(self, **scalars: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """The ``capturable`` gate: :meth:`_gate`'s values as device tensors (completed over shards
+        alike) and whether all are finite, a 0-d bool tensor; nothing is read to the host.  Which
+        values were not finite at the last skipped step is kept on the device for
+        :meth:`sync_warnings` to name."""
+        flat, joined = self._gate_vector(scalars)
+        assert joined is not None
+        out, finite, offset = {}, [], 0
+        for name, piece in zip(scalars, flat):
+            part = joined[offset : offset + piece.numel()]
+            out[name] = part[0] if scalars[name].dim() == 0 else part
+            finite.append(torch.isfinite(part).all())
+            offset += piece.numel()
+        finite_t = torch.stack(finite)
+        ok = finite_t.all()
+        names = tuple(scalars)
+        if self._skip_record and self._skip_record[0] == names:  # in place: see _set_shared_on_device
+            self._skip_record[1].copy_(torch.where(ok, self._skip_record[1], ~finite_t))
+        else:
+            self._skip_record = (names, torch.where(ok, torch.zeros_like(finite_t), ~finite_t))
+        return out, ok
+
+    def _device_group_state(self, device: torch.device) -> None:
+        """Hold the optimizer-wide state as 0-d tensors on ``device`` (``capturable``): counts as
+        int64, the rest in :func:`~._reduce.accumulation_dtype`.  Done once, at the
+        first step (and after a state dict or :meth:`set_lower_bound` put numbers back).  ``None`` (not
+        known yet) stays: the step writes a tensor there, +inf where its first step was skipped."""
+        dtype = accumulation_dtype(device)
+        values = {}
+        for key, initial in self.group_state.items():
+            value = self._shared(key)
+            if key in self.host_group_state or value is None:  # None: not known yet (the step sets it)
+                continue
+            if isinstance(value, Tensor):
+                if value.device != device:
+                    values[key] = value.to(device)
+                continue
+            counts = isinstance(initial, int) and not isinstance(initial, bool)
+            if counts:
+                values[key] = torch.tensor(int(value), device=device, dtype=torch.int64)
+            else:
+                values[key] = torch.tensor(float(value), device=device, dtype=dtype)
+        if values:
+            self._set_shared(**values)
+
+    def _host_group_state(self) -> None:
+        """The reverse of :meth:`_device_group_state`, for a step that is not ``capturable`` (a state
+        dict saved by a capturable optimizer): device numbers back to Python numbers (+inf: ``None``)."""
+        values = {}
+        for key, initial in self.group_state.items():
+            value = self._shared(key)
+            if isinstance(value, Tensor) and key not in self.host_group_state:
+                number = value.item()
+                values[key] = None if initial is None and number == math.inf else number
+        if values:
+            self._set_shared(**values)
+
+    def _count_device_step(self, ok: Tensor) -> None:
+        """After a ``capturable`` step: ``step`` counts it if ``ok``, else the skip counters do."""
+        taken = ok.to(torch.int64)
+        self._set_shared_on_device(
+            step=self._shared("step") + taken,
+            skipped_steps=self._shared("skipped_steps") + (1 - taken),
+            consecutive_skips=(self._shared("consecutive_skips") + 1) * (1 - taken),
+        )
+
+    def _set_shared_on_device(self, **values: Tensor) -> None:
+        """:meth:`_set_shared` for a ``capturable`` step: copied into the tensors already there, so
+        that a CUDA graph that captured the step reads and writes the same memory at every replay
+        (new tensors where there are none yet: the steps before the capture)."""
+        fresh = {}
+        for key, value in values.items():
+            current = self._shared(key)
+            if isinstance(current, Tensor) and current.shape == value.shape:
+                current.copy_(value)
+            else:
+                fresh[key] = value.to(current.dtype) if isinstance(current, Tensor) else value
+        if fresh:
+            self._set_shared(**fresh)
+
+    @staticmethod
+    def _record_on_device(group: dict[str, Any], **values: Tensor) -> None:
+        """:meth:`_record` for a ``capturable`` step: into the tensors already there (see
+        :meth:`_set_shared_on_device`)."""
+        for key, value in values.items():
+            current = group.get(key)
+            if isinstance(current, Tensor) and current.shape == value.shape and current.dtype == value.dtype:
+                current.copy_(value)
+            else:
+                group[key] = value.detach()
+
+    def sync_warnings(self) -> None:
+        """Give the warnings and errors that a ``capturable`` optimizer's steps cannot (they read
+        nothing to the host): skipped steps, and what a subclass counts on the device.
+
+        Reads the counters once (one synchronization) and warns or raises as a step that reads its
+        gate does: a warning when the skip count passed 1, 10, 100, ... since the last call, a
+        ``RuntimeError`` after ``max_consecutive_skips`` skips in a row.  Call it outside a CUDA
+        graph, every few hundred steps or at each logging step;
+        :class:`~lightning_adaptive_lr.AdaptiveLRMonitor` calls it when it logs.  A no-op for
+        optimizers that are not ``capturable`` (their steps report everything themselves).
+
+        Example:
+            >>> import torch
+            >>> from lightning_adaptive_lr import MoMo
+            >>> w = torch.nn.Parameter(torch.ones(3))
+            >>> optimizer = MoMo([w], capturable=True)
+            >>> w.grad = torch.ones(3)
+            >>> _ = optimizer.step(loss=torch.tensor(1.0))
+            >>> optimizer.sync_warnings()  # no skip: nothing to report
+        """
+        if not self._capturable or not isinstance(self._shared("skipped_steps"), Tensor):
+            return
+        counts = torch.stack([self._shared("skipped_steps"), self._shared("consecutive_skips")])
+        names, mask = self._skip_record or ((), counts[:0])
+        total, run, *bad = torch.cat([counts, mask.to(torch.int64)]).tolist()
+        reported, self._reported_skips = self._reported_skips, total
+        quantities = [name for name, flag in zip(names, bad) if flag]
+        cause = self._cause(quantities) if quantities else "step"  # unknown after a resume
+        limit = self.param_groups[0].get("max_consecutive_skips", DEFAULT_MAX_CONSECUTIVE_SKIPS)
+        if limit is not None and run >= limit:
+            self._raise_skips(run, total, limit, cause, quantities)
+        if any(_is_power_of_ten(n) for n in range(reported + 1, total + 1)):
+            self._warn_skips(total, run, limit, cause, quantities)
 
     def _cause(self, names: Sequence[str]) -> str:
         """Why a step whose gate values ``names`` are non-finite is skipped: a loss among them
@@ -910,25 +1065,35 @@ class AdaptiveOptimizer(Optimizer):
         total = self._shared("skipped_steps") + 1
         run = self._shared("consecutive_skips") + 1
         self._set_shared(skipped_steps=total, consecutive_skips=run)
-        what, advice = _CAUSES[cause]
-        detail = f" ({', '.join(quantities)})" if quantities else ""
         limit = self.param_groups[0].get("max_consecutive_skips", DEFAULT_MAX_CONSECUTIVE_SKIPS)
         if limit is not None and run >= limit:
-            raise RuntimeError(
-                f"{self._name}: {run} steps in a row were skipped, the last because of a non-finite "
-                f"{what}{detail} ({total} skipped in all); the run is not recovering, so it stops here "
-                f"(max_consecutive_skips={limit}; None never stops). {advice}"
-            )
+            self._raise_skips(run, total, limit, cause, quantities)
         if _is_power_of_ten(total):
-            stop = "never raises" if limit is None else f"raises after {limit} in a row"
-            warnings.warn(
-                f"{self._name}: non-finite {what}{detail}: step skipped (parameters and state unchanged). "
-                f"{total} step{'s' if total > 1 else ''} skipped so far, {run} in a row; the next warning "
-                f"comes at {10 * total} skips, and step() {stop} (max_consecutive_skips). The count is in "
-                f"optimizer.param_groups[i]['skipped_steps'] (AdaptiveLRMonitor logs it). {advice}",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            self._warn_skips(total, run, limit, cause, quantities, stacklevel=5)
+
+    def _raise_skips(self, run: int, total: int, limit: int, cause: str, quantities: Sequence[str]) -> None:
+        what, advice = _CAUSES[cause]
+        detail = f" ({', '.join(quantities)})" if quantities else ""
+        raise RuntimeError(
+            f"{self._name}: {run} steps in a row were skipped, the last because of a non-finite "
+            f"{what}{detail} ({total} skipped in all); the run is not recovering, so it stops here "
+            f"(max_consecutive_skips={limit}; None never stops). {advice}"
+        )
+
+    def _warn_skips(
+        self, total: int, run: int, limit: int | None, cause: str, quantities: Sequence[str], stacklevel: int = 3
+    ) -> None:
+        what, advice = _CAUSES[cause]
+        detail = f" ({', '.join(quantities)})" if quantities else ""
+        stop = "never raises" if limit is None else f"raises after {limit} in a row"
+        warnings.warn(
+            f"{self._name}: non-finite {what}{detail}: step skipped (parameters and state unchanged). "
+            f"{total} step{'s' if total > 1 else ''} skipped so far, {run} in a row; the next warning "
+            f"comes at {10 ** len(str(total))} skips, and step() {stop} (max_consecutive_skips). The count is in "
+            f"optimizer.param_groups[i]['skipped_steps'] (AdaptiveLRMonitor logs it). {advice}",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
 
     def _to_host_if_free(self, *values: Tensor) -> tuple[Scalar, ...]:
         """Python floats on the CPU (free there); the 0-d tensors themselves on accelerators."""

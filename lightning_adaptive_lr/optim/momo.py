@@ -314,6 +314,15 @@ def _descend_(groups: list[Group], directions: list[list[Tensor]], taus: list[Sc
             divide_(params, 1.0 + shrink, foreach=foreach)
 
 
+def _check_step_path(owner: str, options: dict[str, Any]) -> None:
+    """``compiled`` and ``capturable`` are two different step bodies: at most one."""
+    if options["compiled"] and options["capturable"]:
+        raise ValueError(
+            f"{owner}: `compiled` and `capturable` are two different step bodies, both were set; choose one "
+            "(capturable for CUDA graphs and steps that never wait for the host, compiled for the fewest memory passes)"
+        )
+
+
 def _optional_bound(owner: str, name: str, value: Any) -> float | None:
     """``lb``: ``None`` (follow the losses) or a finite number."""
     return None if value is None else FINITE(owner, name, value)
@@ -372,6 +381,17 @@ class _MoMoBase(AdaptiveOptimizer):
                 else:
                     spares[key] = old
 
+    def _store_on_device(self, key: str, params: list[Tensor], values: list[Tensor], ok: Tensor) -> None:
+        """``state[p][key] ← value where ok`` (a ``capturable`` step): into the tensor already there,
+        for CUDA graphs (see :meth:`~._base.AdaptiveOptimizer._set_shared_on_device`); a state not
+        stored yet starts at 0, the average of nothing."""
+        for p, value in zip(params, values):
+            state = self.state[p]
+            if key in state:
+                state[key].copy_(torch.where(ok, value, state[key]))
+            else:
+                state[key] = torch.where(ok, value, 0.0).to(value.dtype)
+
     def _loss_beta(self) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -407,7 +427,7 @@ class _MoMoBase(AdaptiveOptimizer):
         first = self.param_groups[0]
         for name in self.shared_options:
             for group in self.param_groups[1:]:
-                if group[name] != first[name]:
+                if group[name] is not first[name] and group[name] != first[name]:  # (`is`: a capturable `lb`)
                     raise ValueError(
                         f"{self._name}: `{name}` is shared by all param groups (it enters scalars computed over "
                         f"the whole model), but the groups hold {first[name]!r} and {group[name]!r} (changed by "
@@ -422,7 +442,12 @@ class _MoMoBase(AdaptiveOptimizer):
         groups = [(g, *self._params_and_grads(g)) for g in self.param_groups]
         if not any(params for _, params, _ in groups):
             return
-        step = self._compiled_step if self._shared("compiled") else self._eager_step
+        if self._shared("capturable"):
+            self._device_group_state(loss.device)
+            step = self._device_step
+        else:
+            self._host_group_state()
+            step = self._compiled_step if self._shared("compiled") else self._eager_step
         step(loss, groups)
 
     def _eager_step(self, loss: Tensor, groups: list[Group]) -> None:  # pragma: no cover - abstract
@@ -430,6 +455,59 @@ class _MoMoBase(AdaptiveOptimizer):
 
     def _compiled_step(self, loss: Tensor, groups: list[Group]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _device_step(self, loss: Tensor, groups: list[Group]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _device_step_sizes(
+        self, groups: list[Group], values: dict[str, Tensor], ok: Tensor, d_sqnorm: Tensor, rho: Scalar, restart: Scalar
+    ) -> list[Tensor]:
+        """The ``capturable`` step's scalars, all on the device: the loss model, the lower bound and
+        each group's τ, as the host-side step computes them (:func:`momo_loss_model`,
+        :func:`momo_lowered_bound`'s rule, :func:`momo_following_bound`, :func:`momo_step_size`),
+        every new value kept only ``where`` the gate's values are finite (``ok``); the returned τ
+        are 0 where they are not.  ``restart``: a 0-d bool tensor (or ``False``)."""
+        old = {key: self._shared(key) for key in ("loss_avg", "gamma", "lb", CURRENT_LB, LOSS_MIN, LB_LOWERED)}
+        beta, loss, gx = self._loss_beta(), values["loss"], values["gx"]
+        averaged = momo_loss_model(old["loss_avg"], old["gamma"], loss, gx, beta, restart=False)
+        restarted = momo_loss_model(old["loss_avg"], old["gamma"], loss, gx, beta, restart=True)
+        loss_avg, gamma = (where(restart, r, a) for r, a in zip(restarted, averaged))
+        mean, new = loss_avg / rho, {"loss_avg": loss_avg, "gamma": gamma}
+        if self._shared("lb") is None:
+            new[LOSS_MIN] = mean if old[LOSS_MIN] is None else smin(old[LOSS_MIN], mean)
+            floor = momo_following_bound(new[LOSS_MIN], self._shared("lb_fraction"))
+        else:  # a loss average below lb lowers it to 2·m − lb (momo_lowered_bound)
+            below = mean < old["lb"]
+            floor = new["lb"] = where(below, 2.0 * mean - old["lb"], old["lb"])
+            new[LB_LOWERED] = old[LB_LOWERED] + below.to(torch.int64)
+        current = old[CURRENT_LB]  # None or +inf: not known yet (before a step was taken)
+        estimated = floor if current is None else torch.where(current == math.inf, floor, current)
+        lb = estimated if self._shared("estimate_lb") else floor
+        taus = []
+        for group, _, _ in groups:
+            tau, lb = momo_step_size(
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                loss_avg=loss_avg,
+                gamma=gamma,
+                d_dot_x=values["d_dot_x"],
+                d_sqnorm=d_sqnorm,
+                rho=rho,
+                lb=lb,
+                lb_floor=floor,
+                estimate_lb=group["estimate_lb"],
+            )
+            tau = torch.where(ok, tau, 0.0)
+            previous = group.get("effective_lr")
+            kept = previous if isinstance(previous, Tensor) else torch.zeros_like(tau)
+            self._record_on_device(group, effective_lr=torch.where(ok, tau, kept), tau=torch.where(ok, tau, kept))
+            self._record_on_device(group, lower_bound=torch.where(ok, lb, math.inf if current is None else current))
+            taus.append(tau)
+        new[CURRENT_LB] = lb
+        kept = {key: math.inf if old[key] is None else old[key] for key in new}
+        self._set_shared_on_device(**{key: torch.where(ok, value, kept[key]) for key, value in new.items()})
+        self._count_device_step(ok)
+        return taus
 
     def _advance_loss_model(self, values: dict[str, Any], *, restart: bool) -> None:
         """``k ← k+1`` and the loss model's averages (:func:`momo_loss_model`) from the gate's values."""
@@ -469,17 +547,27 @@ class _MoMoBase(AdaptiveOptimizer):
         if not self._shared("estimate_lb"):
             shared[CURRENT_LB] = lowered
         self._set_shared(**shared)
+        self._warn_lowered(f"the loss average {loss_avg / rho:.6g} is below the lower bound lb={floor:.6g}", lowered, 9)
+
+    def _warn_lowered(self, what: str, lowered: Scalar, stacklevel: int) -> None:
+        """Warn, once, that ``lb`` was lowered (``what`` happened) to ``lowered``."""
         if not self._warned_lb:
             self._warned_lb = True
             warnings.warn(
-                f"{self._name}: the loss average {loss_avg / rho:.6g} is below the lower bound lb={floor:.6g}, "
-                f"where the step size would be 0 for ever; lb is lowered to {lowered:.6g} (and again whenever "
-                "the loss average falls below it, counted in param_groups[i]['lb_lowered']). Pass an `lb` "
-                "below every loss value, use `estimate_lb=True`, or, with AdaptiveLRCallback(lb_fraction=...), "
-                "a smaller `lb_fraction`.",
+                f"{self._name}: {what}, where the step size would be 0 for ever; lb is lowered to {float(lowered):.6g} "
+                "(and again whenever the loss average falls below it, counted in param_groups[i]['lb_lowered']). "
+                "Pass an `lb` below every loss value, use `estimate_lb=True`, `lb=None` (the bound follows the "
+                "losses), or, with AdaptiveLRCallback(lb_fraction=...), a smaller `lb_fraction`.",
                 RuntimeWarning,
-                stacklevel=8,  # the caller of step()
+                stacklevel=stacklevel,  # the caller of step()
             )
+
+    def sync_warnings(self) -> None:
+        """:meth:`~._base.AdaptiveOptimizer.sync_warnings`, and the warning that ``lb`` was lowered."""
+        super().sync_warnings()
+        lowered = self._shared(LB_LOWERED)
+        if self._capturable and isinstance(lowered, Tensor) and not self._warned_lb and int(lowered) > 0:
+            self._warn_lowered("the loss average fell below the lower bound", self._shared("lb"), 3)
 
     def _step_sizes(self, groups: list[Group], d_dot_x: float, d_sqnorm: float, rho: float) -> list[Scalar]:
         """Per group τ by :func:`momo_step_size` (recorded); the groups update the lower bound in turn."""
@@ -553,6 +641,14 @@ class MoMo(_MoMoBase):
             shapes at the first step and needs a working Inductor (a C++ compiler on CPU, Triton
             on GPU): if it fails, ``step()`` raises a RuntimeError naming the cause before any
             state changes; there is no silent fallback.  Speed: see docs/benchmarks.md.
+        capturable: keep every decision of the step on the device (docs/algorithms.md, "The
+            device-side step"): the gate, the loss model, the lower bound and τ are 0-d device
+            tensors, a step whose values are not finite is undone with ``torch.where``, and the
+            state is updated in place, so the step never waits for the host and can be captured
+            in a CUDA graph (after a few eager steps).  Skips are counted on the device and
+            reported by :meth:`sync_warnings` (which :class:`~lightning_adaptive_lr.AdaptiveLRMonitor`
+            calls when it logs).  Hyperparameters (``lr``, β, ...) are read as Python numbers at
+            each call: a graph keeps the values it was captured with.  Not with ``compiled``.
         max_consecutive_skips: raise after this many skipped steps in a row (``None``: never); see
             :class:`~._base.AdaptiveOptimizer`.
 
@@ -581,8 +677,9 @@ class MoMo(_MoMoBase):
         True
     """
 
-    shared_options = ("beta", "momentum", "lb", "bias_correction", "estimate_lb", "lb_fraction", "compiled")
+    shared_options = ("beta", "momentum", "lb", "bias_correction", "estimate_lb", "lb_fraction", "compiled", "capturable")
     group_state: ClassVar[dict[str, Any]] = {**_MoMoBase.group_state, BETA_USED: None}
+    host_group_state = frozenset({BETA_USED})
 
     def __init__(
         self,
@@ -598,12 +695,14 @@ class MoMo(_MoMoBase):
         foreach: bool = True,
         average_across_ranks: bool = True,
         compiled: bool = False,
+        capturable: bool = False,
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         defaults = checked(
             type(self).__name__, locals(), lr=NONNEGATIVE, beta=FRACTION, weight_decay=NONNEGATIVE, lb=_optional_bound,
-            bias_correction=FLAG, estimate_lb=FLAG, lb_fraction=FRACTION, compiled=FLAG,
+            bias_correction=FLAG, estimate_lb=FLAG, lb_fraction=FRACTION, compiled=FLAG, capturable=FLAG,
         )  # fmt: skip
+        _check_step_path(type(self).__name__, defaults)
         defaults["momentum"] = defaults["beta"]
         super().__init__(params, defaults, **runtime_options(locals()))
 
@@ -703,6 +802,29 @@ class MoMo(_MoMoBase):
             divisor = scalar(1.0 + group["lr"] * group["weight_decay"])
             kernels.run_on_buckets(name, kernels.momo_update, (ds, gs, ps), weight, scalar(tau), divisor)
 
+    def _device_step(self, loss: Tensor, groups: list[Group]) -> None:
+        """``capturable``: the eager step's math with every decision on the device (no host read):
+        the averages and parameters are replaced ``where`` the gate's values are finite."""
+        k = self._shared("step").to(accumulation_dtype(loss.device)) + 1
+        beta, bias_correction = self._shared("beta"), self._shared("bias_correction")
+        restart = (k == 1) if not bias_correction else False
+        rho = 1.0 - torch.pow(beta, k) if bias_correction else 1.0
+        weight = where(restart, 1.0, 1.0 - beta)
+        params, grads = _flatten(groups)
+        avgs = [_start(self.state.get(p, {}).get("grad_avg"), p) for p in params]
+        new = [torch.lerp(d, g, weight.to(d.dtype) if isinstance(weight, Tensor) else weight) for d, g in zip(avgs, grads)]
+        device = loss.device
+        values, ok = self._device_gate(
+            loss=loss, gx=dot(grads, params, device), d_dot_x=dot(new, params, device), d_sqnorm=sqnorm(new, device)
+        )
+        taus = self._device_step_sizes(groups, values, ok, values["d_sqnorm"], rho, restart)
+        self._set_shared(**{BETA_USED: beta})  # a host-side option: taken, skipped or not
+        self._store_on_device("grad_avg", params, new, ok)
+        for (group, ps, _), tau in zip(groups, taus):
+            divisor = torch.where(ok, 1.0 + group["lr"] * group["weight_decay"], 1.0)
+            for p in ps:
+                p.sub_(self.state[p]["grad_avg"] * tau.to(p.dtype)).div_(divisor.to(p.dtype))
+
 
 # --------------------------------------------------------------------------- MoMo-Adam
 
@@ -767,7 +889,7 @@ class MoMoAdam(_MoMoBase):
         ['grad_avg', 'grad_avg_sq']
     """
 
-    shared_options = ("betas", "lb", "estimate_lb", "lb_fraction", "compiled")
+    shared_options = ("betas", "lb", "estimate_lb", "lb_fraction", "compiled", "capturable")
 
     def __init__(
         self,
@@ -784,12 +906,15 @@ class MoMoAdam(_MoMoBase):
         foreach: bool = True,
         average_across_ranks: bool = True,
         compiled: bool = False,
+        capturable: bool = False,
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         defaults = checked(
             type(self).__name__, locals(), lr=NONNEGATIVE, betas=BETAS, eps=NONNEGATIVE, weight_decay=NONNEGATIVE,
             lb=_optional_bound, estimate_lb=FLAG, decoupled_weight_decay=FLAG, lb_fraction=FRACTION, compiled=FLAG,
+            capturable=FLAG,
         )  # fmt: skip
+        _check_step_path(type(self).__name__, defaults)
         super().__init__(params, defaults, **runtime_options(locals()))
 
     def _loss_beta(self) -> float:
@@ -837,6 +962,44 @@ class MoMoAdam(_MoMoBase):
         self._store("grad_avg_sq", params, second_moments)
         taus = self._step_sizes(groups, values["d_dot_x"], values["d_dot_u"] * root, rho)
         _descend_(groups, directions, [tau * root for tau in taus])
+
+    def _device_step(self, loss: Tensor, groups: list[Group]) -> None:
+        """``capturable``: the eager step's math with every decision on the device (no host read):
+        the moments and parameters are replaced ``where`` the gate's values are finite."""
+        (beta1, beta2), device = self._shared("betas"), loss.device
+        k = self._shared("step").to(accumulation_dtype(device)) + 1
+        rho, root = 1.0 - torch.pow(beta1, k), torch.sqrt(1.0 - torch.pow(beta2, k))
+        params, grads = _flatten(groups)
+        states = [self.state.get(p, {}) for p in params]
+        avgs = [_start(s.get("grad_avg"), p) for s, p in zip(states, params)]
+        sq_avgs = [_start(s.get("grad_avg_sq"), p) for s, p in zip(states, params)]
+        eps = {id(p): group["eps"] * root for group, ps, _ in groups for p in ps}
+        new_d, new_v, directions = [], [], []
+        for d, v, g, p in zip(avgs, sq_avgs, grads, params):
+            d_new = torch.lerp(d, g, 1.0 - beta1)
+            v_new, wide = _second_moment(v, g, 1.0 - beta2, torch.empty_like(v))
+            new_d.append(d_new)
+            new_v.append(v_new)
+            directions.append(d_new / (wide.sqrt() + eps[id(p)].to(wide.dtype)))
+        values, ok = self._device_gate(
+            loss=loss,
+            gx=dot(grads, params, device),
+            d_dot_x=dot(new_d, params, device),
+            d_dot_u=dot(new_d, directions, device),
+            v_max=tensor_extrema(new_v, device)[1],
+        )
+        taus = self._device_step_sizes(groups, values, ok, values["d_dot_u"] * root, rho, False)
+        self._store_on_device("grad_avg", params, new_d, ok)
+        self._store_on_device("grad_avg_sq", params, new_v, ok)
+        index = 0
+        for (group, ps, _), tau in zip(groups, taus):
+            shrink = group["lr"] * group["weight_decay"]
+            keep, divisor = (1.0 - shrink, 1.0) if group["decoupled_weight_decay"] else (1.0, 1.0 + shrink)
+            keep, divisor, step = torch.where(ok, keep, 1.0), torch.where(ok, divisor, 1.0), tau * root
+            for p in ps:
+                u = torch.where(ok, directions[index], 0.0)
+                p.mul_(keep.to(p.dtype)).sub_(u * step.to(u.dtype)).div_(divisor.to(p.dtype))
+                index += 1
 
     def _compiled_step(self, loss: Tensor, groups: list[Group]) -> None:
         name, (beta1, beta2), (rho, root) = type(self).__name__, self._shared("betas"), self._this_step()
