@@ -1,10 +1,12 @@
 """GPU check: Lightning's FSDPStrategy (FSDP1, which refuses the CPU) end to end, every optimizer class.
 
-For one setting of each optimizer class (tests/optimizer_registry.py) this trains the small MLP of
-tests/sharded_worker_lightning.py with ``Trainer(strategy=FSDPStrategy(), accelerator="gpu",
-devices=N)``, AdaptiveLRCallback and AdaptiveLRMonitor, each rank on its 1/N of every batch, and
-compares the gathered parameters and ``effective_lr`` with a plain one-process loop on the whole
-batches (on the same GPU).  It prints one line per optimizer and exits 1 if any differs by more
+For one setting of each optimizer class (tests/optimizer_registry.py) this trains a small MLP
+(5-64-64-1) with ``Trainer(strategy=FSDPStrategy(), accelerator="gpu", devices=N)``,
+AdaptiveLRCallback and AdaptiveLRMonitor, each rank on its 1/N of every batch, and compares the
+gathered parameters and ``effective_lr`` with a plain one-process loop on the whole batches (on
+the same GPU; rank 0 runs it after the Lightning run, its optimizer with
+``average_across_ranks=False``: the process group still exists, and the other ranks are not in
+that loop).  It prints one line per optimizer and exits 1 if any differs by more
 than 1e-5 (relative).  With one GPU the run is a one-rank FSDP (the code path, not the
 completion across ranks, which tests/test_sharded.py covers on CPU); use 2+ GPUs for both.
 
@@ -44,7 +46,9 @@ def one_process(case_id: str, device: torch.device) -> dict[str, Any]:
 
     case = next(c for c in CASES if c.id == case_id)
     net = model().to(device)
-    opt = case.make(net.parameters())
+    # One process's loop inside a process group that the other ranks have left for the next case:
+    # no cross-rank average (it would wait for them).
+    opt = case.make(net.parameters(), average_across_ranks=False)
     x_all, y_all = (t.to(device) for t in data())
     for k in range(STEPS):
         x, y = x_all[k * BATCH : (k + 1) * BATCH], y_all[k * BATCH : (k + 1) * BATCH]

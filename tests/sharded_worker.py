@@ -2,7 +2,10 @@
 
 Two CPU processes (gloo) train the same small network, each on its half of every batch, under
 FSDP1 (``use_orig_params`` True and False), FSDP2 ``fully_shard`` and a 2×1 HSDP mesh, for every
-case of tests/optimizer_registry.py (foreach and per-tensor) plus ``QLAB.wrap(torch.optim.Adam)``.
+case of tests/optimizer_registry.py (foreach and per-tensor) plus ``QLAB.wrap(torch.optim.Adam)``;
+and under tensor parallelism (``parallelize_module`` with ``ColwiseParallel`` / ``RowwiseParallel``
+on a 1-D mesh), each rank on the whole batch: ``tp`` with every parameter sharded (the row-wise
+layer without bias), ``tp_replicated`` with the row-wise layer's bias replicated (refused).
 After every step each rank records the gathered (full) parameters and every group's
 ``effective_lr``; a layout an optimizer refuses records the error message instead.  Everything a
 rank saw goes to ``OUT/rank<r>.pt``.
@@ -29,13 +32,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 STEPS = 10
 WORLD = 2
 BATCH = 32  # the whole batch; each rank takes its half
-MODES = ("fsdp1_orig", "fsdp1_flat", "fsdp2", "hsdp", "ddp")
+MODES = ("fsdp1_orig", "fsdp1_flat", "fsdp2", "hsdp", "tp", "tp_replicated", "ddp")
+#: Tensor-parallel modes: every rank computes on the whole batch.
+TP_MODES = ("tp", "tp_replicated")
 #: Modes that also run the per-tensor (foreach=False) path: those whose local tensors differ from
 #: the parameters (FSDP1's flat views, FSDP2's DTensor shards); the others repeat them.
 SINGLE_TENSOR_MODES = ("fsdp2",)
 #: Modes that run one setting per class (DCP_CASES): FSDP1 flat parameters (whose per-tensor
 #: optimizers are refused) and the 2×1 HSDP mesh (sharded over one process: nothing to complete).
-SUBSET_MODES = ("fsdp1_flat", "hsdp")
+SUBSET_MODES = ("fsdp1_flat", "hsdp", "tp_replicated")
 #: The settings whose distributed-checkpoint round trip runs: one per class (its setting with the
 #: most state), the unit and param levels of HierarchicalHD (state per output unit), QLAB-sgd (no
 #: tensor state at all) and the wrapper.
@@ -52,11 +57,12 @@ DCP_CASES = (
 )
 
 
-def make_model() -> nn.Module:
+def make_model(mode: str = "") -> nn.Module:
     """The network: FSDP1's flat shards cut its tensors (rank 0 holds none of the last bias) and
-    FSDP2 shards the last layer's single row unevenly (rank 1 holds none of it)."""
+    FSDP2 shards the last layer's single row unevenly (rank 1 holds none of it).  Under ``tp`` the
+    last layer has no bias (a row-wise layer's bias is replicated: see ``tp_replicated``)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1, bias=mode != "tp"))
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -132,7 +138,7 @@ def step_on_half(
 
 def wrap_mode(mode: str, rank: int) -> tuple[nn.Module, nn.Module, Any]:
     """(model, the module to train, a function returning the full parameters) for ``mode``."""
-    model = make_model()
+    model = make_model(mode)
     if mode.startswith("fsdp1"):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -143,6 +149,13 @@ def wrap_mode(mode: str, rank: int) -> tuple[nn.Module, nn.Module, Any]:
                 return [p.detach().clone() for p in wrapped.module.parameters()]
 
         return model, wrapped, gather
+    if mode in TP_MODES:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
+        parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        return model, model, lambda: [p.full_tensor().detach().clone() for p in model.parameters()]
     if mode in ("fsdp2", "hsdp"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -251,8 +264,9 @@ def worker(rank: int, out: str, modes: list[str], init_file: str) -> None:
                 ):
                     continue
                 model, wrapped, gather = wrap_mode(mode, rank)
+                share = (0, 1) if mode in TP_MODES else (rank, WORLD)  # tensor parallel: the whole batch
                 try:
-                    results[mode][case_id] = run(spec, model, wrapped, data, rank, WORLD, gather)
+                    results[mode][case_id] = run(spec, model, wrapped, data, *share, gather)
                 except Exception as error:  # noqa: BLE001 - recorded: a refusal, or a failure the test shows
                     results[mode][case_id] = {"error": str(error), "trace": traceback.format_exc()}
                 dist.barrier()

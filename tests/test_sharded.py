@@ -1,7 +1,9 @@
-"""Sharded data parallelism (FSDP1, FSDP2/DTensor, HSDP; gloo, 2 CPU processes) steps exactly like one process.
+"""Sharded data parallelism (FSDP1, FSDP2/DTensor, HSDP) and tensor parallelism (gloo, 2 CPU processes) step like one process.
 
 One launch of tests/sharded_worker.py trains every registry optimizer (foreach and per-tensor),
-plus ``QLAB.wrap(torch.optim.Adam)``, under each layout, each rank on half of every batch.  The
+plus ``QLAB.wrap(torch.optim.Adam)``, under each layout, each rank on half of every batch; and
+under tensor parallelism (DTensor ``ColwiseParallel`` / ``RowwiseParallel`` on a 1-D mesh), each
+rank on the whole batch.  The
 expected values come from one process stepping the same optimizer on the whole batches: after
 every step (Step-Tuned SGD's half-steps included) the gathered parameters must agree with it to
 1e-5 relative, and every rank must record the same ``effective_lr`` as it.  Layouts an optimizer
@@ -32,10 +34,11 @@ PER_TENSOR = ("HierarchicalHD", "AdaL")
 
 
 @functools.cache
-def reference(case_id: str) -> dict[str, Any]:
-    """One process, the whole batch: the parameters and effective_lr after every step."""
+def reference(case_id: str, mode: str = "") -> dict[str, Any]:
+    """One process, the whole batch: the parameters and effective_lr after every step (the network
+    of ``mode``: see sharded_worker.make_model)."""
     spec = dict(sw.cases())[case_id]
-    model = sw.make_model()
+    model = sw.make_model(mode)
     opt, needs_probe = sw.build(spec, model.parameters())
     params, lrs = [], []
     for x, y in sw.batches():
@@ -79,9 +82,11 @@ def _refusal(mode: str, case_id: str) -> str | None:
     """What the refusal of ``case_id`` under ``mode`` must say, or None if it must run."""
     if mode == "fsdp1_flat" and case_id.startswith(PER_TENSOR):
         return "use_orig_params=True"
+    if mode == "tp_replicated":  # RowwiseParallel's bias is replicated over the tensor-parallel mesh
+        return "is replicated"
     spec = dict(sw.cases())[case_id][0]
     levels = getattr(spec, "kwargs", {}).get("levels", ())
-    if mode.startswith("fsdp1") and "unit" in levels:  # FSDP1's flat shards cut output units
+    if (mode.startswith("fsdp1") or mode == "tp") and "unit" in levels:  # flat shards / RowwiseParallel cut units
         return 'the "unit" level'
     return None
 
@@ -103,7 +108,7 @@ def test_sharded_steps_match_one_process(mode: str, sharded_runs: tuple[dict[str
         if "error" in got0 or "error" in got1:
             failures.append(f"{case_id}: {got0.get('trace') or got1.get('trace')}")
             continue
-        want = reference(case_id)
+        want = reference(case_id, "tp" if mode == "tp" else "")
         # After the last two steps (Step-Tuned SGD: after a first and a second half-step): 1e-5.
         # Before that, QLAB's quadratic fit (a2 = f_trial − f − a1) magnifies the float32 rounding
         # of a loss averaged over two half-batches at some steps: 1e-4 there still catches any

@@ -15,7 +15,7 @@ optimization (:mod:`.manual`), the probe (:mod:`.probe`), QLAB on any optimizer
 * ``on_train_start``: in manual optimization, the optimizers that need the loss get step hooks that
   see ``opt.step(loss=...)``.
 * ``on_train_batch_start``: the batch and the random-number state are kept for the probe (only
-  when an optimizer needs a probe).
+  when an optimizer needs a probe); an epoch whose lower-bound sums a resume left open is ended.
 * ``on_before_backward``: the loss is added to the window, the AMP scale undone (in manual
   optimization: to the optimizers whose parameters it reaches).
 * ``on_before_optimizer_step``: gradients are complete and unscaled.  The window's loss is averaged
@@ -238,6 +238,7 @@ class AdaptiveLRCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._lower_bound.enter_epoch(trainer.current_epoch, trainer.optimizers)
         self._window.add_batch(batch, batch_idx, pl_module.device)
 
     @override

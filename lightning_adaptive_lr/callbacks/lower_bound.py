@@ -51,6 +51,13 @@ def set_lower_bound(optimizer: Optimizer, lb: float) -> None:
 class LowerBoundRule:
     """Per optimizer index: the running sum and count of this epoch's losses, and the best epoch mean.
 
+    The running sums remember their epoch (:meth:`enter_epoch`): a checkpoint written after an
+    epoch's last step but before its end (``ModelCheckpoint(every_n_train_steps=...)`` at an epoch
+    boundary) holds that epoch's sums, and Lightning resumes from it in the next epoch without
+    running the finished epoch's ``on_train_epoch_end``; the first batch of the resumed run then
+    ends that epoch, so the resumed run sets the same bound, before the same step, as the run
+    that was not interrupted.
+
     Args:
         fraction: the rule's ``fraction`` in (0, 1]; ``None`` disables the rule (nothing is tracked).
 
@@ -70,6 +77,20 @@ class LowerBoundRule:
         self.epoch_sum: dict[int, Tensor | float] = {}
         self.epoch_count: dict[int, int] = {}
         self.best_epoch_loss: dict[int, float] = {}
+        #: The epoch the running sums belong to (``None``: not known yet).
+        self.epoch: int | None = None
+
+    def enter_epoch(self, epoch: int, optimizers: Sequence[Optimizer]) -> None:
+        """A training batch of ``epoch`` starts: first end an earlier epoch whose sums are still open.
+
+        In an uninterrupted run ``on_train_epoch_end`` has ended it already (nothing is open); after
+        a resume from a checkpoint written between an epoch's last step and its end, it has not.
+        """
+        if self.fraction is None:
+            return
+        if self.epoch is not None and epoch != self.epoch and any(self.epoch_count.values()):
+            self.end_epoch(optimizers)
+        self.epoch = epoch
 
     def track(self, index: int, loss: Tensor) -> None:
         """The loss handed to optimizer ``index`` for one step (kept on its device until the epoch ends)."""
@@ -100,9 +121,12 @@ class LowerBoundRule:
             "epoch_sum": {k: float(v) for k, v in self.epoch_sum.items()},
             "epoch_count": dict(self.epoch_count),
             "best_epoch_loss": dict(self.best_epoch_loss),
+            "epoch": self.epoch,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_sum = {int(k): float(v) for k, v in state_dict.get("epoch_sum", {}).items()}
         self.epoch_count = {int(k): int(v) for k, v in state_dict.get("epoch_count", {}).items()}
         self.best_epoch_loss = {int(k): float(v) for k, v in state_dict.get("best_epoch_loss", {}).items()}
+        epoch = state_dict.get("epoch")  # absent from checkpoints written before it was kept
+        self.epoch = None if epoch is None else int(epoch)

@@ -18,10 +18,13 @@ each parameter is sharded and completes a step's partials in **one** collective:
 can travel together) and combines them locally, in rank order, so that every rank obtains
 bit-identical values.
 
-What cannot be completed is refused with an error naming the fix, never computed wrong: a mix of
-sharded and unsharded parameters in one optimizer (the unsharded ones would be counted once per
-rank), parameters sharded over different process groups, per-output-unit sums over shards that
-cut units, per-tensor quantities over FSDP1 ``FlatParameter`` objects (one of them holds many
+Tensor parallelism (``parallelize_module``: ``ColwiseParallel`` shards on dim 0, ``RowwiseParallel``
+on dim 1) is DTensor sharding like any other: supported when every parameter an optimizer steps is
+sharded.  What cannot be completed is refused with an error naming the fix, never computed wrong:
+a mix of sharded and unsharded parameters in one optimizer (the unsharded ones, plain tensors or
+``Replicate`` DTensors such as a row-wise layer's bias, would be counted once per rank),
+parameters sharded over different process groups, per-output-unit sums over shards that cut
+units, per-tensor quantities over FSDP1 ``FlatParameter`` objects (one of them holds many
 tensors), and ``Partial`` parameters.
 
 >>> import torch
@@ -219,6 +222,15 @@ def layout_of(params: Sequence[Tensor], owner: str = "optimizer", *, per_tensor:
             )
     if found is None:
         return None
+    if plain is not None and is_dtensor(plain):
+        raise RuntimeError(
+            f"{owner}: a DTensor parameter of shape {tuple(plain.shape)} is replicated (placements {plain.placements}) "  # type: ignore[attr-defined]
+            f"over the processes that shard the others ({found.what}), as tensor parallelism leaves "
+            "RowwiseParallel's bias and SequenceParallel's norm weights; every process holds it whole, so its "
+            "sums would be counted once per process. Parallelize so that every parameter this optimizer steps "
+            "is sharded (ColwiseParallel, RowwiseParallel on layers without bias), or step the replicated "
+            "parameters with a separate optimizer."
+        )
     if plain is not None:
         raise RuntimeError(
             f"{owner}: a parameter of shape {tuple(plain.shape)} is held whole by every process while others "
