@@ -41,6 +41,8 @@ SINGLE_TENSOR_MODES = ("fsdp2",)
 #: Modes that run one setting per class (DCP_CASES): FSDP1 flat parameters (whose per-tensor
 #: optimizers are refused) and the 2×1 HSDP mesh (sharded over one process: nothing to complete).
 SUBSET_MODES = ("fsdp1_flat", "hsdp", "tp_replicated")
+#: Modes that also run MoMo and MoMo-Adam with ``compiled=True`` (the compiled kernels on DTensor shards).
+COMPILED_MODES = ("fsdp2",)
 #: The settings whose distributed-checkpoint round trip runs: one per class (its setting with the
 #: most state), the unit and param levels of HierarchicalHD (state per output unit), QLAB-sgd (no
 #: tensor state at all) and the wrapper.
@@ -82,7 +84,8 @@ def cases() -> list[tuple[str, Any]]:
         for foreach in (True, False):
             out.append((f"{case.id}-{'foreach' if foreach else 'single'}", (case, foreach)))
     out.append(("QLAB.wrap(Adam)", ("wrap", None)))
-    del lalr
+    for cls in (lalr.MoMo, lalr.MoMoAdam):  # compiled=True: under COMPILED_MODES only (compiling costs seconds)
+        out.append((f"{cls.__name__}-compiled", ("compiled", cls)))
     return out
 
 
@@ -93,6 +96,8 @@ def build(spec: Any, params: Any) -> tuple[torch.optim.Optimizer, bool]:
     case, foreach = spec
     if case == "wrap":
         return lalr.QLAB.wrap(torch.optim.Adam(params, lr=0.05)), True
+    if case == "compiled":
+        return foreach(params, lr=0.05, compiled=True), False
     return case.make(params, foreach=foreach), case.needs_probe
 
 
@@ -230,7 +235,7 @@ def run_with(opt: torch.optim.Optimizer, needs_probe: bool, wrapped: nn.Module, 
 def worker(rank: int, out: str, modes: list[str], init_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=300)
     )
     results: dict[str, dict[str, Any]] = {}
     try:
@@ -258,6 +263,8 @@ def worker(rank: int, out: str, modes: list[str], init_file: str) -> None:
                 ):
                     continue
                 if mode in SUBSET_MODES and case_id not in DCP_CASES:
+                    continue
+                if case_id.endswith("-compiled") and mode not in COMPILED_MODES:
                     continue
                 if os.environ.get("SHARDED_CASES") and not any(
                     c in case_id for c in os.environ["SHARDED_CASES"].split(",")

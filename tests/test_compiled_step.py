@@ -194,3 +194,21 @@ def test_compiled_state_is_the_foreach_state_and_resumes_alike(name: str) -> Non
     for p, q, r in zip(model.parameters(), twins[0][0].parameters(), twins[1][0].parameters()):
         assert torch.equal(p, q)
         torch.testing.assert_close(r, p, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [MoMo, MoMoAdam])
+def test_an_empty_parameter_steps_like_the_eager_path(cls: type) -> None:
+    """A tensor with no elements (what FSDP2 leaves a rank of an unevenly sharded parameter) has no
+    largest element: the compiled sums give it 0 (MoMo-Adam's failed to compile, and under sharding
+    the other rank then waited for ever)."""
+    results = []
+    for compiled in (True, False):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.zeros(0, 3))]
+        opt = cls(params, compiled=compiled)
+        for _ in range(3):
+            params[0].grad, params[1].grad = params[0].detach().clone(), torch.zeros(0, 3)
+            opt.step(loss=params[0].detach().pow(2).sum())
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

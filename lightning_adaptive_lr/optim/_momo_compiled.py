@@ -107,7 +107,8 @@ def momo_adam_sums(
         stored = v.dtype
         d, v, g, x = _work(d), _work(v), _work(g), _work(x)
         d_next, v_next, u = _adam_terms(d, v, g, weight1, weight2, root, eps)
-        v_max = v_next.to(stored).amax().to(v_next.dtype)
+        # An empty shard (FSDP2 shards unevenly) has no largest element: 0 (shapes are fixed per compile).
+        v_max = v_next.to(stored).amax().to(v_next.dtype) if v_next.numel() else v_next.new_zeros(())
         rows.append(torch.stack([(g * x).sum(), (d_next * x).sum(), (d_next * u).sum(), v_max]))
     return torch.stack(rows, dim=1)
 
