@@ -126,6 +126,12 @@ ROWS: list[Row] = [
         _with_loss,
     ),
     Row("torch Adam (fused) (compiled ref.)", lambda p: torch.optim.Adam(p, lr=1e-3, fused=True), ADAM),
+    Row("AdaL (compiled)", lambda p: lalr.AdaL(p, lr=1e-3, compiled=True), ADAM, 1.3),
+    Row("AdaL (compiled) vs fused Adam", lambda p: lalr.AdaL(p, lr=1e-3, compiled=True), ADAM_FUSED),
+    # --- capturable=True: the device-side step (no host read; meant for GPUs and CUDA graphs, where
+    # benchmarks/gpu_capturable_check.py also times a graph replay), against the fused kernels.
+    Row("MoMo (capturable)", lambda p: lalr.MoMo(p, lr=1.0, capturable=True), SGDM_FUSED, None, _with_loss),
+    Row("MoMoAdam (capturable)", lambda p: lalr.MoMoAdam(p, lr=1e-2, capturable=True), ADAM_FUSED, None, _with_loss),
 ]
 
 

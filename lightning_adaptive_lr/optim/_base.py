@@ -412,6 +412,10 @@ class AdaptiveOptimizer(Optimizer):
     #: others are sums; values named ``*loss*`` are already averaged across ranks).
     gate_maxima: ClassVar[frozenset[str]] = frozenset({"v_max"})
     gate_ranges: ClassVar[frozenset[str]] = frozenset({"float16_range"})
+    #: Run the per-tensor body on the CPU also when ``foreach`` is set, where it was measured faster
+    #: (a multi-tensor kernel is a loop over tensors there anyway; docs/benchmarks.md).  Tests switch
+    #: it off to exercise the multi-tensor body on the CPU.
+    single_tensor_on_cpu: ClassVar[bool] = False
     #: :attr:`group_state` keys about the options (not the step's numbers): kept on the host also by
     #: a ``capturable`` optimizer.
     host_group_state: ClassVar[frozenset[str]] = frozenset()
@@ -481,6 +485,12 @@ class AdaptiveOptimizer(Optimizer):
                     f"{self._name}: `{name}` is shared by all param groups (it enters scalars "
                     f"computed over the whole model); got {first[name]!r} and {self.param_groups[-1][name]!r}"
                 )
+
+    def _uses_foreach(self, group: dict[str, Any], params: Sequence[Tensor]) -> bool:
+        """Whether ``group``'s step takes the multi-tensor body: ``foreach``, except on the CPU for a
+        class that is faster there tensor by tensor (:attr:`single_tensor_on_cpu`)."""
+        on_cpu = bool(params) and params[0].device.type == "cpu"
+        return bool(group["foreach"]) and not (on_cpu and self.single_tensor_on_cpu)
 
     def _shared(self, key: str) -> Any:
         """One value of the optimizer-wide state (see :attr:`group_state`)."""

@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ensure_inductor_works", "run_compiled", "scalar"]
+from ._tensorlists import group_by_device_and_dtype
+
+__all__ = ["ensure_inductor_works", "run_compiled", "run_on_buckets", "scalar", "state_or_zeros"]
 
 _COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
 _INDUCTOR_CHECKED: set[str] = set()
@@ -68,3 +70,20 @@ def run_compiled(owner: str, function: Callable[..., Any], *args: Any) -> Any:
 def scalar(value: float | Tensor) -> Tensor:
     """A step's scalar as a compiled function's argument: a 0-d tensor (kept as is if it is one)."""
     return value if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.float64)
+
+
+def run_on_buckets(
+    owner: str, function: Callable[..., Any], columns: tuple[list[Tensor], ...], *scalars: Tensor
+) -> list[Any]:
+    """``function`` compiled, called on each device-and-dtype bucket of ``columns`` (then ``scalars``)."""
+    results = []
+    for bucket in group_by_device_and_dtype(*columns):
+        ensure_inductor_works(owner, bucket[0][0].device)
+        results.append(run_compiled(owner, function, *bucket, *scalars))
+    return results
+
+
+def state_or_zeros(state: dict[str, Tensor], param: Tensor, key: str) -> Tensor:
+    """``state[key]``, or new zeros not stored yet (nothing is stored before the gate has passed)."""
+    buffer = state.get(key)
+    return torch.zeros_like(param, memory_format=torch.preserve_format) if buffer is None else buffer

@@ -20,34 +20,13 @@ gradient whole (``weight = 1``), which is the eager path's copy of the first gra
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from ._compiled import ensure_inductor_works, run_compiled
+from ._compiled import run_on_buckets, state_or_zeros
 from ._reduce import work_dtype
-from ._tensorlists import group_by_device_and_dtype
 
 __all__ = ["momo_adam_sums", "momo_adam_update", "momo_sums", "momo_update", "run_on_buckets", "state_or_zeros"]
-
-
-def run_on_buckets(
-    owner: str, function: Callable[..., Any], columns: tuple[list[Tensor], ...], *scalars: Tensor
-) -> list[Any]:
-    """``function`` compiled, called on each device-and-dtype bucket of ``columns`` (then ``scalars``)."""
-    results = []
-    for bucket in group_by_device_and_dtype(*columns):
-        ensure_inductor_works(owner, bucket[0][0].device)
-        results.append(run_compiled(owner, function, *bucket, *scalars))
-    return results
-
-
-def state_or_zeros(state: dict[str, Tensor], param: Tensor, key: str) -> Tensor:
-    """``state[key]``, or new zeros not stored yet (nothing is stored before the gate has passed)."""
-    buffer = state.get(key)
-    return torch.zeros_like(param, memory_format=torch.preserve_format) if buffer is None else buffer
 
 
 def _work(t: Tensor) -> Tensor:

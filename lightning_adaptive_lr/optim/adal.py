@@ -32,6 +32,7 @@ from torch import Tensor
 from ._base import (
     BETAS,
     DEFAULT_MAX_CONSECUTIVE_SKIPS,
+    FLAG,
     NONNEGATIVE,
     AdaptiveOptimizer,
     checked,
@@ -45,6 +46,8 @@ from ._directions import (
     adam_step_,
     rsqrt_cap,
 )
+from ._adal_compiled import run_adal_update
+from ._compiled import ensure_inductor_works
 from ._reduce import l1_norms, tensor_extrema, work_dtype
 from ._tensorlists import multiply_
 
@@ -304,7 +307,14 @@ class AdaL(AdaptiveOptimizer):
         lr_decay: ``"none"`` (default): η_k = lr, so that lr schedulers act as on Adam.
             ``"inv_sqrt"``: η_k = lr/√k, the schedule of the source's analysis; k counts the steps
             taken (skipped steps excluded).
-        foreach: use the multi-tensor (``torch._foreach_*``) path; ``False`` updates tensor by tensor.
+        foreach: use the multi-tensor (``torch._foreach_*``) path on accelerators; ``False`` updates
+            tensor by tensor (as the CPU always does, where that was measured faster).
+        compiled: run the moments and the step as one ``torch.compile``\ d (TorchInductor) loop
+            per tensor (:mod:`._adal_compiled`): 7 parameter-sized reads and writes, as fused
+            Adam, instead of 13 to 16; the gate and the outcome check are unchanged.  Compiles
+            once per set of parameter shapes at the first step; needs a working Inductor (a C++
+            compiler on CPU, Triton on GPU), else ``step()`` raises a RuntimeError naming the cause
+            before any state changes.  Speed: docs/benchmarks.md.
         average_across_ranks: average a given loss across ``torch.distributed`` ranks.  AdaL needs
             no loss; one passed with ``step(loss=...)`` is only checked for finiteness.
         max_consecutive_skips: raise after this many skipped steps in a row (``None``: never);
@@ -349,6 +359,8 @@ class AdaL(AdaptiveOptimizer):
     """
 
     requires_loss = False
+    #: Tensor by tensor on the CPU: 0.88x the multi-tensor body's time on ResNet-18 (docs/benchmarks.md).
+    single_tensor_on_cpu = True
     per_tensor_quantities = True  # per-tensor rates/norms: see AdaptiveOptimizer
     shared_options = ("transform",)
 
@@ -365,11 +377,12 @@ class AdaL(AdaptiveOptimizer):
         *,
         foreach: bool = True,
         average_across_ranks: bool = True,
+        compiled: bool = False,
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         defaults = checked(
             type(self).__name__, locals(), lr=NONNEGATIVE, betas=BETAS, eps=NONNEGATIVE, weight_decay=NONNEGATIVE,
-            transform=one_of(*TRANSFORMS), eps_mode=one_of(*EPS_MODES), lr_decay=one_of(*LR_DECAYS),
+            transform=one_of(*TRANSFORMS), eps_mode=one_of(*EPS_MODES), lr_decay=one_of(*LR_DECAYS), compiled=FLAG,
         )  # fmt: skip
         super().__init__(params, defaults, **runtime_options(locals()))
 
@@ -397,10 +410,12 @@ class AdaL(AdaptiveOptimizer):
             return
         per_tensor = transform == "tensor_l1"
         device = self._device()
+        if any(group["compiled"] for group, params, _ in groups if params):
+            ensure_inductor_works("AdaL", device)  # a missing compiler: a clear error before any state changes
 
         # The gate: ‖g‖₁ (its finiteness is the gradient's) and the loss, read in one sync; for
         # float16 gradients also their range, since there (‖g‖₁)² bounds |g|² far too loosely.
-        norms = torch.cat([l1_norms(gs, device, foreach=group["foreach"]) for group, _, gs in groups if gs])
+        norms = torch.cat([l1_norms(gs, device, foreach=self._uses_foreach(group, gs)) for group, _, gs in groups if gs])
         halves = [g for _, _, gs in groups for g in gs if g.dtype == torch.float16]
         extra = {"float16_range": torch.stack(tensor_extrema(halves, device))} if halves else {}
         values = self._gate(
@@ -499,13 +514,19 @@ class AdaL(AdaptiveOptimizer):
             state["step"] += 1
             state["scale_avg"], state["scale_sq_avg"] = rule.scale_avg, rule.scale_sq_avg
             states.append(state)
+        avgs, sq_avgs = [state["grad_avg"] for state in states], [state["grad_avg_sq"] for state in states]
+        decay, eps_in_denominator = 1.0 - lr * group["weight_decay"], group["eps_mode"] == "denominator" and group["eps"] > 0
+        if group["compiled"]:  # a tensor that does not move (c = 0) takes e = 1: its 0·u stays 0
+            table = [(r.avg_weight, r.sq_weight, r.step_size, r.shift if r.moves else 1.0, decay) for r in rules]
+            run_adal_update(params, grads, avgs, sq_avgs, table, eps_in_denominator)
+            return
         _adal(
             params,
             grads,
-            [state["grad_avg"] for state in states],
-            [state["grad_avg_sq"] for state in states],
+            avgs,
+            sq_avgs,
             rules,
-            decay=1.0 - lr * group["weight_decay"],
-            eps_in_denominator=group["eps_mode"] == "denominator" and group["eps"] > 0,
-            foreach=group["foreach"],
+            decay=decay,
+            eps_in_denominator=eps_in_denominator,
+            foreach=self._uses_foreach(group, params),
         )

@@ -341,9 +341,7 @@ class _MoMoBase(AdaptiveOptimizer):
         LOSS_MIN: None,
     }
 
-    #: Run the eager step one tensor at a time on the CPU also with ``foreach`` (there a multi-tensor
-    #: kernel is a loop over tensors anyway, and buffers kept between steps spare the allocations).
-    #: Tests switch it off to exercise the multi-tensor body.
+    #: One tensor at a time on the CPU (buffers kept between steps spare the allocations there).
     single_tensor_on_cpu: ClassVar[bool] = True
     #: The gate's values computed from the step's outcome (the new averages and the parameters).
     outcome_scalars: ClassVar[frozenset[str]] = frozenset({"d_dot_x", "d_sqnorm", "d_dot_u", "v_max"})
@@ -359,7 +357,7 @@ class _MoMoBase(AdaptiveOptimizer):
         """The buffers a group's eager step writes a new value into, one per parameter (shaped like
         it; in :func:`~._reduce.work_dtype` if ``wide``): ``None`` for the multi-tensor body (on
         accelerators), else each parameter's spare, kept between steps."""
-        if not params or (foreach and (params[0].device.type != "cpu" or not self.single_tensor_on_cpu)):
+        if not params or (foreach and self._uses_foreach({"foreach": foreach}, params)):
             return None
         outs = []
         for p in params:
