@@ -58,6 +58,7 @@ SGD = "torch SGD (foreach)"
 ADAM = "torch Adam (foreach)"
 ADAM_FUSED = "torch Adam (fused)"
 SGDM_FUSED = "torch SGD momentum (fused)"
+SGD_FUSED = "torch SGD (fused)"
 
 ROWS: list[Row] = [
     # --- baselines
@@ -66,6 +67,7 @@ ROWS: list[Row] = [
     Row(ADAM, lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True)),
     Row(ADAM_FUSED, lambda p: torch.optim.Adam(p, lr=1e-3, fused=True)),
     Row(SGDM_FUSED, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True)),
+    Row(SGD_FUSED, lambda p: torch.optim.SGD(p, lr=0.1, fused=True)),
     # --- MoMo
     Row("MoMo", lambda p: lalr.MoMo(p, lr=1.0), SGDM, 2.0, _with_loss),
     Row("MoMo (per-tensor)", lambda p: lalr.MoMo(p, lr=1.0, foreach=False), SGDM, None, _with_loss),
@@ -133,6 +135,62 @@ ROWS: list[Row] = [
     Row("MoMo (capturable)", lambda p: lalr.MoMo(p, lr=1.0, capturable=True), SGDM_FUSED, None, _with_loss),
     Row("MoMoAdam (capturable)", lambda p: lalr.MoMoAdam(p, lr=1e-2, capturable=True), ADAM_FUSED, None, _with_loss),
 ]
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The least memory traffic of a method against torch's fused counterpart.
+
+    Attributes:
+        fused: the torch row the method is compared with (its fused kernel: one pass).
+        accesses: parameter-sized reads and writes the method needs at least per ``step()``, given
+            that its gate must see its sums before anything is written (docs/benchmarks.md).
+        baseline_accesses: the same for ``fused``.
+        rows: the method's rows, fastest path first; the table takes the fastest measured.
+    """
+
+    fused: str
+    accesses: float
+    baseline_accesses: float
+    rows: tuple[str, ...]
+
+    @property
+    def ratio(self) -> float:
+        """The floor: the least time ratio memory traffic allows."""
+        return self.accesses / self.baseline_accesses
+
+
+#: Per method, its floor (issue 16: each method within 1.2x of it).
+FLOORS: dict[str, Floor] = {
+    "MoMo": Floor(SGDM_FUSED, 8, 5, ("MoMo (compiled)", "MoMo", "MoMo (per-tensor)")),
+    "MoMo-Adam": Floor(ADAM_FUSED, 11, 7, ("MoMoAdam (compiled)", "MoMoAdam", "MoMoAdam (per-tensor)")),
+    "QLAB-sgd": Floor(SGD_FUSED, 7, 3, ("QLAB-sgd", "QLAB-sgd (per-tensor)")),
+    "QLAB-sgdm": Floor(SGDM_FUSED, 8, 5, ("QLAB-sgdm",)),
+    "QLAB-adam": Floor(ADAM_FUSED, 11, 7, ("QLAB-adam", "QLAB-adam (per-tensor)")),
+    "HierarchicalHD-sgd": Floor(SGD_FUSED, 6, 3, ("HierarchicalHD-sgd", "HierarchicalHD-sgd (per-tensor)")),
+    "HierarchicalHD-adam": Floor(ADAM_FUSED, 9, 7, ("HierarchicalHD-adam", "HierarchicalHD-adam (per-tensor)")),
+    "AdaL": Floor(ADAM_FUSED, 8, 7, ("AdaL (compiled)", "AdaL", "AdaL (per-tensor)")),
+    "StepTunedSGD (per half-step)": Floor(SGD_FUSED, 7, 3, ("StepTunedSGD", "StepTunedSGD (per-tensor)")),
+}
+
+
+def floor_table(times: dict[str, list[float]]) -> str:
+    """Per method: its floor, its fastest measured path against torch's fused kernel, and the gap."""
+    lines = [
+        "| method | fused baseline | accesses (method / baseline) | floor | target (1.2 × floor) | fastest path | measured | gap (measured / floor) |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for method, floor in FLOORS.items():
+        measured = {row: paired_ratio(times, row, floor.fused) for row in floor.rows if row in times}
+        if floor.fused not in times or not measured:
+            continue
+        best = min(measured, key=measured.__getitem__)
+        ratio, target = measured[best], 1.2 * floor.ratio
+        lines.append(
+            f"| {method} | {floor.fused} | {floor.accesses:g} / {floor.baseline_accesses:g} | {floor.ratio:.2f} | "
+            f"{target:.2f} | {best} | {ratio:.2f} {'met' if ratio <= target else 'missed'} | {ratio / floor.ratio:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def resnet18_parameters(device: torch.device) -> list[Tensor]:
@@ -218,6 +276,9 @@ def main(argv: list[str] | None = None) -> str:
         "rounds; ratio = median over rounds of the same-round ratio to the baseline\n\n"
     )
     text += table(rows, times)
+    floors = floor_table(times)
+    if floors.count("\n") > 1:
+        text += "\n\nAgainst the memory-traffic floor (torch's fused kernels; see docs/benchmarks.md):\n\n" + floors
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as handle:
