@@ -14,6 +14,13 @@ Expected numbers (docs/algorithms.md): MoMo on CIFAR-10 ResNet-20, 50 epochs, co
 accuracy .891 (SGD-M .863); MoMo-Adam .895 (Adam .875); MoMo on the MNIST MLP, 10 epochs: .980
 (flat for lr from 1 to 1000).  QLAB-SGD on the MNIST MLP: the paper reports a win over hand-tuned
 SGD, but no number could be read, so the recipe prints the measured accuracy only.
+
+A larger language model (no paper behind it: this package's own question, docs/benchmarks.md):
+the character Transformer of ``configs/lm_transformer_momo_adam.yaml`` at 6 layers, width 384, 6
+heads, context 256, batch 64, 5000 steps (about 10.8M parameters; offline text, nothing to
+download), trained by MoMo-Adam with ``lb=None`` at its default cap, by Adam at two rates and by
+QLAB on Adam; the score is the test loss in nats per character (lower is better).  ``--tiny``
+runs every recipe that needs no download for a few steps on a tiny network (a smoke test on a CPU).
 """
 
 from __future__ import annotations
@@ -31,7 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Recipe:
-    """One published run: a config, the overrides that match the paper, and its reported accuracy."""
+    """One published run: a config, the overrides that match the paper, and its reported score.
+
+    ``metric`` is the TensorBoard scalar read back (``test_acc``; the LM's ``test_loss``, in nats
+    per character, lower is better); ``downloads``: the data module takes ``data_dir`` and
+    ``download`` (the image datasets; the LM's text is read offline); ``tiny``: overrides that make
+    the run a few steps on a tiny network, for ``--tiny`` (empty: the recipe has no tiny mode).
+    """
 
     name: str
     config: str
@@ -39,6 +52,44 @@ class Recipe:
     expected: float | None = None
     source: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    metric: str = "test_acc"
+    downloads: bool = True
+    tiny: tuple[str, ...] = ()
+
+
+#: The larger character Transformer (about 10.8M parameters) and its training length.
+LM_LARGE = (
+    "--model.init_args.n_layers", "6",
+    "--model.init_args.d_model", "384",
+    "--model.init_args.n_heads", "6",
+    "--data.init_args.context", "256",
+    "--data.init_args.batch_size", "64",
+    "--trainer.max_steps", "5000",
+    "--trainer.val_check_interval", "500",
+    "--trainer.precision", "bf16-mixed",
+)  # fmt: skip
+#: ``--tiny``: the same recipe for 6 steps on a 1-layer, width-16 network, on the CPU in 32 bits.
+LM_TINY = (
+    "--model.init_args.n_layers", "1",
+    "--model.init_args.d_model", "16",
+    "--model.init_args.n_heads", "2",
+    "--data.init_args.context", "16",
+    "--data.init_args.batch_size", "4",
+    "--data.init_args.max_eval_windows", "8",
+    "--trainer.max_steps", "6",
+    "--trainer.val_check_interval", "3",
+    "--trainer.limit_test_batches", "2",
+    "--trainer.precision", "32-true",
+)  # fmt: skip
+LM_CONFIG = "configs/lm_transformer_momo_adam.yaml"
+LM_SOURCE = "this package, no paper: the 6-layer char Transformer on the stdlib docstrings"
+
+
+def _lm_recipe(name: str, optimizer: tuple[str, ...], what: str) -> Recipe:
+    return Recipe(
+        name, LM_CONFIG, (*LM_LARGE, *optimizer), None, f"{LM_SOURCE}; {what}",
+        metric="test_loss", downloads=False, tiny=(*LM_TINY, *optimizer),
+    )  # fmt: skip
 
 
 RECIPES = [
@@ -70,11 +121,21 @@ RECIPES = [
         None,
         "Fu & Wu 2023/2024, MNIST MLP 1024-1000-1000-10, batch 64: no number could be read",
     ),
+    _lm_recipe("lm_large_momoadam_lbnone", (), "MoMo-Adam, lb=None, its default cap 1e-2 (the config's)"),
+    _lm_recipe("lm_large_adam_1e-3", ("--optimizer", "Adam", "--optimizer.lr", "1e-3"), "Adam at lr 1e-3"),
+    _lm_recipe("lm_large_adam_3e-4", ("--optimizer", "Adam", "--optimizer.lr", "3e-4"), "Adam at lr 3e-4"),
+    _lm_recipe(
+        "lm_large_qlab_adam",
+        ("--optimizer", "QLAB", "--optimizer.base", "adam", "--optimizer.lr", "1e-3"),
+        "QLAB on Adam (anchored: rate at most lr 1e-3)",
+    ),
 ]
 
 
 def command(recipe: Recipe, seed: int, run_dir: Path, args: argparse.Namespace) -> list[str]:
-    """The ``lalr fit`` command line of one run."""
+    """The ``lalr fit`` command line of one run (``args.tiny``: the recipe's tiny overrides last)."""
+    data = ["--data.data_dir", str(args.data_dir), "--data.download", "true" if args.download else "false"]
+    tiny = list(recipe.tiny) if getattr(args, "tiny", False) else []
     return [
         sys.executable,
         "-m",
@@ -83,61 +144,65 @@ def command(recipe: Recipe, seed: int, run_dir: Path, args: argparse.Namespace) 
         "--config",
         str(ROOT / recipe.config),
         *recipe.overrides,
+        *tiny,
         "--seed_everything",
         str(seed),
         "--trainer.accelerator",
         args.accelerator,
         "--trainer.default_root_dir",
         str(run_dir),
-        "--data.data_dir",
-        str(args.data_dir),
-        "--data.download",
-        "true" if args.download else "false",
+        *(data if recipe.downloads else []),
         "--test_after_fit",
         "true",
     ]
 
 
-def read_test_accuracy(run_dir: Path) -> float:
-    """The last ``test_acc`` scalar in the TensorBoard events under ``run_dir``."""
+def read_scalar(run_dir: Path, tag: str) -> float:
+    """The last ``tag`` scalar in the TensorBoard events under ``run_dir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     values = []
     for events in sorted(run_dir.rglob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
-        if "test_acc" in accumulator.Tags()["scalars"]:
-            values.extend(event.value for event in accumulator.Scalars("test_acc"))
+        if tag in accumulator.Tags()["scalars"]:
+            values.extend(event.value for event in accumulator.Scalars(tag))
     if not values:
-        raise FileNotFoundError(f"no `test_acc` scalar in the TensorBoard events under {run_dir}")
+        raise FileNotFoundError(f"no `{tag}` scalar in the TensorBoard events under {run_dir}")
     return float(values[-1])
 
 
+def read_test_accuracy(run_dir: Path) -> float:
+    """The last ``test_acc`` scalar in the TensorBoard events under ``run_dir``."""
+    return read_scalar(run_dir, "test_acc")
+
+
 def run_recipe(recipe: Recipe, seed: int, args: argparse.Namespace) -> float | None:
-    """Run (or resume) one seed of a recipe; its test accuracy, or None in a dry run."""
+    """Run (or resume) one seed of a recipe; its score (``recipe.metric``), or None in a dry run."""
     run_dir = args.out / recipe.name / f"seed{seed}"
     result = run_dir / "result.json"
     if result.exists():
-        return float(json.loads(result.read_text())["test_acc"])
+        return float(json.loads(result.read_text())[recipe.metric])
     cmd = command(recipe, seed, run_dir, args)
     print("$ " + " ".join(cmd), flush=True)
     if args.dry_run:
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
-    accuracy = read_test_accuracy(run_dir)
-    result.write_text(json.dumps({"recipe": recipe.name, "seed": seed, "test_acc": accuracy}))
-    return accuracy
+    score = read_scalar(run_dir, recipe.metric)
+    result.write_text(json.dumps({"recipe": recipe.name, "seed": seed, recipe.metric: score}))
+    return score
 
 
 def table(results: dict[str, list[float]]) -> str:
-    """Markdown: each recipe's measured accuracy (median [min, max] over seeds) beside the paper's."""
-    lines = ["| recipe | measured test accuracy | published | source |", "|---|---:|---:|---|"]
+    """Markdown: each recipe's measured score (median [min, max] over seeds) beside the paper's."""
+    lines = ["| recipe | measured (median [min, max]) | published | source | score |", "|---|---:|---:|---|---|"]
     for recipe in RECIPES:
-        accs = results.get(recipe.name, [])
-        measured = f"{statistics.median(accs):.3f} [{min(accs):.3f}, {max(accs):.3f}] ({len(accs)} seeds)" if accs else "not run"
+        got = results.get(recipe.name, [])
+        measured = f"{statistics.median(got):.3f} [{min(got):.3f}, {max(got):.3f}] ({len(got)} seeds)" if got else "not run"
         expected = f"{recipe.expected:.3f}" if recipe.expected is not None else "n/a"
-        lines.append(f"| {recipe.name} | {measured} | {expected} | {recipe.source} |")
+        score = "test accuracy" if recipe.metric == "test_acc" else "test loss, nats/char (lower is better)"
+        lines.append(f"| {recipe.name} | {measured} | {expected} | {recipe.source} | {score} |")
     return "\n".join(lines)
 
 
@@ -150,10 +215,15 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--download", action="store_true", help="download MNIST / CIFAR-10 if missing")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_recipes")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a few steps of a tiny network, for the recipes that have a tiny mode"
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     chosen = [r for r in RECIPES if not args.only or any(o in r.name for o in args.only)]
+    if args.tiny:
+        chosen = [r for r in chosen if r.tiny]
     if not chosen:
         parser.error(f"no recipe matches {args.only}; recipes: {', '.join(r.name for r in RECIPES)}")
     results: dict[str, list[float]] = {}

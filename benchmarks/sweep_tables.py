@@ -8,6 +8,13 @@ sweeps first (``python -m benchmarks.lr_sensitivity --task lm`` ...).
 
     python -m benchmarks.sweep_tables                         # print the sections
     python -m benchmarks.sweep_tables --results /tmp/sweeps --out /tmp/sweeps.md
+    python -m benchmarks.sweep_tables --results /tmp/after --before /tmp/before --changed QLAB-adam
+
+With ``--before`` (a folder of the same layout, from an earlier version of the code) the rows of the
+``--changed`` methods found there are added under the name ``<method> (before)``, right after the
+current row, so one table shows a change's effect.  The rows of a section follow the task's default
+order (``lalr sweep --help``), then any other method in the order the CSVs hold them (an
+``lb=None`` row right after its ``lb=0`` row).
 
 Example:
     >>> from benchmarks.sweep_tables import section_title
@@ -18,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,17 +46,45 @@ def section_title(task: str, schedule: str) -> str:
     return f"{NAMES.get(task, task)} (`--task {task}`), {when}"
 
 
-def tables(results: Path) -> str:
-    """Every sweep under ``results``, one section per (task, schedule) found in the CSVs."""
+BEFORE = " (before)"
+
+
+def _rows(results: Path) -> list[sweep.Row]:
+    return [row for path in sorted(results.glob("*/" + sweep.CSV_NAME)) for row in sweep.read_rows(path)]
+
+
+def _methods(task: sweep.Task, names: Sequence[str]) -> list[sweep.Method]:
+    """The methods of ``names``: the task's default order first, each ``(before)`` row after its own."""
+    present = set(names)
+    ordered = [n for n in task.methods if n in present]
+    for name in (n for n in names if n not in task.methods):
+        sibling = name.removesuffix(" lb=None")  # an lb=None row right after its lb=0 row
+        ordered.insert(ordered.index(sibling) + 1 if sibling != name and sibling in ordered else len(ordered), name)
+    methods = []
+    for name in ordered:
+        if name.endswith(BEFORE):
+            continue
+        if name in sweep.METHOD_BY_NAME:
+            methods.append(sweep.METHOD_BY_NAME[name])
+        if name + BEFORE in present and name in sweep.METHOD_BY_NAME:
+            methods.append(dataclasses.replace(sweep.METHOD_BY_NAME[name], name=name + BEFORE))
+    return methods
+
+
+def tables(results: Path, before: Path | None = None, changed: Sequence[str] = ()) -> str:
+    """Every sweep under ``results``, one section per (task, schedule) found in the CSVs; with
+    ``before``, the ``changed`` methods' rows from there as ``<method> (before)``."""
     sections = []
-    rows = [row for path in sorted(results.glob("*/" + sweep.CSV_NAME)) for row in sweep.read_rows(path)]
+    rows = _rows(results)
+    if before is not None:
+        rows += [dataclasses.replace(r, method=r.method + BEFORE) for r in _rows(before) if r.method in changed]
     for task in sweep.TASKS.values():
         for schedule in sweep.SCHEDULES:
             mine = [r for r in rows if r.task == task.name and r.schedule == schedule]
             if not mine:
                 continue
             names = list(dict.fromkeys(r.method for r in mine))
-            methods = [sweep.METHOD_BY_NAME[n] for n in names if n in sweep.METHOD_BY_NAME]
+            methods = _methods(task, names)
             found = sweep.curves(mine, methods)
             seeds = max(max(c.seeds) for c in found)
             steps = max(r.steps for r in mine)
@@ -64,8 +100,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder holding the sweeps' folders")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown here instead of printing it")
+    parser.add_argument("--before", type=Path, default=None, help="a folder of earlier sweeps to compare with")
+    parser.add_argument(
+        "--changed", default="", help="comma-separated methods whose --before rows are shown (as '<method> (before)')"
+    )
     args = parser.parse_args(argv)
-    text = tables(args.results)
+    changed = [sweep.resolve_method(n.strip()) for n in args.changed.split(",") if n.strip()]
+    if None in changed:
+        parser.error(f"unknown method in --changed {args.changed!r}")
+    if changed and args.before is None:
+        parser.error("--changed needs --before")
+    text = tables(args.results, args.before, [m.name for m in changed])  # type: ignore[union-attr]
     if args.out is None:
         print(text)
     else:

@@ -49,10 +49,14 @@ dampening 0.9, Adam, and the competitors over 9 rates (half decades over four de
 per rate: AdamW (torch, weight decay 0.01), and the methods users pick today to avoid tuning the
 rate — Prodigy (``prodigyopt``), Schedule-Free AdamW (``schedulefree``) and D-Adaptation Adam
 (``dadaptation``) — installed with the optional extra ``pip install "lightning-adaptive-lr[bench]"``.
-Without a package the sweep prints which rows it skipped and why.  Grids: MoMo, SGD-M damp=0.9,
-Prodigy and D-Adapt-Adam ``1e-2 .. 1e2`` (for the last two ``lr`` multiplies the estimated rate,
-default 1); MoMo-Adam, QLAB-adam, Adam, AdamW and Schedule-Free AdamW ``1e-4 .. 1`` (``lr_grid``).
-Any method runs on any task with ``--methods`` (its grid on a task that does not list it: the MLP's).
+Without a package the sweep prints which rows it skipped and why.  The two LM tasks also train, by
+default, ``MoMo lb=None`` and ``MoMoAdam lb=None`` (aliases ``MoMo-lbNone``, ``MoMo-Adam-lbNone``):
+the same optimizers with the lower bound that follows the losses (``lb=None``, docs/algorithms.md
+§1.4) instead of the constructor's ``lb=0``; on ``mlp`` and ``cnn`` they run when asked for with
+``--methods``.  Grids: MoMo (both), SGD-M damp=0.9, Prodigy and D-Adapt-Adam ``1e-2 .. 1e2`` (for
+the last two ``lr`` multiplies the estimated rate, default 1); MoMo-Adam (both), QLAB-adam, Adam,
+AdamW and Schedule-Free AdamW ``1e-4 .. 1``.  Any method runs on any task with ``--methods`` (its
+grid on a task that does not list it: the MLP's).
 
 Schedule-Free AdamW is switched as its authors ask: ``optimizer.train()`` before training steps,
 ``optimizer.eval()`` before every evaluation, and on networks with BatchNorm the running statistics
@@ -67,8 +71,9 @@ first 10 % of the steps then cosine decay to 0, through ``torch.optim.lr_schedul
 rate; for Prodigy and D-Adaptation the multiplier).
 
 Every optimizer keeps its defaults otherwise.  A run is *diverged* when a mini-batch loss is not
-finite (training stops there) or when the final training loss is above the loss at initialization
-(no progress at all).  Predictions from non-finite logits count as wrong; a non-finite validation
+finite (training stops there), when one of the package's optimizers stops the run because it keeps
+skipping steps with non-finite gradients (``max_consecutive_skips``; training stops there too), or
+when the final training loss is above the loss at initialization (no progress at all).  Predictions from non-finite logits count as wrong; a non-finite validation
 loss is recorded as ``inf``.
 
 Outputs, in ``--out`` (default ``./lr_sensitivity/`` for the MLP, ``./lr_sensitivity_<task>/`` for
@@ -258,11 +263,22 @@ METHODS: tuple[Method, ...] = (
     Method(
         "DAdapt-Adam", _dadapt_adam, (-3, 3), "adam", baseline=True, step_kind="plain", requires="dadaptation"
     ),
+    # MoMo and MoMo-Adam with the lower bound that follows the losses (docs/algorithms.md §1.4).
+    Method("MoMo lb=None", lambda p, lr: lalr.MoMo(p, lr=lr, lb=None), (-3, 3), "sgd", aliases=("MoMo-lbNone",)),
+    Method(
+        "MoMoAdam lb=None",
+        lambda p, lr: lalr.MoMoAdam(p, lr=lr, lb=None),
+        (-4, 2),
+        "adam",
+        aliases=("MoMo-Adam-lbNone", "MoMoAdam-lbNone"),
+    ),
 )
 METHOD_BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
 #: The sweep's original eleven: the MLP's default rows.
 MLP_METHODS = tuple(m.name for m in METHODS[:11])
 COMPETITORS = ("AdamW", "Prodigy", "ScheduleFree-AdamW", "DAdapt-Adam")
+#: The variants of MoMo and MoMo-Adam whose lower bound follows the losses (``lb=None``).
+LB_NONE = ("MoMo lb=None", "MoMoAdam lb=None")
 
 
 def resolve_method(name: str) -> Method | None:
@@ -345,9 +361,13 @@ class Task:
 
 
 _CORE = ("MoMo", "MoMoAdam", "QLAB-adam", "SGD-M damp=0.9", "Adam", *COMPETITORS)
+#: The LM's default rows: the core ones and MoMo / MoMo-Adam with ``lb=None`` beside their ``lb=0``.
+_LM_METHODS = ("MoMo", LB_NONE[0], "MoMoAdam", LB_NONE[1], *_CORE[2:])
 #: Four decades, half a decade apart with 9 points, around each method's scale.
 _GRIDS_4 = {
     "MoMo": (-2.0, 2.0),
+    "MoMo lb=None": (-2.0, 2.0),
+    "MoMoAdam lb=None": (-4.0, 0.0),
     "SGD-M damp=0.9": (-2.0, 2.0),
     "Prodigy": (-2.0, 2.0),
     "DAdapt-Adam": (-2.0, 2.0),
@@ -372,7 +392,7 @@ def _lm_task(name: str, source: str) -> Task:
         _LM_TITLE.format(source),
         "validation loss (nats/char)",
         False,
-        _CORE,
+        _LM_METHODS,
         _GRIDS_4,
         epochs=4,
         batch_size=16,
@@ -584,6 +604,27 @@ def evaluating(
                 optimizer.train()  # type: ignore[attr-defined]
 
 
+def _gave_up(optimizer: torch.optim.Optimizer, error: RuntimeError) -> bool:
+    """Whether ``error`` is one of this package's optimizers stopping a run that keeps skipping
+    steps (``max_consecutive_skips``): the run diverged.  Any other error is a bug to report."""
+    if not isinstance(optimizer, lalr.optim.AdaptiveOptimizer):
+        return False
+    return any(group.get("skipped_steps", 0) > 0 for group in optimizer.param_groups)
+
+
+def _step_or_diverge(
+    optimizer: torch.optim.Optimizer, kind: str, loss: Tensor, model: nn.Module, probe: Callable[[], Tensor]
+) -> bool:
+    """One step; ``False`` when the optimizer gave up on the run (it diverged), see :func:`_gave_up`."""
+    try:
+        _step(optimizer, kind, loss, model, probe)
+    except RuntimeError as error:
+        if not _gave_up(optimizer, error):
+            raise
+        return False
+    return True
+
+
 def _step(
     optimizer: torch.optim.Optimizer, kind: str, loss: Tensor, model: nn.Module, probe: Callable[[], Tensor]
 ) -> None:
@@ -680,7 +721,11 @@ def _train_classifier(
                 diverged = True
                 break
             loss.backward()
-            _step(optimizer, method.step_kind, loss.detach(), model, lambda x=xb, y=yb: F.cross_entropy(model(x), y))
+            if not _step_or_diverge(
+                optimizer, method.step_kind, loss.detach(), model, lambda x=xb, y=yb: F.cross_entropy(model(x), y)
+            ):
+                diverged = True
+                break
             if scheduler is not None:
                 scheduler.step()
         if diverged:
@@ -733,7 +778,11 @@ def _train_language_model(
             diverged = True
             break
         loss.backward()
-        _step(optimizer, method.step_kind, loss.detach(), model, lambda x=xb, y=yb: nats_per_char(model(x), y))
+        if not _step_or_diverge(
+            optimizer, method.step_kind, loss.detach(), model, lambda x=xb, y=yb: nats_per_char(model(x), y)
+        ):
+            diverged = True
+            break
         if scheduler is not None:
             scheduler.step()
         if step + 1 == per_epoch:
@@ -1227,6 +1276,8 @@ def plot(found: Sequence[Curve], path: Path, title: str, task: Task | None = Non
     for name, colour in zip(COMPETITORS[1:], ("#17becf", "#e6ab02", "#7570b3")):
         style[name] = {"color": colour, "linestyle": "--", "marker": "x", "markersize": 4}
     style["AdamW"] = {"color": "0.45", "linestyle": ":", "marker": None}
+    for name in LB_NONE:  # the lb=None variants: their lb=0 sibling's colour, dash-dotted
+        style[name] = {**style[name.removesuffix(" lb=None")], "linestyle": "-."}
 
     finite = [v for c in found for v in c.median if math.isfinite(v)]
     if task.higher_is_better:
@@ -1422,8 +1473,8 @@ docstring of `lightning_adaptive_lr/sweep.py`): {len(rows)} runs, {sum(r.seconds
 
 *Robust range*: the width, in decades, of the contiguous run of grid rates around the best one
 whose median {task.score} is {task.robust_rule()} ("≥": the run reaches an end of
-the grid).  A run *diverged* when a mini-batch loss was not finite or the final training loss was
-above the initial one.{unit}{skipped_text}
+the grid).  A run *diverged* when a mini-batch loss was not finite, when the optimizer stopped it
+after too many skipped steps, or when the final training loss was above the initial one.{unit}{skipped_text}
 
 ![{task.score} vs learning rate]({PNG_NAME})
 """

@@ -559,3 +559,97 @@ def test_bench_extra_lists_the_competitors() -> None:
     for package in ("prodigyopt", "schedulefree", "dadaptation"):
         assert package in bench
         assert package in {m.requires for m in lrs.METHODS}
+
+
+def test_lb_none_rows_sit_beside_their_lb_zero_rows_on_the_language_models() -> None:
+    for name in ("lm", "lm-comments"):
+        methods = lrs.TASKS[name].methods
+        assert methods.index("MoMo lb=None") == methods.index("MoMo") + 1
+        assert methods.index("MoMoAdam lb=None") == methods.index("MoMoAdam") + 1
+        assert lrs.TASKS[name].grid_of(lrs.METHOD_BY_NAME["MoMoAdam lb=None"]) == (-4.0, 0.0)
+    for name in ("mlp", "cnn"):  # there they run when asked for (--methods)
+        assert not set(lrs.LB_NONE) & set(lrs.TASKS[name].methods)
+    assert lrs.resolve_method("MoMo-lbNone") is lrs.METHOD_BY_NAME["MoMo lb=None"]
+    assert lrs.resolve_method("MoMo-Adam-lbNone") is lrs.METHOD_BY_NAME["MoMoAdam lb=None"]
+
+
+def test_each_row_builds_the_optimizer_it_names() -> None:
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for name, lb in (("MoMo", 0.0), ("MoMo lb=None", None), ("MoMoAdam", 0.0), ("MoMoAdam lb=None", None)):
+        group = lrs.METHOD_BY_NAME[name].make(params, 0.1).param_groups[0]
+        assert group["lb"] == lb and group["lr"] == 0.1
+    # QLAB-adam: the constructor's defaults, which anchor its rate to lr on Adam.
+    qlab = lrs.METHOD_BY_NAME["QLAB-adam"].make(params, 1e-3).param_groups[0]
+    assert qlab["base"] == "adam" and qlab["max_lr_scale"] == 1.0
+
+
+def test_lb_none_alias_trains_on_the_language_model(tmp_path: Path, counted_runs: list, no_plot: None) -> None:
+    lrs.main(["--task", "lm", "--methods", "MoMo-Adam-lbNone", "--points", "1", "--seeds", "1", "--epochs", "1",
+              "--steps-per-epoch", "3", "--jobs", "1", "--out", str(tmp_path)])  # fmt: skip
+    (row,) = _csv_rows(tmp_path / lrs.CSV_NAME)
+    assert row["method"] == "MoMoAdam lb=None" and row["baseline"] == "False"
+    assert "MoMoAdam lb=None" in (tmp_path / lrs.MD_NAME).read_text()
+
+
+def _write_rows(folder: Path, rows: list[lrs.Row]) -> None:
+    folder.mkdir(parents=True)
+    appender = lrs.CsvAppender(folder / lrs.CSV_NAME)
+    for row in rows:
+        appender.write(row)
+    appender.close()
+
+
+def test_sweep_tables_show_a_changed_row_before_and_after(tmp_path: Path) -> None:
+    from benchmarks import sweep_tables
+
+    def row(method: str, lr: float, score: float) -> lrs.Row:
+        return lrs.Row(method, False, lr, 0, 4, 16, score, score, score, False, 1.0, "lm", "constant", 400)
+
+    lrs_grid = (1e-4, 1e-3, 1e-2)
+    _write_rows(tmp_path / "after" / "lm", [row(m, lr, s) for m, scores in (
+        ("Adam", (3.0, 2.6, 2.8)), ("QLAB-adam", (3.0, 2.5, 2.7)), ("MoMoAdam lb=None", (2.9, 2.6, 2.62)),
+    ) for lr, s in zip(lrs_grid, scores)])  # fmt: skip
+    _write_rows(tmp_path / "before" / "lm", [row(m, lr, s) for m, scores in (
+        ("Adam", (9.0, 9.0, 9.0)), ("QLAB-adam", (2.8, 2.8, 2.9)),
+    ) for lr, s in zip(lrs_grid, scores)])  # fmt: skip
+    text = sweep_tables.tables(tmp_path / "after", tmp_path / "before", ["QLAB-adam"])
+    lines = [line for line in text.splitlines() if line.startswith("| **") or line.startswith("| Adam")]
+    # The task's order (MoMoAdam lb=None before QLAB-adam), the before row right after its own,
+    # unchanged methods only from the current folder.
+    assert [line.split("|")[1].strip() for line in lines[:4]] == [
+        "**MoMoAdam lb=None**", "**QLAB-adam**", "**QLAB-adam (before)**", "Adam (baseline)",
+    ]  # fmt: skip
+    assert "| **QLAB-adam (before)** | 1e-4 .. 1e-2 | 2.800 [2.800, 2.800] | 1e-4 |" in text
+    assert "9.000" not in text
+    with pytest.raises(SystemExit):
+        sweep_tables.main(["--results", str(tmp_path / "after"), "--changed", "QLAB-adam"])  # no --before
+
+
+@pytest.mark.parametrize("task", ["mlp", "lm"])
+def test_a_run_the_optimizer_stops_counts_as_diverged(monkeypatch: pytest.MonkeyPatch, task: str) -> None:
+    """Finite losses but non-finite gradients (HierarchicalHD met them at large rates on the MLP):
+    after ``max_consecutive_skips`` skipped steps the optimizer stops the run with a RuntimeError;
+    the sweep records a diverged run instead of crashing."""
+    import lightning_adaptive_lr as lalr
+
+    method = lrs.Method("MoMo-stops", lambda p, lr: lalr.MoMo(p, lr=lr, max_consecutive_skips=3), (-3, 3), "sgd")
+    monkeypatch.setitem(lrs.METHOD_BY_NAME, method.name, method)
+    real = lrs._step
+
+    def with_nan_gradients(optimizer, kind, loss, model, probe) -> None:
+        for p in model.parameters():
+            p.grad.fill_(math.nan)
+        real(optimizer, kind, loss, model, probe)
+
+    monkeypatch.setattr(lrs, "_step", with_nan_gradients)
+    result = lrs.train_run("MoMo-stops", 1.0, 0, 1, 32, task, "constant", 10)
+    assert result.diverged
+
+
+def test_other_errors_of_a_step_are_not_taken_for_divergence(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug, not a divergence")
+
+    monkeypatch.setattr(lrs, "_step", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        lrs.train_run("MoMo", 1.0, 0, 1, 32)

@@ -23,7 +23,7 @@ from lightning_adaptive_lr.optim.qlab import QLABWrapper, qlab_rate, qlab_step_f
 
 BASES = ("sgd", "sgdm", "adam", "adamw")
 #: Options under which no bound of QLAB decides anything (the pure quadratic fit).
-UNBOUNDED = {"min_lr": 0.0, "max_lr": 1e12, "min_trial_lr": 1e-300, "max_growth": float("inf")}
+UNBOUNDED = {"min_lr": 0.0, "max_lr": 1e12, "min_trial_lr": 1e-300, "max_growth": float("inf"), "max_lr_scale": None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +208,7 @@ def test_matches_reference_loop(base: str, foreach: bool) -> None:
         [{"params": [w], "lr": lr_w, "weight_decay": wd_w}, {"params": [c], "lr": lr_c}],
         base=base,
         foreach=foreach,
+        max_lr_scale=None,  # the plain rule on every base (the anchored one: tests/test_qlab_scale.py)
         **REFERENCE_OPTIONS,
     )
     for (x, y), (rates, f_trial, a1, a2) in zip(data, history):
@@ -300,8 +301,15 @@ def test_wrap_follows_the_builtin_base(base: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     for key in ("lr", "effective_lr", "fitted_lr", "trial_loss", "directional_derivative", "curvature"):
         assert wrapped.param_groups[0][key] == pytest.approx(builtin.param_groups[0][key], rel=1e-6)
-    rates = {group["lr"] for group in wrapped.param_groups}
-    assert rates != {lr}  # the rate did adapt
+    assert {group["fitted_lr"] for group in wrapped.param_groups} != {lr}  # the fit ran
+    # The plain rule writes the fitted rate into lr; the anchored one (the Adam bases' default) keeps
+    # lr, and the rate used stays within max_lr_scale·lr.
+    anchored = base in ("adam", "adamw")
+    rates = {group["effective_lr"] for group in wrapped.param_groups}
+    assert {group["lr"] for group in wrapped.param_groups} == ({lr} if anchored else rates)
+    assert (wrapped.param_groups[0]["max_lr_scale"] is None) is not anchored
+    if anchored:
+        assert max(rates) <= wrapped.param_groups[0]["max_lr_scale"] * lr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,7 +121,8 @@ class AdaptiveLRMonitor(Callback):
       small tensors, sequences or mappings of those (``rates/0``, ``weights/layer`` ...);
     * ``adaptive_lr/<Optimizer>/group<i>/lr`` for the optimizers an LR scheduler drives (MoMo's cap,
       the base rate of the others, as the scheduler sets it); without a scheduler ``lr`` is the
-      constant you configured (or, for QLAB, ``effective_lr`` again) and is not logged;
+      constant you configured (or, for QLAB on an SGD base, ``effective_lr`` again; on an Adam
+      base the rate the fitted one may not exceed) and is not logged;
     * ``adaptive_lr/<Optimizer>/skipped_steps``: the steps skipped so far because of a non-finite
       loss, gradient or outcome (once per optimizer: every group holds the same count; per group,
       ``.../group<i>/skipped_steps``, if they ever differ).

@@ -14,10 +14,13 @@ minimum::
     a1 = ⟨g, Δ⟩,   a2 = f̃ − f − a1,   t* = −a1 / (2·a2)   (if a1 < 0 < a2, else t* = 1)
     η' = clamp(min(t*, max_growth)·η, min_lr, max_lr),   x ← x + (η'/η)·Δ
 
-η' becomes the base rule's rate for the next step, so ``param_groups[i]["lr"]`` always holds the
-rate the next trial step will use.  The base rule's buffers (momentum, Adam moments) are updated
-exactly once per step, by the trial step.  The scalar rules are :func:`qlab_step_factor` and
-:func:`qlab_rate`.
+With the plain rule (``max_lr_scale=None``: the SGD bases' default) η' becomes the base rule's
+rate for the next step, so ``param_groups[i]["lr"]`` holds the rate the next trial step will use.
+With the anchored rule (``max_lr_scale=c``: the Adam bases' default, ``c = 1``) ``lr`` stays the
+user's (or the scheduler's) rate a, the upper bound becomes ``min(max_lr, c·a)``, and the group
+keeps the multiplier ``lr_scale = η'/a`` for the next trial step.  The base rule's buffers
+(momentum, Adam moments) are updated exactly once per step, by the trial step.  The scalar rules
+are :func:`qlab_step_factor` and :func:`qlab_rate`.
 
 Outside the method's assumptions (docs/algorithms.md §2.5), all [package]: ``lr = 0`` freezes a
 group; an ``lr`` set between 0 and ``min_trial_lr`` does not change the step and is warned about
@@ -32,7 +35,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -66,12 +69,29 @@ from ._tensorlists import add_scaled_, clone, copy_, subtract_
 __all__ = ["QLAB", "QLABWrapper", "qlab_rate", "qlab_step_factor"]
 
 BASES = ("sgd", "sgdm", "adam", "adamw")
+#: The built-in bases whose direction is preconditioned per coordinate (``max_lr_scale="auto"``).
+ADAPTIVE_BASES = ("adam", "adamw")
 
 # Defaults of the bounds, chosen by measurement (see the QLAB docstring and docs/benchmarks.md).
 DEFAULT_MIN_LR = 1e-6
 DEFAULT_MAX_LR = 10.0
 DEFAULT_MIN_TRIAL_LR = 1e-3
 DEFAULT_MAX_GROWTH = 2.0
+#: ``max_lr_scale="auto"``: on an adaptive base (Adam, AdamW; a wrapped Adam-like torch optimizer)
+#: the fitted rate stays at most this many times the group's ``lr``; on the others the plain
+#: rule (``None``).  Chosen by measurement (the QLAB docstring and docs/benchmarks.md).
+DEFAULT_ADAPTIVE_MAX_LR_SCALE = 1.0
+AUTO = "auto"
+#: The torch optimizers whose step is preconditioned per coordinate, so that their ``lr`` is the
+#: size of a step in every coordinate (``max_lr_scale="auto"`` anchors QLAB's rate to it).
+ADAPTIVE_TORCH_OPTIMIZERS: tuple[type[Optimizer], ...] = tuple(
+    getattr(torch.optim, name)
+    for name in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "SparseAdam", "Adafactor")
+    if hasattr(torch.optim, name)
+)
+
+#: Param-group key of the anchored rule's multiplier: the next trial rate is ``lr·lr_scale``.
+LR_SCALE = "lr_scale"
 
 #: Key under which a release-0.1 state dict of ``QLAB.wrap`` kept the ``state["global"]`` of a
 #: wrapped optimizer of this package (its own ``"global"`` held the wrapper's scalars).
@@ -190,6 +210,7 @@ class _Trial:
     scale: float
     params: list[Tensor]
     directions: list[Tensor]
+    anchor: float = 0.0  # the group's lr when the step began (the anchored rule's reference)
 
     def move(self, new_rate: float) -> None:
         """From the trial point to ``x + (new_rate/η)·Δ``."""
@@ -198,18 +219,46 @@ class _Trial:
             add_scaled_(self.params, self.directions, alpha, foreach=_uses_foreach(self.group))
 
 
+def _scale_cap(group: dict[str, Any]) -> float | None:
+    """The group's resolved ``max_lr_scale``: ``None`` for the plain rule (also for a group of a
+    state dict saved before the option existed, until its optimizer fills it in)."""
+    cap = group.get("max_lr_scale")
+    return None if cap is None or cap == AUTO else float(cap)
+
+
+def _anchored(group: dict[str, Any]) -> bool:
+    """Whether the group's ``lr`` is the anchor (``max_lr_scale`` set) rather than the fitted rate."""
+    return _scale_cap(group) is not None
+
+
 def _trial_rate(group: dict[str, Any]) -> float:
-    """η: the group's rate, floored at ``min_trial_lr`` (the floor moves the trial point only);
-    0 for a group whose ``lr`` is 0: it is frozen (nothing of it moves, as in ``torch.optim``)."""
+    """η: the rate of the group's trial step; 0 for a group whose ``lr`` is 0: it is frozen
+    (nothing of it moves, as in ``torch.optim``).
+
+    Plain rule: ``lr`` (the last fitted rate, or what a scheduler wrote), floored at
+    ``min_trial_lr``.  Anchored (``max_lr_scale`` set): ``lr·lr_scale``, floored at
+    ``min(min_trial_lr, lr)``, so the floor never lifts a trial above the rate the user gave.
+    The floor moves the trial point only."""
     lr = float(group["lr"])
-    return 0.0 if lr == 0.0 else max(lr, group["min_trial_lr"])
+    if lr == 0.0:
+        return 0.0
+    if _anchored(group):
+        return max(lr * float(group.get(LR_SCALE, 1.0)), min(group["min_trial_lr"], lr))
+    return max(lr, group["min_trial_lr"])
+
+
+def _upper_rate(group: dict[str, Any], anchor: float) -> float:
+    """The upper bound of the group's fitted rate: ``max_lr``, and ``max_lr_scale·anchor`` when set."""
+    cap = _scale_cap(group)
+    return group["max_lr"] if cap is None else min(group["max_lr"], cap * anchor)
 
 
 def _longest_rate(group: dict[str, Any], rate: float) -> float:
     """The largest rate the fit can give a group tried at ``rate`` (:func:`qlab_rate`'s bounds)."""
     if rate == 0.0:
         return 0.0
-    return max(rate, min(max(group["max_growth"] * rate, group["min_lr"]), group["max_lr"]))
+    upper = _upper_rate(group, float(group["lr"]))
+    return max(rate, min(max(group["max_growth"] * rate, group["min_lr"]), upper))
 
 
 def _may_overflow(
@@ -254,7 +303,26 @@ def _checked_bounds(owner: str, values: dict[str, Any]) -> dict[str, float]:
     max_growth = real_number(values["max_growth"])
     if max_growth is None or not max_growth >= 1.0:  # inf allowed: no growth limit
         raise ValueError(f"{owner}: `max_growth` must be a number in [1, inf], got {values['max_growth']!r}")
-    return {**bounds, "max_growth": max_growth}
+    return {**bounds, "max_growth": max_growth, "max_lr_scale": _checked_scale_cap(owner, values["max_lr_scale"])}
+
+
+def _checked_scale_cap(owner: str, value: Any) -> float | str | None:
+    """``max_lr_scale``: ``"auto"``, ``None`` or a number in [1, inf] (as a float)."""
+    if value is None or (isinstance(value, str) and value == AUTO):
+        return value
+    number_ = real_number(value)
+    if number_ is None or not number_ >= 1.0:
+        raise ValueError(
+            f"{owner}: `max_lr_scale` must be 'auto', None (the plain rule) or a number in [1, inf], got {value!r}"
+        )
+    return number_
+
+
+def _resolved_scale_cap(value: float | str | None, adaptive: bool) -> float | None:
+    """``"auto"`` → :data:`DEFAULT_ADAPTIVE_MAX_LR_SCALE` on an adaptive base, else ``None``."""
+    if isinstance(value, str):
+        return DEFAULT_ADAPTIVE_MAX_LR_SCALE if adaptive else None
+    return value
 
 
 def _fitted_points_are_finite(trials: list[_Trial], starts: list[list[Tensor]]) -> bool:
@@ -286,6 +354,36 @@ class _QLABFit(AdaptiveOptimizer):
         super()._init_transient()
         self._active_probe: tuple[Probe, bool] | None = None
         self._warned_floor = False
+
+    def _adaptive_base(self, group: dict[str, Any]) -> bool:  # pragma: no cover - abstract
+        """Whether the group's base rule is preconditioned per coordinate (``max_lr_scale="auto"``)."""
+        raise NotImplementedError
+
+    def _resolve_scale_cap(self, group: dict[str, Any]) -> None:
+        """Validate a group's own ``max_lr_scale`` and resolve ``"auto"`` for its base."""
+        if "max_lr_scale" in group:
+            value = _checked_scale_cap(self._name, group["max_lr_scale"])
+            group["max_lr_scale"] = _resolved_scale_cap(value, self._adaptive_base(group))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._resolve_scale_cap(param_group)
+        super().add_param_group(param_group)
+        self._start_multiplier(self.param_groups[-1])
+
+    @staticmethod
+    def _start_multiplier(group: dict[str, Any]) -> None:
+        """An anchored group holds ``lr_scale`` from the start (the state layout a step writes)."""
+        if _anchored(group):
+            group.setdefault(LR_SCALE, 1.0)
+
+    def _convert_legacy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A state dict saved before ``max_lr_scale`` existed continues under the plain rule it was
+        saved with (its ``lr`` is a fitted rate, not an anchor): its groups get ``None``."""
+        groups = state_dict.get("param_groups")
+        if isinstance(groups, (list, tuple)) and all(isinstance(g, dict) for g in groups):
+            groups = [g if "max_lr_scale" in g else {**g, "max_lr_scale": None} for g in groups]
+            state_dict = {**state_dict, "param_groups": groups}
+        return super()._convert_legacy(state_dict)
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -341,6 +439,8 @@ class _QLABFit(AdaptiveOptimizer):
             return
         for i, group in enumerate(self.param_groups):
             lr = float(group["lr"])
+            if _anchored(group):  # there the floor never lifts the trial above lr
+                continue
             if 0.0 < lr < group["min_trial_lr"] and lr != group.get("effective_lr"):
                 self._warned_floor = True
                 warnings.warn(
@@ -395,10 +495,17 @@ class _QLABFit(AdaptiveOptimizer):
         for trial in trials:
             group = trial.group
             new_rate = qlab_rate(
-                t_star, trial.rate, max_growth=group["max_growth"], min_lr=group["min_lr"], max_lr=group["max_lr"]
+                t_star,
+                trial.rate,
+                max_growth=group["max_growth"],
+                min_lr=group["min_lr"],
+                max_lr=_upper_rate(group, trial.anchor),
             )
             trial.move(new_rate)
-            _set_lr(group, new_rate)
+            if _anchored(group):  # lr stays the user's (or the scheduler's): the multiplier is kept
+                group[LR_SCALE] = new_rate / trial.anchor
+            else:
+                _set_lr(group, new_rate)
             self._record(
                 group,
                 effective_lr=new_rate,
@@ -412,7 +519,7 @@ class _QLABFit(AdaptiveOptimizer):
     def _record_unfitted(self, groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> None:
         """The state-initialization step's records: every key a fitted step writes, at rest (t* = 1)."""
         for group, _, _ in groups:
-            rate = float(group["lr"])
+            rate = float(group["lr"]) * (float(group.get(LR_SCALE, 1.0)) if _anchored(group) else 1.0)
             self._record(
                 group, effective_lr=rate, fitted_lr=rate, trial_loss=0.0, directional_derivative=0.0, curvature=0.0
             )
@@ -438,10 +545,32 @@ class QLAB(_QLABFit):
     fit is along the whole model's displacement), so groups keep the ratio of their rates, up to
     the bounds.  An lr scheduler therefore sets the next *trial* rate; the fit then chooses the step.
 
-    **Schedules and lr = 0** [package].  A scheduled ``lr`` at or above ``min_trial_lr`` is the
-    next trial rate.  One below the floor (but above 0) has no effect on the step: the trial runs
-    at ``min_trial_lr`` and the fit chooses the step, as for any rate; this is warned about once
-    (a rate the fit itself wrote below the floor is not).  ``lr = 0`` freezes the group, as in
+    **On adaptive bases: the anchored rule** [package] (``max_lr_scale``, docs/algorithms.md
+    §2.5).  The fit is greedy on one mini-batch: along Adam's direction the batch's own quadratic
+    keeps its minimum far beyond the rate at which training goes best, so the plain rule, which
+    lets η double each step up to ``max_lr``, carries Adam 10–100× above its good rates (and on a
+    CNN into divergence).  A fit that *shortens* the step, on the other hand, says the step
+    overshoots on the very batch it was measured on.  With ``max_lr_scale=c`` the group's ``lr``
+    is the anchor a, which QLAB never writes (a scheduler or the user moves it, chainable or not);
+    the group keeps a multiplier s (``lr_scale``, 1 at the start) and each step::
+
+        η  = max(a·s, min(min_trial_lr, a))          (the floor never lifts a trial above a)
+        η' = clamp(min(t*, max_growth)·η, min_lr, min(max_lr, c·a)),   s ← η'/a
+
+    ``"auto"`` (the default) is ``c = 1`` on ``"adam"``, ``"adamw"`` and on wrapped
+    :data:`ADAPTIVE_TORCH_OPTIMIZERS` (Adam, AdamW, RAdam, NAdam, Adamax, Adagrad, Adadelta,
+    RMSprop, ...): ``lr`` is a ceiling, and QLAB only shortens a step that overshoots.  On
+    ``"sgd"``, ``"sgdm"`` and any other wrapped optimizer it is ``None``: the plain rule above, in
+    which ``lr`` holds the fitted rate (the paper's rule; pass ``max_lr_scale=None`` to get it on
+    Adam).  ``c = inf`` keeps ``lr`` as the anchor without bounding the rate by it.  Measured on
+    the digits MLP and CNN and on two character-level language models (docs/benchmarks.md).
+
+    **Schedules and lr = 0** [package].  Plain rule: a scheduled ``lr`` at or above
+    ``min_trial_lr`` is the next trial rate.  One below the floor (but above 0) has no effect on
+    the step: the trial runs at ``min_trial_lr`` and the fit chooses the step, as for any rate; this
+    is warned about once (a rate the fit itself wrote below the floor is not).  Anchored rule: the
+    scheduled ``lr`` is the anchor, and the bound follows it (no warning: the floor never lifts a
+    trial above it).  ``lr = 0`` freezes the group, as in
     ``torch.optim``: it does not move, its ``lr`` stays 0, its buffers are updated; a step in
     which no group moves calls no probe.
 
@@ -524,15 +653,23 @@ class QLAB(_QLABFit):
         max_lr: upper bound of the fitted rate η'.
         min_trial_lr: lower bound of the trial step's rate (the step taken is still η').
         max_growth: upper bound of ``t*``: the step is at most this many trial steps long.
+        max_lr_scale: ``"auto"`` (default), ``None`` (the plain rule) or a number c in [1, inf]:
+            the anchored rule, in which ``lr`` stays the rate you (or your scheduler) set and
+            the fitted rate stays at most ``c·lr`` (see above).  ``"auto"``: 1 for ``"adam"`` and
+            ``"adamw"``, ``None`` for ``"sgd"`` and ``"sgdm"``.  A param group may set its own.
         foreach: use the multi-tensor (``torch._foreach_*``) path; ``False`` updates tensor by tensor.
         average_across_ranks: average the loss and the probe's loss across ``torch.distributed``
             ranks (one collective each per step) so replicas stay identical.
         max_consecutive_skips: raise after this many skipped steps in a row (see
             :class:`~lightning_adaptive_lr.optim._base.AdaptiveOptimizer`).
 
-    After each step every param group holds ``effective_lr`` (η', the rate used and the next
-    trial rate), ``fitted_lr`` (``t*·η`` before ``max_growth`` and the bounds), ``trial_loss`` (f̃),
-    ``directional_derivative`` (a1) and ``curvature`` (a2); a1 and a2 are over the whole model.
+    After each step every param group holds ``effective_lr`` (η', the rate used and, up to the
+    trial floor, the next trial rate), ``fitted_lr`` (``t*·η`` before ``max_growth`` and the
+    bounds), ``trial_loss`` (f̃), ``directional_derivative`` (a1) and ``curvature`` (a2); a1 and a2
+    are over the whole model.  Under the anchored rule also ``lr_scale`` (η'/``lr``; kept in the
+    state dict: a resume continues with it).  A state dict saved before ``max_lr_scale`` existed
+    continues under the plain rule it was saved with, whatever the loading optimizer's option (its
+    ``lr`` is a fitted rate); set ``param_groups[i]["max_lr_scale"]`` after loading to anchor to it.
     Every param group also holds ``step`` and ``skipped_steps`` (equal in all groups); ``state[p]``
     holds the base rule's buffers under ``torch.optim``'s names (``momentum_buffer``; ``step``,
     ``exp_avg``, ``exp_avg_sq``).
@@ -544,15 +681,32 @@ class QLAB(_QLABFit):
         >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
         >>> def probe():  # the same mini-batch's loss at the current parameters, no backward
         ...     return torch.nn.functional.mse_loss(model(x), y)
-        >>> opt = QLAB(model.parameters(), base="adam", lr=1e-2)
+        >>> opt = QLAB(model.parameters(), base="sgd", lr=0.1)
         >>> loss = torch.nn.functional.mse_loss(model(x), y)
         >>> loss.backward()
         >>> _ = opt.step(loss=loss, probe=probe)
         >>> opt.param_groups[0]["step"], opt.param_groups[0]["lr"] == opt.param_groups[0]["effective_lr"]
         (1, True)
+
+        On Adam (the anchored rule): ``lr`` stays yours and bounds the rate used.
+
+        >>> opt = QLAB(model.parameters(), base="adam", lr=1e-3)
+        >>> for _ in range(5):
+        ...     opt.zero_grad()
+        ...     loss = probe()
+        ...     loss.backward()
+        ...     _ = opt.step(loss=loss, probe=probe)
+        >>> group = opt.param_groups[0]
+        >>> group["max_lr_scale"], group["lr"], group["effective_lr"] <= 1e-3
+        (1.0, 0.001, True)
+        >>> group["lr_scale"] == group["effective_lr"] / group["lr"]
+        True
     """
 
     shared_options = ("base",)
+
+    def _adaptive_base(self, group: dict[str, Any]) -> bool:
+        return group.get("base", self.defaults["base"]) in ADAPTIVE_BASES
 
     def __init__(
         self,
@@ -567,6 +721,7 @@ class QLAB(_QLABFit):
         max_lr: float = DEFAULT_MAX_LR,
         min_trial_lr: float = DEFAULT_MIN_TRIAL_LR,
         max_growth: float = DEFAULT_MAX_GROWTH,
+        max_lr_scale: float | Literal["auto"] | None = AUTO,
         *,
         foreach: bool = True,
         average_across_ranks: bool = True,
@@ -578,6 +733,7 @@ class QLAB(_QLABFit):
             weight_decay=NONNEGATIVE,
         )  # fmt: skip
         defaults.update(_checked_bounds(name, locals()))
+        defaults["max_lr_scale"] = _resolved_scale_cap(defaults["max_lr_scale"], base in ADAPTIVE_BASES)
         if base in ("sgd", "sgdm"):
             # torch's momentum-cycling schedulers (OneCycleLR, CyclicLR) and Lightning's
             # LearningRateMonitor read `betas` when the defaults have it, else `momentum`: only the
@@ -617,9 +773,11 @@ class QLAB(_QLABFit):
                 ``QLAB.wrap(torch.optim.Adam(...))`` follow the same trajectories as
                 ``QLAB(base="sgd"/"sgdm"/"adam")`` with the same settings.
             options: keyword-only ``min_lr``, ``max_lr``, ``min_trial_lr``, ``max_growth``,
-                ``average_across_ranks``, ``max_consecutive_skips``, as for :class:`QLAB` (with
-                its defaults); see
-                :class:`QLABWrapper`.
+                ``max_lr_scale``, ``average_across_ranks``, ``max_consecutive_skips``, as for
+                :class:`QLAB` (with its defaults); see :class:`QLABWrapper`.  ``max_lr_scale="auto"``
+                anchors the rate to the wrapped optimizer's ``lr`` when it is one of
+                :data:`ADAPTIVE_TORCH_OPTIMIZERS` (``QLAB.wrap(torch.optim.Adam(...))``: at most
+                1× its ``lr``), else it is the plain rule; pass a number to anchor any other.
 
         Example:
             >>> import torch
@@ -676,7 +834,7 @@ class QLAB(_QLABFit):
                 slope = slope - rate * grad_sqnorm
             else:
                 slope = slope - rate * dot(grads, directions, device)
-            trials.append(_Trial(group, rate, rate, params, directions))
+            trials.append(_Trial(group, rate, rate, params, directions, float(group["lr"])))
         if self._fit_and_move(trials, frozen, values["loss"], slope, device):
             self._set_shared(step=self._shared("step") + 1)
 
@@ -705,7 +863,9 @@ class QLABWrapper(_QLABFit):
 
     Holds the wrapped optimizer as ``base_optimizer`` and shares its ``param_groups`` and
     ``state``: its groups gain the keys ``min_lr``, ``max_lr``, ``min_trial_lr``, ``max_growth``,
-    ``average_across_ranks``, ``step``, ``skipped_steps`` and the recorded quantities, so that
+    ``max_lr_scale``, ``average_across_ranks``, ``step``, ``skipped_steps`` and the recorded
+    quantities (``lr_scale`` under the anchored rule, which sets the wrapped optimizer's ``lr`` to
+    the trial rate for its step only and puts the anchor back right after), so that
     :meth:`state_dict` is the wrapped optimizer's own state dict and :meth:`load_state_dict`
     restores both and resumes bit for bit.  It shows itself as ``QLAB.wrap(SGD)``,
     ``QLAB.wrap(RAdam)``, ...
@@ -729,6 +889,7 @@ class QLABWrapper(_QLABFit):
         max_lr: float = DEFAULT_MAX_LR,
         min_trial_lr: float = DEFAULT_MIN_TRIAL_LR,
         max_growth: float = DEFAULT_MAX_GROWTH,
+        max_lr_scale: float | Literal["auto"] | None = AUTO,
         average_across_ranks: bool = True,
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
@@ -739,6 +900,7 @@ class QLABWrapper(_QLABFit):
             raise ValueError(f"{owner}: `optimizer` is already a QLAB optimizer")
         own = _checked_bounds(owner, locals())
         self.base_optimizer = optimizer
+        own["max_lr_scale"] = _resolved_scale_cap(own["max_lr_scale"], self._adaptive_base({}))
         # Registers the wrapped optimizer's own group dicts (see add_param_group), which gain
         # QLAB's options; then the wrapper holds the wrapped optimizer's list and state themselves.
         super().__init__(
@@ -748,6 +910,9 @@ class QLABWrapper(_QLABFit):
             max_consecutive_skips=max_consecutive_skips,
         )
         self._share_base()
+
+    def _adaptive_base(self, group: dict[str, Any]) -> bool:
+        return isinstance(self.base_optimizer, ADAPTIVE_TORCH_OPTIMIZERS)
 
     def _share_base(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
@@ -775,10 +940,12 @@ class QLABWrapper(_QLABFit):
 
     def _adopt(self, group: dict[str, Any]) -> None:
         """Give a group of the wrapped optimizer QLAB's options and the optimizer-wide state."""
+        self._resolve_scale_cap(group)
         for key in self.group_state:
             group.setdefault(key, self.param_groups[0][key])
         for key, value in self.defaults.items():
             group.setdefault(key, value)
+        self._start_multiplier(group)
 
     @property
     def _base_counts_steps(self) -> bool:
@@ -834,10 +1001,16 @@ class QLABWrapper(_QLABFit):
             if rate == 0.0:  # lr = 0: the wrapped optimizer's step leaves the group where it is
                 frozen.append(group)
                 continue
+            anchor = float(group["lr"])
             _set_lr(group, rate)
-            trials.append(_Trial(group, rate, 1.0, params, clone(params, foreach=_uses_foreach(group))))
+            trials.append(_Trial(group, rate, 1.0, params, clone(params, foreach=_uses_foreach(group)), anchor))
             grads.append(grads_)
-        self.base_optimizer.step()
+        try:
+            self.base_optimizer.step()
+        finally:  # anchored groups: lr is the user's again (the trial rate was the wrapped step's only)
+            for trial in trials:
+                if _anchored(trial.group):
+                    _set_lr(trial.group, trial.anchor)
         starts = [clone(trial.directions, foreach=_uses_foreach(trial.group)) for trial in trials] if exact else []
         slope = torch.zeros((), dtype=accumulation_dtype(device), device=device)
         for trial, grads_ in zip(trials, grads):
