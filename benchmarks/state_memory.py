@@ -49,6 +49,7 @@ ROWS: list[MemoryRow] = [
     MemoryRow("MoMoAdam", lambda p: lalr.MoMoAdam(p), ADAM, math=2),
     MemoryRow("MoMoAdam (compiled)", lambda p: lalr.MoMoAdam(p, compiled=True), ADAM, math=2),
     MemoryRow("MoMoAdam (capturable)", lambda p: lalr.MoMoAdam(p, capturable=True), ADAM, math=2),
+    MemoryRow("MoMoAdam (compiled, capturable)", lambda p: lalr.MoMoAdam(p, compiled=True, capturable=True), ADAM, math=2),
     MemoryRow("QLAB-sgd", lambda p: lalr.QLAB(p, base="sgd"), "torch SGD", "probe", math=0),
     MemoryRow("QLAB-sgdm", lambda p: lalr.QLAB(p, base="sgdm"), SGDM, "probe", math=1),
     MemoryRow("QLAB-adam", lambda p: lalr.QLAB(p, base="adam", lr=1e-3), ADAM, "probe", math=2),

@@ -134,6 +134,14 @@ ROWS: list[Row] = [
     # benchmarks/gpu_capturable_check.py also times a graph replay), against the fused kernels.
     Row("MoMo (capturable)", lambda p: lalr.MoMo(p, lr=1.0, capturable=True), SGDM_FUSED, None, _with_loss),
     Row("MoMoAdam (capturable)", lambda p: lalr.MoMoAdam(p, lr=1e-2, capturable=True), ADAM_FUSED, None, _with_loss),
+    Row("MoMo (compiled, capturable)", lambda p: lalr.MoMo(p, lr=1.0, compiled=True, capturable=True), SGDM_FUSED, None, _with_loss),
+    Row(
+        "MoMoAdam (compiled, capturable)",
+        lambda p: lalr.MoMoAdam(p, lr=1e-2, compiled=True, capturable=True),
+        ADAM_FUSED,
+        None,
+        _with_loss,
+    ),
 ]
 
 
@@ -162,8 +170,10 @@ class Floor:
 
 #: Per method, its floor (issue 16: each method within 1.2x of it).
 FLOORS: dict[str, Floor] = {
-    "MoMo": Floor(SGDM_FUSED, 8, 5, ("MoMo (compiled)", "MoMo", "MoMo (per-tensor)")),
-    "MoMo-Adam": Floor(ADAM_FUSED, 11, 7, ("MoMoAdam (compiled)", "MoMoAdam", "MoMoAdam (per-tensor)")),
+    "MoMo": Floor(SGDM_FUSED, 8, 5, ("MoMo (compiled)", "MoMo", "MoMo (per-tensor)", "MoMo (compiled, capturable)")),
+    "MoMo-Adam": Floor(
+        ADAM_FUSED, 11, 7, ("MoMoAdam (compiled)", "MoMoAdam", "MoMoAdam (per-tensor)", "MoMoAdam (compiled, capturable)")
+    ),
     "QLAB-sgd": Floor(SGD_FUSED, 7, 3, ("QLAB-sgd", "QLAB-sgd (per-tensor)")),
     "QLAB-sgdm": Floor(SGDM_FUSED, 8, 5, ("QLAB-sgdm",)),
     "QLAB-adam": Floor(ADAM_FUSED, 11, 7, ("QLAB-adam", "QLAB-adam (per-tensor)")),

@@ -222,9 +222,26 @@ def test_state_dicts_move_between_capturable_and_default(cls: type) -> None:
             torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
 
 
-def test_compiled_and_capturable_are_one_or_the_other() -> None:
-    with pytest.raises(ValueError, match="`compiled` and `capturable`"):
-        lalr.MoMo([nn.Parameter(torch.zeros(2))], compiled=True, capturable=True)
+@pytest.mark.parametrize(("cls", "kwargs"), [SETTINGS[1], SETTINGS[2], SETTINGS[5], SETTINGS[8]])
+def test_compiled_and_capturable_together(cls: type, kwargs: dict[str, Any]) -> None:
+    """capturable=True with compiled=True: the compiled passes, the gate's decision on the device;
+    the default path's steps and skips (skipped steps bit for bit), nothing read to the host."""
+    kwargs = {**kwargs, "compiled": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model_a, opt_a, _, _ = _train(cls, kwargs, capturable=False)
+        model_b, opt_b, reads, snapshots = _train(cls, kwargs, capturable=True)
+    assert reads == []
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+    assert int(opt_b.param_groups[0]["skipped_steps"]) == opt_a.param_groups[0]["skipped_steps"] == len(BAD)
+    assert int(opt_b.param_groups[0]["step"]) == opt_a.param_groups[0]["step"]
+    for k, (before, params_after, state_after) in snapshots.items():
+        for x, y in zip(before[0], params_after):
+            assert torch.equal(x, y), k
+        for index, entry in before[1].items():
+            for key, value in entry.items():
+                assert torch.equal(state_after[index][key], value), (k, key)
 
 
 def test_in_lightning_the_monitor_reports_a_capturable_optimizers_skips() -> None:

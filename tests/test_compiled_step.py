@@ -212,3 +212,15 @@ def test_an_empty_parameter_steps_like_the_eager_path(cls: type) -> None:
         results.append([p.detach().clone() for p in params])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _double(t: torch.Tensor) -> torch.Tensor:
+    return t * 2.0
+
+
+def test_many_sets_of_shapes_in_one_process_each_compile() -> None:
+    """A sweep steps many models in one process: each set of shapes compiles its own variant
+    (torch's default allows 8 per function, then fullgraph compilation raised)."""
+    for n in range(1, 12):
+        out = compiled_module.run_compiled("MoMo", _double, torch.ones(n))
+        assert torch.equal(out, torch.full((n,), 2.0))

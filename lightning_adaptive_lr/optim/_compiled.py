@@ -30,6 +30,8 @@ from ._tensorlists import group_by_device_and_dtype
 __all__ = ["ensure_inductor_works", "run_compiled", "run_on_buckets", "scalar", "state_or_zeros"]
 
 _COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
+#: Compiled variants (sets of shapes, dtypes, devices) one step function may have in a process.
+RECOMPILE_LIMIT = 256
 _INDUCTOR_CHECKED: set[str] = set()
 
 
@@ -62,14 +64,23 @@ def run_compiled(owner: str, function: Callable[..., Any], *args: Any) -> Any:
     if compiled is None:
         compiled = _COMPILED[function] = torch.compile(function, backend="inductor", fullgraph=True, dynamic=False)
     try:
-        return compiled(*args)
+        # One compiled variant per set of shapes, dtypes and devices: a process that steps many
+        # models (a sweep, a test suite) needs more than torch's default of 8 per function.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(*args)
     except Exception as err:
         raise _compile_error(owner, err) from err
 
 
-def scalar(value: float | Tensor) -> Tensor:
-    """A step's scalar as a compiled function's argument: a 0-d tensor (kept as is if it is one)."""
-    return value if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.float64)
+def scalar(value: float | bool | Tensor, device: torch.device | None = None) -> Tensor:
+    """A step's scalar as a compiled function's argument: a 0-d tensor (kept as is if it is one).
+
+    On the CPU unless ``device`` is given: the ``capturable`` steps keep every scalar on the
+    parameters' device (made by a fill kernel, not copied from the host)."""
+    if isinstance(value, Tensor):
+        return value if device is None else value.to(device)
+    dtype = torch.bool if isinstance(value, bool) else torch.float64
+    return torch.tensor(value, dtype=dtype) if device is None else torch.full((), value, dtype=dtype, device=device)
 
 
 def run_on_buckets(

@@ -10,7 +10,8 @@ differs.  Each step runs, per device-and-dtype bucket (see :mod:`._compiled`):
    gate reads them, so a step whose new state would not be finite is skipped before anything
    is written;
 2. after the gate, a **pointwise** pass that forms the same averages again, writes them and moves
-   the parameters.
+   the parameters.  Under ``capturable=True`` the gate's decision is a device tensor ``ok`` and
+   this pass keeps every value ``where`` it is false: the step reads nothing to the host.
 
 Counted in parameter-sized reads and writes per step, MoMo takes 8 (read ``d, g, x`` twice, write
 ``d, x``) and MoMo-Adam 11 (read ``d, v, g, x`` twice, write ``d, v, x``).  Averages start at zero
@@ -48,13 +49,20 @@ def momo_sums(avgs: list[Tensor], grads: list[Tensor], params: list[Tensor], wei
 
 
 def momo_update(
-    avgs: list[Tensor], grads: list[Tensor], params: list[Tensor], weight: Tensor, step: Tensor, divisor: Tensor
+    avgs: list[Tensor],
+    grads: list[Tensor],
+    params: list[Tensor],
+    weight: Tensor,
+    step: Tensor,
+    divisor: Tensor,
+    ok: Tensor,
 ) -> None:
-    """``d ← d + weight·(g − d)``, then ``x ← (x − step·d) / divisor``: one loop per tensor."""
+    """``d ← d + weight·(g − d)``, then ``x ← (x − step·d) / divisor``: one loop per tensor; both
+    kept as they were where ``ok`` (a 0-d bool: the capturable step's gate) is false."""
     for d, g, x in zip(avgs, grads, params):
         d_next = d + weight * (g - d)
-        d.copy_(d_next)
-        x.copy_((x - step * d_next) / divisor)
+        d.copy_(torch.where(ok, d_next, d))
+        x.copy_(torch.where(ok, (x - step * d_next) / divisor, x))
 
 
 # --------------------------------------------------------------------------- MoMo-Adam
@@ -104,10 +112,12 @@ def momo_adam_update(
     step: Tensor,
     keep: Tensor,
     divisor: Tensor,
+    ok: Tensor,
 ) -> None:
-    """Write ``d'`` and ``v'``, then ``x ← (keep·x − step·u) / divisor``: one loop per tensor."""
+    """Write ``d'`` and ``v'``, then ``x ← (keep·x − step·u) / divisor``: one loop per tensor; all
+    kept as they were where ``ok`` (a 0-d bool: the capturable step's gate) is false."""
     for d, v, g, x in zip(avgs, sq_avgs, grads, params):
         d_next, v_next, u = _adam_terms(d, v, g, weight1, weight2, root, eps)
-        d.copy_(d_next)
-        v.copy_(v_next)
-        x.copy_((keep * x - step * u) / divisor)
+        d.copy_(torch.where(ok, d_next, d))
+        v.copy_(torch.where(ok, v_next, v))
+        x.copy_(torch.where(ok, (keep * x - step * u) / divisor, x))

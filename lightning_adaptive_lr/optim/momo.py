@@ -314,15 +314,6 @@ def _descend_(groups: list[Group], directions: list[list[Tensor]], taus: list[Sc
             divide_(params, 1.0 + shrink, foreach=foreach)
 
 
-def _check_step_path(owner: str, options: dict[str, Any]) -> None:
-    """``compiled`` and ``capturable`` are two different step bodies: at most one."""
-    if options["compiled"] and options["capturable"]:
-        raise ValueError(
-            f"{owner}: `compiled` and `capturable` are two different step bodies, both were set; choose one "
-            "(capturable for CUDA graphs and steps that never wait for the host, compiled for the fewest memory passes)"
-        )
-
-
 def _optional_bound(owner: str, name: str, value: Any) -> float | None:
     """``lb``: ``None`` (follow the losses) or a finite number."""
     return None if value is None else FINITE(owner, name, value)
@@ -378,6 +369,13 @@ class _MoMoBase(AdaptiveOptimizer):
                     del spares[key]
                 else:
                     spares[key] = old
+
+    def _state_tensor(self, p: Tensor, key: str) -> Tensor:
+        """``state[p][key]``, stored as zeros (an average of nothing) if it is not there yet."""
+        state = self.state[p]
+        if key not in state:
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state[key]
 
     def _store_on_device(self, key: str, params: list[Tensor], values: list[Tensor], ok: Tensor) -> None:
         """``state[p][key] ← value where ok`` (a ``capturable`` step): into the tensor already there,
@@ -442,11 +440,14 @@ class _MoMoBase(AdaptiveOptimizer):
             return
         if self._shared("capturable"):
             self._device_group_state(loss.device)
-            step = self._device_step
         else:
             self._host_group_state()
-            step = self._compiled_step if self._shared("compiled") else self._eager_step
-        step(loss, groups)
+        if self._shared("compiled"):
+            self._compiled_step(loss, groups)
+        elif self._shared("capturable"):
+            self._device_step(loss, groups)
+        else:
+            self._eager_step(loss, groups)
 
     def _eager_step(self, loss: Tensor, groups: list[Group]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -646,7 +647,9 @@ class MoMo(_MoMoBase):
             in a CUDA graph (after a few eager steps).  Skips are counted on the device and
             reported by :meth:`sync_warnings` (which :class:`~lightning_adaptive_lr.AdaptiveLRMonitor`
             calls when it logs).  Hyperparameters (``lr``, β, ...) are read as Python numbers at
-            each call: a graph keeps the values it was captured with.  Not with ``compiled``.
+            each call: a graph keeps the values it was captured with.  With ``compiled=True``
+            it runs the compiled passes (their update pass takes the gate's decision as a
+            tensor): the fewest memory passes and no host read.
         max_consecutive_skips: raise after this many skipped steps in a row (``None``: never); see
             :class:`~._base.AdaptiveOptimizer`.
 
@@ -700,7 +703,6 @@ class MoMo(_MoMoBase):
             type(self).__name__, locals(), lr=NONNEGATIVE, beta=FRACTION, weight_decay=NONNEGATIVE, lb=_optional_bound,
             bias_correction=FLAG, estimate_lb=FLAG, lb_fraction=FRACTION, compiled=FLAG, capturable=FLAG,
         )  # fmt: skip
-        _check_step_path(type(self).__name__, defaults)
         defaults["momentum"] = defaults["beta"]
         super().__init__(params, defaults, **runtime_options(locals()))
 
@@ -781,33 +783,52 @@ class MoMo(_MoMoBase):
         taus = self._step_sizes(groups, values["d_dot_x"], values["d_sqnorm"], rho)
         _descend_(groups, directions, taus)
 
+    def _device_weights(self, device: torch.device) -> tuple[Scalar, Scalar, Scalar]:
+        """:meth:`_this_step` on the device (``capturable``): the restart flag (a 0-d bool, or
+        ``False`` with bias correction), ρ, and the weight of the new gradient in ``d``."""
+        k = self._shared("step").to(accumulation_dtype(device)) + 1
+        beta, bias_correction = self._shared("beta"), self._shared("bias_correction")
+        restart = (k == 1) if not bias_correction else False
+        rho = 1.0 - torch.pow(beta, k) if bias_correction else 1.0
+        return restart, rho, where(restart, 1.0, 1.0 - beta)
+
     def _compiled_step(self, loss: Tensor, groups: list[Group]) -> None:
-        name, (params, grads), (restart, rho) = type(self).__name__, _flatten(groups), self._this_step()
-        avgs = [kernels.state_or_zeros(self.state.get(p, {}), p, "grad_avg") for p in params]
-        # A restart takes the gradient whole into the zero average: the eager path's copy.
-        weight = scalar(1.0 if restart else 1.0 - self._shared("beta"))
+        name, (params, grads), device = type(self).__name__, _flatten(groups), loss.device
+        on_device, beta = self._shared("capturable"), self._shared("beta")
+        if on_device:  # the state exists from the first step on: the update pass writes it in place
+            restart, rho, weight = self._device_weights(device)
+            weight = scalar(weight, device)
+            avgs = [self._state_tensor(p, "grad_avg") for p in params]
+        else:
+            restart, rho = self._this_step()
+            # A restart takes the gradient whole into the zero average: the eager path's copy.
+            weight = scalar(1.0 if restart else 1.0 - beta)
+            avgs = [kernels.state_or_zeros(self.state.get(p, {}), p, "grad_avg") for p in params]
         partials = kernels.run_on_buckets(name, kernels.momo_sums, (avgs, grads, params), weight)
-        gx, d_dot_x, d_sqnorm = sum_partials(partials, loss.device)
-        values = self._gate(loss=loss, gx=gx, d_dot_x=d_dot_x, d_sqnorm=d_sqnorm)
-        if values is None:
-            return
-        self._advance_loss_model(values, restart=restart)
-        for p, d in zip(params, avgs):
-            self.state[p].setdefault("grad_avg", d)
-        taus = self._step_sizes(groups, values["d_dot_x"], values["d_sqnorm"], rho)
-        for (group, ps, gs), tau in zip(groups, taus):
+        gx, d_dot_x, d_sqnorm = sum_partials(partials, device)
+        if on_device:
+            values, ok = self._device_gate(loss=loss, gx=gx, d_dot_x=d_dot_x, d_sqnorm=d_sqnorm)
+            taus = self._device_step_sizes(groups, values, ok, values["d_sqnorm"], rho, restart)
+            self._set_shared(**{BETA_USED: beta})  # a host-side option: taken, skipped or not
+            divisors = [torch.where(ok, 1.0 + group["lr"] * group["weight_decay"], 1.0) for group, _, _ in groups]
+        else:
+            host = self._gate(loss=loss, gx=gx, d_dot_x=d_dot_x, d_sqnorm=d_sqnorm)
+            if host is None:
+                return
+            self._advance_loss_model(host, restart=restart)
+            for p, d in zip(params, avgs):
+                self.state[p].setdefault("grad_avg", d)
+            taus = [scalar(tau) for tau in self._step_sizes(groups, host["d_dot_x"], host["d_sqnorm"], rho)]
+            divisors = [scalar(1.0 + group["lr"] * group["weight_decay"]) for group, _, _ in groups]
+            ok = scalar(True)
+        for (group, ps, gs), tau, divisor in zip(groups, taus, divisors):
             ds = [self.state[p]["grad_avg"] for p in ps]
-            divisor = scalar(1.0 + group["lr"] * group["weight_decay"])
-            kernels.run_on_buckets(name, kernels.momo_update, (ds, gs, ps), weight, scalar(tau), divisor)
+            kernels.run_on_buckets(name, kernels.momo_update, (ds, gs, ps), weight, tau, divisor, ok)
 
     def _device_step(self, loss: Tensor, groups: list[Group]) -> None:
         """``capturable``: the eager step's math with every decision on the device (no host read):
         the averages and parameters are replaced ``where`` the gate's values are finite."""
-        k = self._shared("step").to(accumulation_dtype(loss.device)) + 1
-        beta, bias_correction = self._shared("beta"), self._shared("bias_correction")
-        restart = (k == 1) if not bias_correction else False
-        rho = 1.0 - torch.pow(beta, k) if bias_correction else 1.0
-        weight = where(restart, 1.0, 1.0 - beta)
+        (restart, rho, weight), beta = self._device_weights(loss.device), self._shared("beta")
         params, grads = _flatten(groups)
         avgs = [_start(self.state.get(p, {}).get("grad_avg"), p) for p in params]
         new = [torch.lerp(d, g, weight.to(d.dtype) if isinstance(weight, Tensor) else weight) for d, g in zip(avgs, grads)]
@@ -865,6 +886,9 @@ class MoMoAdam(_MoMoBase):
             the first step and needs a working Inductor (a C++ compiler on CPU, Triton on GPU): if
             it fails, ``step()`` raises a RuntimeError naming the cause before any state changes;
             there is no silent fallback.  Speed: see docs/benchmarks.md.
+        capturable: every decision of the step on the device, as for :class:`MoMo`: no host
+            read, the state updated in place, skips reported by :meth:`sync_warnings`; with
+            ``compiled=True`` the compiled passes.
         max_consecutive_skips: raise after this many skipped steps in a row (``None``: never); see
             :class:`~._base.AdaptiveOptimizer`.
 
@@ -912,7 +936,6 @@ class MoMoAdam(_MoMoBase):
             lb=_optional_bound, estimate_lb=FLAG, decoupled_weight_decay=FLAG, lb_fraction=FRACTION, compiled=FLAG,
             capturable=FLAG,
         )  # fmt: skip
-        _check_step_path(type(self).__name__, defaults)
         super().__init__(params, defaults, **runtime_options(locals()))
 
     def _loss_beta(self) -> float:
@@ -965,8 +988,7 @@ class MoMoAdam(_MoMoBase):
         """``capturable``: the eager step's math with every decision on the device (no host read):
         the moments and parameters are replaced ``where`` the gate's values are finite."""
         (beta1, beta2), device = self._shared("betas"), loss.device
-        k = self._shared("step").to(accumulation_dtype(device)) + 1
-        rho, root = 1.0 - torch.pow(beta1, k), torch.sqrt(1.0 - torch.pow(beta2, k))
+        rho, root = self._device_corrections(device)
         params, grads = _flatten(groups)
         states = [self.state.get(p, {}) for p in params]
         avgs = [_start(s.get("grad_avg"), p) for s, p in zip(states, params)]
@@ -999,27 +1021,48 @@ class MoMoAdam(_MoMoBase):
                 p.mul_(keep.to(p.dtype)).sub_(u * step.to(u.dtype)).div_(divisor.to(p.dtype))
                 index += 1
 
+    def _device_corrections(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """:meth:`_this_step` on the device (``capturable``): ``ρ = 1 − β1^k`` and ``root = √(1 − β2^k)``."""
+        (beta1, beta2), k = self._shared("betas"), self._shared("step").to(accumulation_dtype(device)) + 1
+        return 1.0 - torch.pow(beta1, k), torch.sqrt(1.0 - torch.pow(beta2, k))
+
     def _compiled_step(self, loss: Tensor, groups: list[Group]) -> None:
-        name, (beta1, beta2), (rho, root) = type(self).__name__, self._shared("betas"), self._this_step()
-        weight1, weight2, root_t = scalar(1.0 - beta1), scalar(1.0 - beta2), scalar(root)
+        name, (beta1, beta2), device = type(self).__name__, self._shared("betas"), loss.device
+        on_device = self._shared("capturable")
+        if on_device:  # the state exists from the first step on: the update pass writes it in place
+            rho, root = self._device_corrections(device)
+            at = device
+        else:
+            rho, root = self._this_step()
+            at = None
+        weight1, weight2, root_t = scalar(1.0 - beta1, at), scalar(1.0 - beta2, at), scalar(root, at)
         moments, partials = [], []
         for group, ps, gs in groups:
-            ds = [kernels.state_or_zeros(self.state.get(p, {}), p, "grad_avg") for p in ps]
-            vs = [kernels.state_or_zeros(self.state.get(p, {}), p, "grad_avg_sq") for p in ps]
-            eps = scalar(group["eps"])
+            if on_device:
+                ds = [self._state_tensor(p, "grad_avg") for p in ps]
+                vs = [self._state_tensor(p, "grad_avg_sq") for p in ps]
+            else:
+                ds = [kernels.state_or_zeros(self.state.get(p, {}), p, "grad_avg") for p in ps]
+                vs = [kernels.state_or_zeros(self.state.get(p, {}), p, "grad_avg_sq") for p in ps]
+            eps = scalar(group["eps"], at)
             moments.append((ds, vs, eps))
             columns = (ds, vs, gs, ps)
             partials += kernels.run_on_buckets(name, kernels.momo_adam_sums, columns, weight1, weight2, root_t, eps)
-        gx, d_dot_x, d_dot_u, v_max = sum_partials(partials, loss.device)
-        values = self._gate(loss=loss, gx=gx, d_dot_x=d_dot_x, d_dot_u=d_dot_u, v_max=v_max)
-        if values is None:
-            return
-        self._advance_loss_model(values, restart=False)
-        for (_, ps, _), (ds, vs, _) in zip(groups, moments):
-            for p, d, v in zip(ps, ds, vs):
-                self.state[p].setdefault("grad_avg", d)
-                self.state[p].setdefault("grad_avg_sq", v)
-        taus = self._step_sizes(groups, values["d_dot_x"], values["d_dot_u"], rho)
+        gx, d_dot_x, d_dot_u, v_max = sum_partials(partials, device)
+        if on_device:
+            values, ok = self._device_gate(loss=loss, gx=gx, d_dot_x=d_dot_x, d_dot_u=d_dot_u, v_max=v_max)
+            taus: list[Tensor] = self._device_step_sizes(groups, values, ok, values["d_dot_u"], rho, False)
+        else:
+            host = self._gate(loss=loss, gx=gx, d_dot_x=d_dot_x, d_dot_u=d_dot_u, v_max=v_max)
+            if host is None:
+                return
+            self._advance_loss_model(host, restart=False)
+            for (_, ps, _), (ds, vs, _) in zip(groups, moments):
+                for p, d, v in zip(ps, ds, vs):
+                    self.state[p].setdefault("grad_avg", d)
+                    self.state[p].setdefault("grad_avg_sq", v)
+            taus = [scalar(tau) for tau in self._step_sizes(groups, host["d_dot_x"], host["d_dot_u"], rho)]
+            ok = scalar(True)
         for (group, ps, gs), (ds, vs, eps), tau in zip(groups, moments, taus):
             shrink = group["lr"] * group["weight_decay"]
             keep, divisor = (1.0 - shrink, 1.0) if group["decoupled_weight_decay"] else (1.0, 1.0 + shrink)
@@ -1031,7 +1074,8 @@ class MoMoAdam(_MoMoBase):
                 weight2,
                 root_t,
                 eps,
-                scalar(tau),
-                scalar(keep),
-                scalar(divisor),
+                tau,
+                scalar(keep, at),
+                scalar(divisor, at),
+                ok,
             )
