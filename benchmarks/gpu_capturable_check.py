@@ -1,6 +1,7 @@
 """GPU check of the device-side step (``capturable=True``): no stall, a CUDA graph, the same numbers.
 
-For MoMo and MoMo-Adam this checks, on one CUDA device:
+For MoMo and MoMo-Adam, each also with ``compiled=True`` (rows ``-c``), this checks, on one CUDA
+device:
 
 1. **no host synchronization**: steps run under ``torch.cuda.set_sync_debug_mode("error")``, which
    raises on any device-to-host wait (the default path, which reads its gate once per step, is
@@ -38,6 +39,9 @@ import lightning_adaptive_lr as lalr
 METHODS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "MoMo": lambda params, **kw: lalr.MoMo(params, lr=1.0, **kw),
     "MoMoAdam": lambda params, **kw: lalr.MoMoAdam(params, lr=1e-2, **kw),
+    # compiled=True too: the compiled passes, the gate's decision on the device (the GPU's best path)
+    "MoMo-c": lambda params, **kw: lalr.MoMo(params, lr=1.0, compiled=True, **kw),
+    "MoMoAdam-c": lambda params, **kw: lalr.MoMoAdam(params, lr=1e-2, compiled=True, **kw),
 }
 #: Steps whose gradient (5) or loss (9) is not finite: skipped by both paths.
 BAD = {5: "grad", 9: "loss"}
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None, shapes: list[torch.Size] | None = None) 
             checks["CUDA graph"] = graph(name, device)
         for check, result in checks.items():
             failed |= not result["ok"]
-            print(f"{name:9s} {check:13s} {'ok  ' if result['ok'] else 'FAIL'} {result}")
+            print(f"{name:10s} {check:13s} {'ok  ' if result['ok'] else 'FAIL'} {result}")
     print("| step | ms |\n|---|---:|")
     for row, ms in timing(device, args.steps, shapes).items():
         print(f"| {row} | {ms:.3f} |")

@@ -11,7 +11,7 @@ def test_the_cpu_part_runs_and_finds_parity(capsys) -> None:
     assert check.main(["--steps", "2"], shapes=[torch.Size([16, 8]), torch.Size([16])]) == 0
     out = capsys.readouterr().out
     for name in check.METHODS:
-        assert f"{name:9s} parity        ok" in out
+        assert f"{name:10s} parity        ok" in out
         assert f"| {name} capturable |" in out
     assert "parts 1 and 3 need a GPU" in out
 
