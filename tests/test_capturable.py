@@ -99,6 +99,16 @@ def _train(cls: type, kwargs: dict[str, Any], capturable: bool, steps: int = 20,
     return model, opt, reads, snapshots
 
 
+def assert_skipped_steps_untouched(snapshots: dict) -> None:
+    """A skipped step left the parameters and the state bit for bit as they were."""
+    for k, (before, params_after, state_after) in snapshots.items():
+        for x, y in zip(before[0], params_after):
+            assert torch.equal(x, y), k
+        for index, entry in before[1].items():
+            for key, value in entry.items():
+                assert torch.equal(state_after[index][key], value), (k, key)
+
+
 @pytest.mark.parametrize(("cls", "kwargs"), SETTINGS)
 def test_a_capturable_step_reads_nothing_to_the_host(cls: type, kwargs: dict[str, Any]) -> None:
     with warnings.catch_warnings():
@@ -130,13 +140,7 @@ def test_a_capturable_step_takes_the_default_paths_steps_and_skips(cls: type, kw
             assert float(b) == pytest.approx(a, rel=1e-5, abs=1e-9), key
     for group_a, group_b in zip(opt_a.param_groups, opt_b.param_groups):
         assert float(group_b["effective_lr"]) == pytest.approx(group_a["effective_lr"], rel=1e-5)
-    # A skipped step leaves the parameters and the state bit for bit as they were.
-    for k, (before, params_after, state_after) in snapshots.items():
-        for x, y in zip(before[0], params_after):
-            assert torch.equal(x, y), k
-        for index, entry in before[1].items():
-            for key, value in entry.items():
-                assert torch.equal(state_after[index][key], value), (k, key)
+    assert_skipped_steps_untouched(snapshots)
 
 
 def test_sync_warnings_names_the_cause_and_raises_after_the_limit() -> None:
@@ -236,12 +240,7 @@ def test_compiled_and_capturable_together(cls: type, kwargs: dict[str, Any]) -> 
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
     assert int(opt_b.param_groups[0]["skipped_steps"]) == opt_a.param_groups[0]["skipped_steps"] == len(BAD)
     assert int(opt_b.param_groups[0]["step"]) == opt_a.param_groups[0]["step"]
-    for k, (before, params_after, state_after) in snapshots.items():
-        for x, y in zip(before[0], params_after):
-            assert torch.equal(x, y), k
-        for index, entry in before[1].items():
-            for key, value in entry.items():
-                assert torch.equal(state_after[index][key], value), (k, key)
+    assert_skipped_steps_untouched(snapshots)
 
 
 def test_in_lightning_the_monitor_reports_a_capturable_optimizers_skips() -> None:
