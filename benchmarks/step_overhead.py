@@ -84,6 +84,7 @@ ROWS: list[Row] = [
             ("QLAB-sgdm", lambda p: lalr.QLAB(p, base="sgdm"), SGDM, 1.6),
             ("QLAB-adam", lambda p: lalr.QLAB(p, base="adam"), ADAM, 1.6),
             ("QLAB-adam (per-tensor)", lambda p: lalr.QLAB(p, base="adam", foreach=False), ADAM, None),
+            ("QLAB-adam (compiled)", lambda p: lalr.QLAB(p, base="adam", compiled=True), ADAM, None),
             ("QLAB.wrap(SGD)", lambda p: lalr.QLAB.wrap(torch.optim.SGD(p, lr=0.1, foreach=True)), SGD, None),
             ("QLAB.wrap(Adam)", lambda p: lalr.QLAB.wrap(torch.optim.Adam(p, lr=1e-3, foreach=True)), ADAM, None),
         )
@@ -176,7 +177,7 @@ FLOORS: dict[str, Floor] = {
     ),
     "QLAB-sgd": Floor(SGD_FUSED, 7, 3, ("QLAB-sgd", "QLAB-sgd (per-tensor)")),
     "QLAB-sgdm": Floor(SGDM_FUSED, 8, 5, ("QLAB-sgdm",)),
-    "QLAB-adam": Floor(ADAM_FUSED, 11, 7, ("QLAB-adam", "QLAB-adam (per-tensor)")),
+    "QLAB-adam": Floor(ADAM_FUSED, 11, 7, ("QLAB-adam (compiled)", "QLAB-adam", "QLAB-adam (per-tensor)")),
     "HierarchicalHD-sgd": Floor(SGD_FUSED, 6, 3, ("HierarchicalHD-sgd", "HierarchicalHD-sgd (per-tensor)")),
     "HierarchicalHD-adam": Floor(ADAM_FUSED, 9, 7, ("HierarchicalHD-adam", "HierarchicalHD-adam (per-tensor)")),
     "AdaL": Floor(ADAM_FUSED, 8, 7, ("AdaL (compiled)", "AdaL", "AdaL (per-tensor)")),
@@ -191,8 +192,10 @@ def floor_table(times: dict[str, list[float]]) -> str:
         "|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for method, floor in FLOORS.items():
+        if floor.fused not in times:
+            continue
         measured = {row: paired_ratio(times, row, floor.fused) for row in floor.rows if row in times}
-        if floor.fused not in times or not measured:
+        if not measured:
             continue
         best = min(measured, key=measured.__getitem__)
         ratio, target = measured[best], 1.2 * floor.ratio

@@ -19,3 +19,7 @@ def test_the_floor_table_takes_the_fastest_path_and_judges_it_against_1_2_times_
 
 def test_methods_without_a_measured_row_are_left_out() -> None:
     assert so.floor_table({so.ADAM_FUSED: [1.0]}).count("\n") == 1  # the header only
+
+
+def test_a_method_measured_without_its_fused_baseline_is_left_out() -> None:
+    assert so.floor_table({"MoMo": [2.0], so.ADAM: [1.0]}).count("\n") == 1
