@@ -105,6 +105,7 @@ ROWS: list[Row] = [
     Row("HierarchicalHD-sgdn", lambda p: lalr.HierarchicalHD(p, base="sgdn", lr=0.1), SGDM),
     Row("HierarchicalHD-adam", lambda p: lalr.HierarchicalHD(p, base="adam", lr=1e-3), ADAM, 1.6),
     Row("HierarchicalHD-adam (per-tensor)", lambda p: lalr.HierarchicalHD(p, base="adam", lr=1e-3, foreach=False), ADAM),
+    Row("HierarchicalHD-adam (compiled)", lambda p: lalr.HierarchicalHD(p, base="adam", lr=1e-3, compiled=True), ADAM),
     Row("HierarchicalHD-adam 4 levels", lambda p: lalr.HierarchicalHD(p, base="adam", lr=1e-3, levels=("global", "layer", "unit", "param")), ADAM),
     # --- AdaL
     Row("AdaL", lambda p: lalr.AdaL(p, lr=1e-3), ADAM, 1.3),
@@ -179,7 +180,9 @@ FLOORS: dict[str, Floor] = {
     "QLAB-sgdm": Floor(SGDM_FUSED, 8, 5, ("QLAB-sgdm",)),
     "QLAB-adam": Floor(ADAM_FUSED, 11, 7, ("QLAB-adam (compiled)", "QLAB-adam", "QLAB-adam (per-tensor)")),
     "HierarchicalHD-sgd": Floor(SGD_FUSED, 6, 3, ("HierarchicalHD-sgd", "HierarchicalHD-sgd (per-tensor)")),
-    "HierarchicalHD-adam": Floor(ADAM_FUSED, 9, 7, ("HierarchicalHD-adam", "HierarchicalHD-adam (per-tensor)")),
+    "HierarchicalHD-adam": Floor(
+        ADAM_FUSED, 9, 7, ("HierarchicalHD-adam (compiled)", "HierarchicalHD-adam", "HierarchicalHD-adam (per-tensor)")
+    ),
     "AdaL": Floor(ADAM_FUSED, 8, 7, ("AdaL (compiled)", "AdaL", "AdaL (per-tensor)")),
     "StepTunedSGD (per half-step)": Floor(SGD_FUSED, 7, 3, ("StepTunedSGD", "StepTunedSGD (per-tensor)")),
 }

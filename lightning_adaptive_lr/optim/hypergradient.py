@@ -51,6 +51,8 @@ from ._base import (
     real_number,
     runtime_options,
 )
+from ._adam_compiled import run_adam_direction
+from ._compiled import ensure_inductor_works
 from ._directions import (
     adam_denominators,
     adam_directions,
@@ -274,17 +276,40 @@ def _adam_step_(
     bc1 = [1 - beta1 ** st["step"] for st in states]
     roots = [(1 - beta2 ** st["step"]) ** 0.5 for st in states]
     avgs, sq_avgs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+    if group.get("compiled"):  # moments and u in one loop per tensor (optim/_adam_compiled.py)
+        table = [(1 - beta1, 1 - beta2, root, group["eps"]) for root in roots]
+        wide = run_adam_direction("HierarchicalHD", avgs, sq_avgs, grads, table)
+        directions = [u if u.dtype == p.dtype else u.to(p.dtype) for u, p in zip(wide, params)]
+        add_scaled_(params, wide, [-(r / b) for r, b in zip(rates, bc1)], foreach=foreach)
+    else:
+        directions = _eager_adam_step_(group, params, grads, states, rates, bc1, roots)
+    for st, u, b in zip(states, directions, bc1):
+        st["prev_direction"] = u
+        st["direction_scale"] = 1.0 / b
+    return directions
+
+
+def _eager_adam_step_(
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    rates: list[float],
+    bc1: list[float],
+    roots: list[float],
+) -> list[Tensor]:
+    """The moments, the step and ``u`` by ``torch.optim.Adam``'s operations (the buffers of
+    ``prev_direction`` or of this step's gradient temporaries receive ``u``)."""
+    foreach = group["foreach"]
+    beta1, beta2 = group["betas"]
+    avgs, sq_avgs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
     adam_moments_(avgs, sq_avgs, grads, 1 - beta1, 1 - beta2, foreach=foreach)
     targets = grads if group["weight_decay"] != 0 else [st["prev_direction"] for st in states]
     # The denominators go into `targets` when those have v's dtype (16-bit parameters: new float32 tensors).
     fits = all(t.dtype == v.dtype for t, v in zip(targets, sq_avgs))
     denominators = adam_denominators(sq_avgs, roots, group["eps"], foreach=foreach, out=targets if fits else None)
     adam_step_(params, avgs, denominators, [-(r / b) for r, b in zip(rates, bc1)], foreach=foreach)
-    directions = adam_directions(avgs, denominators, foreach=foreach, out=targets)
-    for st, u, b in zip(states, directions, bc1):
-        st["prev_direction"] = u
-        st["direction_scale"] = 1.0 / b
-    return directions
+    return adam_directions(avgs, denominators, foreach=foreach, out=targets)
 
 
 def _move_tensor_rates_(
@@ -594,6 +619,10 @@ class HierarchicalHD(AdaptiveOptimizer):
         foreach: use the multi-tensor path; ``False`` updates tensor by tensor.
         average_across_ranks: average a given loss across ``torch.distributed`` ranks (the method
             needs only gradients, which data parallelism already averages).
+        compiled: the Adam base's moments and direction as one ``torch.compile``\ d
+            (TorchInductor) loop per tensor (:mod:`._adam_compiled`); the rates, the step along the
+            direction and the safeguards are unchanged.  No effect on the SGD bases.  Compiles once
+            per set of parameter shapes; a missing compiler raises before any state changes.
         max_consecutive_skips: raise after this many skipped steps in a row (see
             :class:`~lightning_adaptive_lr.optim._base.AdaptiveOptimizer`).
 
@@ -665,6 +694,7 @@ class HierarchicalHD(AdaptiveOptimizer):
         *,
         foreach: bool = True,
         average_across_ranks: bool = True,
+        compiled: bool = False,
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         name = type(self).__name__
@@ -683,7 +713,7 @@ class HierarchicalHD(AdaptiveOptimizer):
                 )
         defaults = checked(
             name, locals(), base=one_of(*BASES), lr=NONNEGATIVE, momentum=FRACTION, betas=BETAS, eps=NONNEGATIVE,
-            weight_decay=NONNEGATIVE, learn_weights=FLAG, weight_lr=NONNEGATIVE,
+            weight_decay=NONNEGATIVE, learn_weights=FLAG, weight_lr=NONNEGATIVE, compiled=FLAG,
         )  # fmt: skip
         initial_weights = self._check_weights(weights, levels, active)
         defaults.update(
@@ -858,6 +888,8 @@ class HierarchicalHD(AdaptiveOptimizer):
                 self._init_state(p)
             self._record_all(levels, dict(zip(levels, self._shared("level_weights"))))
             return
+        if params and any(group.get("compiled") for group in self.param_groups):
+            ensure_inductor_works(self._name, params[0].device)  # before any state changes
 
         # Reductions: ⟨g_j, prev_j⟩ per tensor and per output unit, and the weights' partials
         # Σ_i g_i·prev_i·ρ_i per tensor (a tensor without s_{t−1} has h = 0: tensor_dots' None).

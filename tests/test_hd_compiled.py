@@ -1,0 +1,76 @@
+"""HierarchicalHD(compiled=True): the Adam base's moments and direction as one Inductor loop per tensor.
+
+The reference is the eager path (itself tested against an independent float64 reference in
+tests/test_hypergradient.py); only the base direction is compiled, so the rates and steps must be
+the eager ones up to float rounding, at every level.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_adaptive_lr import HierarchicalHD
+from lightning_adaptive_lr.optim import _compiled as compiled_module
+
+SETTINGS = [
+    pytest.param({}, id="global"),
+    pytest.param({"levels": ("global", "layer", "unit", "param")}, id="four-levels"),
+    pytest.param({"weight_decay": 0.1, "learn_weights": True, "levels": ("global", "layer")}, id="wd-learned-weights"),
+]
+
+
+def train(options: dict, compiled: bool, dtype: torch.dtype, steps: int = 15) -> tuple[nn.Module, HierarchicalHD]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+    optimizer = HierarchicalHD(model.parameters(), base="adam", lr=1e-2, **options, compiled=compiled)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(32, 5, generator=gen).to(dtype), torch.randn(32, 1, generator=gen).to(dtype)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    return model, optimizer
+
+
+@pytest.mark.parametrize("options", SETTINGS)
+def test_compiled_matches_the_eager_path(options: dict) -> None:
+    for dtype, rtol, atol in ((torch.float64, 1e-12, 1e-14), (torch.float32, 2e-5, 1e-7)):
+        (eager, opt_e), (fused, opt_c) = train(options, False, dtype), train(options, True, dtype)
+        for p, q in zip(eager.parameters(), fused.parameters()):
+            torch.testing.assert_close(q, p, rtol=rtol, atol=atol)
+            for key in ("exp_avg", "exp_avg_sq", "prev_direction"):
+                torch.testing.assert_close(opt_c.state[q][key], opt_e.state[p][key], rtol=rtol, atol=atol)
+        assert opt_c.param_groups[0]["hd_rate_global"] == pytest.approx(opt_e.param_groups[0]["hd_rate_global"], rel=rtol * 10)
+
+
+def test_sgd_bases_are_unaffected() -> None:
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        opt = HierarchicalHD(model.parameters(), base="sgdn", lr=0.1, compiled=compiled)
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.ones(3, 4)).pow(2).mean().backward()
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_failed_compilation_raises_before_any_state_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(compiled_module.torch, "compile", broken_compile)
+    monkeypatch.setattr(compiled_module, "_INDUCTOR_CHECKED", set())
+    monkeypatch.setattr(compiled_module, "_COMPILED", {})
+    model = nn.Linear(4, 2)
+    optimizer = HierarchicalHD(model.parameters(), base="adam", compiled=True)
+    model(torch.ones(3, 4)).pow(2).mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"HierarchicalHD\(compiled=True\).*no C\+\+ compiler found"):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(len(optimizer.state[p]) == 0 for p in model.parameters())
