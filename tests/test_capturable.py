@@ -261,3 +261,27 @@ def test_in_lightning_the_monitor_reports_a_capturable_optimizers_skips() -> Non
         trainer(max_steps=5, callbacks=[AdaptiveLRCallback(), monitor]).fit(module, loader(n=160))
     opt = module.trainer.optimizers[0]
     assert int(opt.param_groups[0]["skipped_steps"]) == 1 and int(opt.param_groups[0]["step"]) == 4
+
+
+def test_a_group_added_between_steps_joins_the_shared_numbers() -> None:
+    """add_param_group copies the optimizer-wide numbers into the new group; the next capturable
+    step makes every group hold the same device tensors again (and reads nothing doing so)."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 3), nn.Linear(3, 1)
+    opt = lalr.MoMo(first.parameters(), capturable=True)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+
+    def step() -> list[str]:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(second(first(x)), y)
+        loss.backward()
+        with CountHostReads() as counter:
+            opt.step(loss=loss)
+        return counter.reads
+
+    step()
+    opt.add_param_group({"params": second.parameters(), "lr": 0.5})
+    assert step() == [] and step() == []
+    for key in ("step", "loss_avg", "gamma", "skipped_steps"):
+        assert opt.param_groups[1][key] is opt.param_groups[0][key], key
+    assert int(opt.param_groups[1]["step"]) == 3

@@ -1005,10 +1005,10 @@ class AdaptiveOptimizer(Optimizer):
             current = self._shared(key)
             if isinstance(current, Tensor) and current.shape == value.shape:
                 current.copy_(value)
+                fresh[key] = current  # every group holds this one tensor (a group added later held a copy)
             else:
                 fresh[key] = value.to(current.dtype) if isinstance(current, Tensor) else value
-        if fresh:
-            self._set_shared(**fresh)
+        self._set_shared(**fresh)
 
     @staticmethod
     def _record_on_device(group: dict[str, Any], **values: Tensor) -> None:

@@ -423,7 +423,9 @@ class _MoMoBase(AdaptiveOptimizer):
         first = self.param_groups[0]
         for name in self.shared_options:
             for group in self.param_groups[1:]:
-                if group[name] is not first[name] and group[name] != first[name]:  # (`is`: a capturable `lb`)
+                if isinstance(group[name], Tensor) or isinstance(first[name], Tensor):
+                    continue  # a capturable optimizer's lowered `lb`: its state, made equal by every step
+                if group[name] != first[name]:
                     raise ValueError(
                         f"{self._name}: `{name}` is shared by all param groups (it enters scalars computed over "
                         f"the whole model), but the groups hold {first[name]!r} and {group[name]!r} (changed by "
