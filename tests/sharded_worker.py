@@ -41,7 +41,8 @@ SINGLE_TENSOR_MODES = ("fsdp2",)
 #: Modes that run one setting per class (DCP_CASES): FSDP1 flat parameters (whose per-tensor
 #: optimizers are refused) and the 2×1 HSDP mesh (sharded over one process: nothing to complete).
 SUBSET_MODES = ("fsdp1_flat", "hsdp", "tp_replicated")
-#: Modes that also run MoMo and MoMo-Adam with ``compiled=True`` (the compiled kernels on DTensor shards).
+#: Modes that also run the ``compiled=True`` paths (MoMo, MoMo-Adam, AdaL, the Adam bases of QLAB
+#: and HierarchicalHD: the compiled kernels on DTensor shards).
 COMPILED_MODES = ("fsdp2",)
 #: The settings whose distributed-checkpoint round trip runs: one per class (its setting with the
 #: most state), the unit and param levels of HierarchicalHD (state per output unit), QLAB-sgd (no
@@ -84,8 +85,15 @@ def cases() -> list[tuple[str, Any]]:
         for foreach in (True, False):
             out.append((f"{case.id}-{'foreach' if foreach else 'single'}", (case, foreach)))
     out.append(("QLAB.wrap(Adam)", ("wrap", None)))
-    for cls in (lalr.MoMo, lalr.MoMoAdam):  # compiled=True: under COMPILED_MODES only (compiling costs seconds)
-        out.append((f"{cls.__name__}-compiled", ("compiled", cls)))
+    compiled = {  # compiled=True: under COMPILED_MODES only (compiling costs seconds)
+        "MoMo": (lambda p: lalr.MoMo(p, lr=0.05, compiled=True), False),
+        "MoMoAdam": (lambda p: lalr.MoMoAdam(p, lr=0.05, compiled=True), False),
+        "AdaL": (lambda p: lalr.AdaL(p, lr=0.05, compiled=True), False),
+        "QLAB-adam": (lambda p: lalr.QLAB(p, base="adam", lr=0.05, compiled=True), True),
+        "HierarchicalHD-adam": (lambda p: lalr.HierarchicalHD(p, base="adam", lr=0.05, compiled=True), False),
+    }
+    for name, (make, needs_probe) in compiled.items():
+        out.append((f"{name}-compiled", ("compiled", (make, needs_probe))))
     return out
 
 
@@ -97,7 +105,8 @@ def build(spec: Any, params: Any) -> tuple[torch.optim.Optimizer, bool]:
     if case == "wrap":
         return lalr.QLAB.wrap(torch.optim.Adam(params, lr=0.05)), True
     if case == "compiled":
-        return foreach(params, lr=0.05, compiled=True), False
+        make, needs_probe = foreach
+        return make(params), needs_probe
     return case.make(params, foreach=foreach), case.needs_probe
 
 
