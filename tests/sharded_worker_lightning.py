@@ -66,6 +66,9 @@ CASES = (
     Case("HierarchicalHD-adam-all-levels-learned", "HierarchicalHD-adam-all-levels-learned"),
     Case("AdaL-tensor_l1-denominator-wd", "AdaL-tensor_l1-denominator-wd"),
     Case("StepTunedSGD", "StepTunedSGD"),
+    # The device-side step: its optimizer-wide numbers are tensors in the param groups, through the
+    # distributed checkpoint and the monitor's sync_warnings.
+    Case("MoMoAdam-capturable", "MoMoAdam-capturable"),
     Case("MoMo-lb_fraction-tp", "MoMo", {"lb_fraction": 0.1}, resume=False, parallel="tp"),
     Case("QLAB-sgdm-float64-tp", "QLAB-sgdm", dtype=torch.float64, resume=False, parallel="tp"),
 )
