@@ -131,7 +131,7 @@ def test_data_module_states_what_it_yields() -> None:
     assert x.shape == (4, 32) and x.dtype == torch.long and y.shape == (4, 32)
     model = CharLanguageModel.for_datamodule(data, n_layers=1, d_model=16, n_heads=2)
     assert isinstance(model, TaskModule) and model.net.context == 32
-    with pytest.raises(ValueError, match="source must be 'docstrings' or 'comments'"):
+    with pytest.raises(ValueError, match="source must be 'docstrings', 'comments' or the path"):
         StdlibTextDataModule(source="poems")  # type: ignore[arg-type]
 
 

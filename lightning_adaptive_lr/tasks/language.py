@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
 import numpy as np
 import torch
@@ -68,9 +68,15 @@ __all__ = [
     "random_windows",
     "stdlib_documents",
     "stdlib_root",
+    "text_documents",
 ]
 
-TextSource = Literal["docstrings", "comments"]
+#: ``"docstrings"`` or ``"comments"`` of the standard library, or the path of your own text: a
+#: folder (every text file below it is a document) or one file (its paragraphs are the documents).
+TextSource = Union[Literal["docstrings", "comments"], str]
+STDLIB_SOURCES = ("docstrings", "comments")
+#: File name endings read as text from a folder given as the source.
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 #: Folders of the standard library that hold tests (code-like strings, fixtures), not prose.
 SKIPPED_FOLDERS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 
@@ -161,6 +167,41 @@ def stdlib_documents(source: TextSource = "docstrings") -> tuple[tuple[str, str]
     return tuple(documents)
 
 
+def text_documents(path: str | Path) -> tuple[tuple[str, str], ...]:
+    """``(name, text)`` of your own text: every file ending in :data:`TEXT_SUFFIXES` below a folder
+    (sorted by relative path; hidden files and folders left out), or the paragraphs of one file
+    (separated by blank lines, named ``file#i``).  Read as UTF-8 (undecodable bytes replaced).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "a.txt").write_text("First document.")
+        >>> _ = (folder / "b.md").write_text("Second one.")
+        >>> [name for name, _ in text_documents(folder)]
+        ['a.txt', 'b.md']
+    """
+    root = Path(path).expanduser()
+    if root.is_dir():
+        files = sorted(
+            (f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES),
+            key=lambda f: f.relative_to(root).as_posix(),
+        )
+        files = [f for f in files if not any(part.startswith(".") for part in f.relative_to(root).parts)]
+        documents = [(f.relative_to(root).as_posix(), f.read_text("utf-8", errors="replace")) for f in files]
+    elif root.is_file():
+        paragraphs = re.split(r"\n\s*\n", root.read_text("utf-8", errors="replace"))
+        documents = [(f"{root.name}#{i}", text.strip()) for i, text in enumerate(paragraphs)]
+    else:
+        raise ValueError(
+            f"text source {str(path)!r} is neither 'docstrings', 'comments', a folder nor a file; give the "
+            f"path of a folder of text files (ending in {', '.join(TEXT_SUFFIXES)}) or of one text file"
+        )
+    documents = [(name, text) for name, text in documents if text.strip()]
+    if not documents:
+        raise ValueError(f"text source {str(path)!r} holds no text (files ending in {', '.join(TEXT_SUFFIXES)})")
+    return tuple(documents)
+
+
 # --------------------------------------------------------------------------- characters
 
 
@@ -221,6 +262,11 @@ class TextCorpus:
     vocab_size: int
 
 
+def _hash_unit(path: str) -> float:
+    """A document's place in [0, 1): the CRC-32 of its path (see :func:`document_split`)."""
+    return zlib.crc32(path.encode("utf-8")) / 2**32
+
+
 def document_split(path: str, val_fraction: float, test_fraction: float) -> str:
     """``"train"``, ``"val"`` or ``"test"`` for a document, from a CRC-32 hash of its path: stable
     across runs, machines and library versions (adding a file moves no other file).
@@ -229,7 +275,7 @@ def document_split(path: str, val_fraction: float, test_fraction: float) -> str:
         >>> document_split("textwrap.py", 0.1, 0.05) in ("train", "val", "test")
         True
     """
-    u = zlib.crc32(path.encode("utf-8")) / 2**32
+    u = _hash_unit(path)
     if u < test_fraction:
         return "test"
     if u < test_fraction + val_fraction:
@@ -239,7 +285,8 @@ def document_split(path: str, val_fraction: float, test_fraction: float) -> str:
 
 @cache
 def build_corpus(source: TextSource = "docstrings", val_fraction: float = 0.1, test_fraction: float = 0.05) -> TextCorpus:
-    """The standard library's ``source`` text split by document and encoded (cached per process).
+    """``source``'s text (the standard library's, or yours: :func:`text_documents`) split by
+    document and encoded (cached per process).
 
     Example:
         >>> corpus = build_corpus("docstrings")
@@ -252,10 +299,21 @@ def build_corpus(source: TextSource = "docstrings", val_fraction: float = 0.1, t
         )
     vocab = CharVocabulary()
     parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for path, text in stdlib_documents(source):
-        parts[document_split(path, val_fraction, test_fraction)].append(text)
+    documents = stdlib_documents(source) if source in STDLIB_SOURCES else text_documents(source)  # type: ignore[arg-type]
+    splits = [document_split(path, val_fraction, test_fraction) for path, _ in documents]
+    if "val" not in splits and splits.count("train") > 1:
+        # A small corpus can leave the validation share empty: it then takes the training document
+        # whose hash lies nearest above it (as stable as the split itself).
+        nearest = min((i for i, split in enumerate(splits) if split == "train"), key=lambda i: _hash_unit(documents[i][0]))
+        splits[nearest] = "val"
+    for (_, text), split in zip(documents, splits):
+        parts[split].append(text)
     if not parts["train"] or not parts["val"]:
-        raise RuntimeError(f"the standard library at {stdlib_root()} gave too few documents of {source}")
+        where = f"the standard library at {stdlib_root()}" if source in STDLIB_SOURCES else repr(source)
+        raise RuntimeError(
+            f"{where} gave too few documents ({len(documents)}) for a training and a validation split: "
+            "give more files (or, for one file, more paragraphs separated by blank lines)"
+        )
     streams = {name: vocab.encode("\n\n".join(docs)) for name, docs in parts.items()}
     return TextCorpus(
         train=streams["train"],
@@ -434,7 +492,9 @@ class StdlibTextDataModule(ImageDataModule):
     ``num_classes`` = the vocabulary size, which ``lalr`` passes to :class:`CharLanguageModel`.
 
     Args:
-        source: ``"docstrings"`` (default) or ``"comments"``.
+        source: ``"docstrings"`` (default) or ``"comments"`` of the standard library, or the path
+            of your own text: a folder (every ``.txt``/``.md``/``.rst`` file below it is a document)
+            or one file (its paragraphs are the documents); split by document as the library is.
         context: characters per window.
         batch_size: windows per batch.
         val_fraction: share of the documents held out for validation.
@@ -462,8 +522,11 @@ class StdlibTextDataModule(ImageDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
-        if source not in ("docstrings", "comments"):
-            raise ValueError(f"source must be 'docstrings' or 'comments', got {source!r}")
+        if source not in STDLIB_SOURCES and not Path(source).expanduser().exists():
+            raise ValueError(
+                f"source must be 'docstrings', 'comments' or the path of a folder or file of your text; "
+                f"{source!r} does not exist"
+            )
         if context < 1:
             raise ValueError(f"context must be at least 1, got {context}")
         if max_eval_windows is not None and max_eval_windows < 1:
