@@ -117,6 +117,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib
 import math
 import os
@@ -479,12 +480,21 @@ LM_SIZE = {"n_layers": 2, "d_model": 64, "n_heads": 4}
 LM_EVAL_WINDOWS = 256
 
 
+#: ``--text``: the LM tasks' corpus replaced by your own text (a folder or a file), by task name.
+TEXT_SOURCES: dict[str, str] = {}
+
+
+def text_source(task: str) -> str:
+    """An LM task's text: ``--text`` if given, else the standard library's docstrings or comments."""
+    return TEXT_SOURCES.get(task, "comments" if task == "lm-comments" else "docstrings")
+
+
 @cache
 def text_data(task: str) -> TextData:
     """The corpus of an LM task (built once per process, a few seconds)."""
     from lightning_adaptive_lr.tasks.language import build_corpus, evaluation_windows
 
-    corpus = build_corpus("comments" if task == "lm-comments" else "docstrings")
+    corpus = build_corpus(text_source(task))
     val_x, val_y = evaluation_windows(corpus.val, LM_CONTEXT, LM_EVAL_WINDOWS)
     train_x, train_y = evaluation_windows(corpus.train, LM_CONTEXT, LM_EVAL_WINDOWS)
     return TextData(corpus.train, val_x, val_y, train_x, train_y, corpus.vocab_size)
@@ -954,9 +964,11 @@ class Job:
     steps_per_epoch: int | None = None
 
 
-def _worker_init(task: str = "mlp") -> None:
+def _worker_init(task: str = "mlp", text: str | None = None) -> None:
     torch.set_num_threads(1)  # one core per worker: the parallelism is across runs
     warnings.filterwarnings("ignore")
+    if text is not None:
+        TEXT_SOURCES[task] = text
     _load(task)
 
 
@@ -1002,7 +1014,8 @@ def _results(jobs: list[Job], workers: int) -> Iterator[tuple[Job, RunResult]]:
         return
     task = jobs[0].task
     # "spawn": fresh interpreters, safe with torch's thread pools (fork after torch use may hang).
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(task,)) as pool:
+    init = (task, TEXT_SOURCES.get(task))
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init, initargs=init) as pool:
         futures = [pool.submit(_run_job, job) for job in jobs]
         for future in as_completed(futures):
             yield future.result()
@@ -1390,8 +1403,26 @@ def main(argv: Sequence[str] | None = None, prog: str = "lalr sweep") -> None:
     parser.add_argument("--methods", default=None, help="comma-separated method names or aliases (see below)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (1: in this process)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: ./lr_sensitivity[_TASK])")
+    parser.add_argument(
+        "--text",
+        default=None,
+        help="LM tasks only: your own text instead of the standard library's, a folder of .txt/.md/.rst "
+        "files or one file (its paragraphs are the documents); default output ./lr_sensitivity_TASK_NAME",
+    )
     args = parser.parse_args(argv)
     task = TASKS[args.task]
+    if args.text is not None:
+        if task.steps_per_epoch is None:
+            parser.error(f"--text is for the LM tasks, not --task {task.name}")
+        from lightning_adaptive_lr.tasks.language import text_documents
+
+        try:
+            text_documents(args.text)
+        except ValueError as err:
+            parser.error(str(err))
+        TEXT_SOURCES[task.name] = str(Path(args.text).expanduser().resolve())
+        name = Path(args.text).expanduser().resolve().name
+        task = dataclasses.replace(task, title=_LM_TITLE.replace("the standard library's {}", repr(name)))
 
     quick_points, quick_seeds, quick_epochs = task.quick
     points = args.points or (quick_points if args.quick else task.points)
@@ -1427,6 +1458,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "lalr sweep") -> None:
     if not methods:
         _fail(prog, "every method asked for was skipped: " + "; ".join(f"{n} {w}" for n, w in skipped.items()))
     out = args.out if args.out is not None else default_out(task.name, args.schedule)
+    if args.text is not None and args.out is None:  # runs.csv keys runs by task: keep your text's apart
+        out = out.with_name(f"{out.name}_{Path(TEXT_SOURCES[task.name]).name}")
     _check_writable(out, prog)
 
     warnings.filterwarnings("ignore")
@@ -1447,7 +1480,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "lalr sweep") -> None:
     else:
         from lightning_adaptive_lr.tasks.language import build_corpus
 
-        corpus = build_corpus("comments" if task.name == "lm-comments" else "docstrings")
+        corpus = build_corpus(text_source(task.name))
         measured = (
             f"final validation loss in nats per character on {LM_EVAL_WINDOWS} windows of {LM_CONTEXT} characters "
             f"from {corpus.documents[1]} held-out files (training text: {len(corpus.train)} characters from "

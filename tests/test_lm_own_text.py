@@ -66,3 +66,33 @@ def test_a_source_without_text_is_refused_naming_what_to_give(tmp_path: Path, ma
     source = make(tmp_path)  # a path that does not exist; an empty folder
     with pytest.raises(ValueError, match="folder|file|no text"):
         StdlibTextDataModule(source=str(source)).setup()
+
+
+def test_the_sweep_runs_the_lm_task_on_your_text(tmp_path: Path, monkeypatch) -> None:
+    from lightning_adaptive_lr import sweep
+
+    monkeypatch.setattr(sweep, "TEXT_SOURCES", {})
+    sweep.text_data.cache_clear()
+    (tmp_path / "texts").mkdir()
+    folder = _folder(tmp_path / "texts")
+    monkeypatch.chdir(tmp_path)
+    try:
+        sweep.main(["--task", "lm", "--quick", "--text", str(folder), "--methods", "Adam", "--jobs", "1"])
+    finally:
+        sweep.text_data.cache_clear()
+    table = (tmp_path / "lr_sensitivity_lm_texts" / "lr_sensitivity.md").read_text()
+    assert "on 'texts'" in table and "| Adam |" in table
+    expected_val = build_corpus(str(folder)).documents[1]
+    assert f"from {expected_val} held-out files" in table
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--task", "mlp", "--text", "."], "--text is for the LM tasks"),
+    (["--task", "lm", "--text", "/nonexistent/texts"], "neither"),
+])
+def test_the_sweep_refuses_text_it_cannot_use(argv: list[str], message: str, capsys) -> None:
+    from lightning_adaptive_lr import sweep
+
+    with pytest.raises(SystemExit) as exited:
+        sweep.main(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
