@@ -89,3 +89,17 @@ def one_thread() -> Iterator[None]:
 def least_squares() -> Callable[..., tuple[list[Batch], list[np.ndarray]]]:
     """The least-squares problem factory :func:`make_least_squares` (``least_squares(n_batches, seed)``)."""
     return make_least_squares
+
+
+@pytest.fixture
+def no_inductor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.compile`` fails as it does without a C++ compiler, for the ``compiled=True`` paths;
+    the package's caches of compiled functions and checked devices start empty."""
+    from lightning_adaptive_lr.optim import _compiled
+
+    def broken_compile(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(_compiled.torch, "compile", broken_compile)
+    monkeypatch.setattr(_compiled, "_INDUCTOR_CHECKED", set())
+    monkeypatch.setattr(_compiled, "_COMPILED", {})

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from lightning_adaptive_lr import HierarchicalHD
-from lightning_adaptive_lr.optim import _compiled as compiled_module
 
 SETTINGS = [
     pytest.param({}, id="global"),
@@ -59,13 +58,8 @@ def test_sgd_bases_are_unaffected() -> None:
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-def test_failed_compilation_raises_before_any_state_change(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_compile(*args, **kwargs):
-        raise RuntimeError("no C++ compiler found")
-
-    monkeypatch.setattr(compiled_module.torch, "compile", broken_compile)
-    monkeypatch.setattr(compiled_module, "_INDUCTOR_CHECKED", set())
-    monkeypatch.setattr(compiled_module, "_COMPILED", {})
+@pytest.mark.usefixtures("no_inductor")
+def test_failed_compilation_raises_before_any_state_change() -> None:
     model = nn.Linear(4, 2)
     optimizer = HierarchicalHD(model.parameters(), base="adam", compiled=True)
     model(torch.ones(3, 4)).pow(2).mean().backward()

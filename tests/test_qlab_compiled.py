@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from lightning_adaptive_lr import QLAB
-from lightning_adaptive_lr.optim import _compiled as compiled_module
 
 
 def network(dtype: torch.dtype) -> nn.Module:
@@ -88,13 +87,8 @@ def test_the_state_is_the_eager_paths() -> None:
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
-def test_failed_compilation_raises_before_any_state_change(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_compile(*args, **kwargs):
-        raise RuntimeError("no C++ compiler found")
-
-    monkeypatch.setattr(compiled_module.torch, "compile", broken_compile)
-    monkeypatch.setattr(compiled_module, "_INDUCTOR_CHECKED", set())
-    monkeypatch.setattr(compiled_module, "_COMPILED", {})
+@pytest.mark.usefixtures("no_inductor")
+def test_failed_compilation_raises_before_any_state_change() -> None:
     model = network(torch.float32)
     optimizer = QLAB(model.parameters(), base="adam", lr=1e-2, compiled=True)
     x = torch.ones(3, 5)
