@@ -22,10 +22,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._compiled import ensure_inductor_works, run_compiled
+from ._compiled import run_with_table
 from ._directions import rsqrt_cap
 from ._reduce import work_dtype
-from ._tensorlists import group_by_device_and_dtype
 
 __all__ = ["adal_update", "run_adal_update"]
 
@@ -64,8 +63,4 @@ def run_adal_update(
 ) -> None:
     """:func:`adal_update` compiled, on each device-and-dtype bucket; ``scalars[i]`` is tensor ``i``'s
     ``(w1, w2, c, e, decay)``."""
-    for ps, gs, ms, vs, index in group_by_device_and_dtype(params, grads, avgs, sq_avgs, list(range(len(params)))):
-        device = ps[0].device
-        ensure_inductor_works("AdaL", device)
-        table = torch.tensor([scalars[i] for i in index], dtype=torch.float64).T.contiguous().to(device)
-        run_compiled("AdaL", adal_update, ps, gs, ms, vs, table, eps_in_denominator)
+    run_with_table("AdaL", adal_update, (params, grads, avgs, sq_avgs), scalars, eps_in_denominator)

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from ._compiled import ensure_inductor_works, run_compiled
+from ._compiled import run_with_table
 from ._reduce import work_dtype
-from ._tensorlists import group_by_device_and_dtype
 
 __all__ = ["adam_direction", "run_adam_direction"]
 
@@ -47,10 +45,7 @@ def run_adam_direction(
     """:func:`adam_direction` compiled on each device-and-dtype bucket; ``scalars[i]`` is tensor ``i``'s
     ``(w1, w2, r, e)``.  Returns the directions in the input order."""
     out: list[Tensor | None] = [None] * len(avgs)
-    for ms, vs, gs, index in group_by_device_and_dtype(avgs, sq_avgs, grads, list(range(len(avgs)))):
-        device = ms[0].device
-        ensure_inductor_works(owner, device)
-        table = torch.tensor([scalars[i] for i in index], dtype=torch.float64).T.contiguous().to(device)
-        for i, u in zip(index, run_compiled(owner, adam_direction, ms, vs, gs, table)):
+    for index, directions in run_with_table(owner, adam_direction, (avgs, sq_avgs, grads), scalars):
+        for i, u in zip(index, directions):
             out[i] = u
     return out  # type: ignore[return-value]

@@ -19,7 +19,7 @@ recompile it every step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ._tensorlists import group_by_device_and_dtype
 
-__all__ = ["ensure_inductor_works", "run_compiled", "run_on_buckets", "scalar", "state_or_zeros"]
+__all__ = ["ensure_inductor_works", "run_compiled", "run_on_buckets", "run_with_table", "scalar", "state_or_zeros"]
 
 _COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
 #: Compiled variants (sets of shapes, dtypes, devices) one step function may have in a process.
@@ -91,6 +91,24 @@ def run_on_buckets(
     for bucket in group_by_device_and_dtype(*columns):
         ensure_inductor_works(owner, bucket[0][0].device)
         results.append(run_compiled(owner, function, *bucket, *scalars))
+    return results
+
+
+def run_with_table(
+    owner: str, function: Callable[..., Any], columns: tuple[list[Tensor], ...], scalars: Sequence[Sequence[float]], *args: Any
+) -> list[tuple[list[int], Any]]:
+    """``function`` compiled on each device-and-dtype bucket of ``columns``, given the bucket's rows
+    of ``scalars`` (one row per tensor) as one float64 table, scalars × tensors, on its device, then
+    ``args``.  Returns each bucket's tensor indices with its result.
+
+    Per-tensor numbers that change every step go in as a table: as Python numbers they would be
+    baked into the kernel and recompile it at every step."""
+    results = []
+    for *bucket, index in group_by_device_and_dtype(*columns, list(range(len(columns[0])))):
+        device = bucket[0][0].device
+        ensure_inductor_works(owner, device)
+        table = torch.tensor([scalars[i] for i in index], dtype=torch.float64).T.contiguous().to(device)
+        results.append((index, run_compiled(owner, function, *bucket, table, *args)))
     return results
 
 
