@@ -201,7 +201,9 @@ def test_the_non_capturable_optimizers_sync_nothing() -> None:
 @pytest.mark.parametrize("cls", [lalr.MoMo, lalr.MoMoAdam])
 def test_state_dicts_move_between_capturable_and_default(cls: type) -> None:
     """Either way, a resumed run continues as the uninterrupted one (to float32 rounding): the
-    shared numbers become tensors on the device and back."""
+    shared numbers become tensors on the device and back.  A state dict restores the option it was
+    saved with (as torch's optimizers restore ``foreach`` or ``capturable``): the path is switched
+    by setting the option after loading."""
     kwargs = {"lb": None}
 
     def run(first: bool, second: bool, steps: int = 12, switch: int = 6) -> list[torch.Tensor]:
@@ -213,11 +215,15 @@ def test_state_dicts_move_between_capturable_and_default(cls: type) -> None:
                 saved = copy.deepcopy(opt.state_dict())
                 opt = cls(model.parameters(), capturable=second, **kwargs)
                 opt.load_state_dict(saved)
+                assert opt.param_groups[0]["capturable"] is first
+                for group in opt.param_groups:
+                    group["capturable"] = second
             x, y = torch.randn(16, 5, generator=gen), torch.randn(16, 1, generator=gen)
             opt.zero_grad()
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
             opt.step(loss=loss)
+        assert isinstance(opt.param_groups[0]["loss_avg"], torch.Tensor) is second
         return [p.detach().clone() for p in model.parameters()]
 
     reference = run(False, False)

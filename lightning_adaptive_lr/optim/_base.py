@@ -997,29 +997,15 @@ class AdaptiveOptimizer(Optimizer):
         )
 
     def _set_shared_on_device(self, **values: Tensor) -> None:
-        """:meth:`_set_shared` for a ``capturable`` step: copied into the tensors already there, so
-        that a CUDA graph that captured the step reads and writes the same memory at every replay
-        (new tensors where there are none yet: the steps before the capture)."""
-        fresh = {}
-        for key, value in values.items():
-            current = self._shared(key)
-            if isinstance(current, Tensor) and current.shape == value.shape:
-                current.copy_(value)
-                fresh[key] = current  # every group holds this one tensor (a group added later held a copy)
-            else:
-                fresh[key] = value.to(current.dtype) if isinstance(current, Tensor) else value
-        self._set_shared(**fresh)
+        """:meth:`_set_shared` for a ``capturable`` step: each value :func:`written_into` the tensor
+        already there, which every group then holds (a group added later held a copy)."""
+        self._set_shared(**{key: written_into(self._shared(key), value) for key, value in values.items()})
 
     @staticmethod
     def _record_on_device(group: dict[str, Any], **values: Tensor) -> None:
-        """:meth:`_record` for a ``capturable`` step: into the tensors already there (see
-        :meth:`_set_shared_on_device`)."""
+        """:meth:`_record` for a ``capturable`` step: each value :func:`written_into` the record there."""
         for key, value in values.items():
-            current = group.get(key)
-            if isinstance(current, Tensor) and current.shape == value.shape and current.dtype == value.dtype:
-                current.copy_(value)
-            else:
-                group[key] = value.detach()
+            group[key] = written_into(group.get(key), value.detach())
 
     def sync_warnings(self) -> None:
         """Give the warnings and errors that a ``capturable`` optimizer's steps cannot (they read
@@ -1116,6 +1102,19 @@ class AdaptiveOptimizer(Optimizer):
         """Write the quantities of the step just taken into the param group (monitors read them)."""
         for key, value in values.items():
             group[key] = value.detach() if isinstance(value, Tensor) else value
+
+
+def written_into(current: Any, value: Tensor) -> Tensor:
+    """``value`` copied into ``current`` when that is a tensor of its shape, dtype and device, else
+    ``value`` itself: a ``capturable`` step's update of state it already holds, so that a CUDA graph
+    that captured the step reads and writes the same memory at every replay (new tensors only where
+    there are none yet: the steps before the capture)."""
+    if (
+        isinstance(current, Tensor)
+        and (current.shape, current.dtype, current.device) == (value.shape, value.dtype, value.device)
+    ):
+        return current.copy_(value)
+    return value
 
 
 # --------------------------------------------------------------------------- which optimizer saved it

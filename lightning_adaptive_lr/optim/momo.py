@@ -52,6 +52,7 @@ from ._base import (
     check_range,
     checked,
     runtime_options,
+    written_into,
 )
 from ._compiled import scalar
 from ._directions import adam_denominators, adam_directions
@@ -378,15 +379,12 @@ class _MoMoBase(AdaptiveOptimizer):
         return state[key]
 
     def _store_on_device(self, key: str, params: list[Tensor], values: list[Tensor], ok: Tensor) -> None:
-        """``state[p][key] ← value where ok`` (a ``capturable`` step): into the tensor already there,
-        for CUDA graphs (see :meth:`~._base.AdaptiveOptimizer._set_shared_on_device`); a state not
-        stored yet starts at 0, the average of nothing."""
+        """``state[p][key] ← value where ok`` (a ``capturable`` step), :func:`~._base.written_into` the
+        tensor already there; a state not stored yet starts at 0, the average of nothing."""
         for p, value in zip(params, values):
             state = self.state[p]
-            if key in state:
-                state[key].copy_(torch.where(ok, value, state[key]))
-            else:
-                state[key] = torch.where(ok, value, 0.0).to(value.dtype)
+            old = state.get(key)
+            state[key] = written_into(old, torch.where(ok, value, 0.0 if old is None else old))
 
     def _loss_beta(self) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
