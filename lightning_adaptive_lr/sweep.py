@@ -1414,15 +1414,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "lalr sweep") -> None:
     if args.text is not None:
         if task.steps_per_epoch is None:
             parser.error(f"--text is for the LM tasks, not --task {task.name}")
-        from lightning_adaptive_lr.tasks.language import text_documents
+        from lightning_adaptive_lr.tasks.language import build_corpus
 
-        try:
-            text_documents(args.text)
-        except ValueError as err:
+        source = Path(args.text).expanduser().resolve()
+        try:  # read once here: the corpus is cached for the table and for runs in this process
+            build_corpus(str(source))
+        except (ValueError, RuntimeError) as err:
             parser.error(str(err))
-        TEXT_SOURCES[task.name] = str(Path(args.text).expanduser().resolve())
-        name = Path(args.text).expanduser().resolve().name
-        task = dataclasses.replace(task, title=_LM_TITLE.replace("the standard library's {}", repr(name)))
+        TEXT_SOURCES[task.name] = str(source)
+        task = dataclasses.replace(task, title=_LM_TITLE.replace("the standard library's {}", repr(source.name)))
 
     quick_points, quick_seeds, quick_epochs = task.quick
     points = args.points or (quick_points if args.quick else task.points)
