@@ -276,40 +276,24 @@ def _adam_step_(
     bc1 = [1 - beta1 ** st["step"] for st in states]
     roots = [(1 - beta2 ** st["step"]) ** 0.5 for st in states]
     avgs, sq_avgs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+    steps = [-(r / b) for r, b in zip(rates, bc1)]
     if group.get("compiled"):  # moments and u in one loop per tensor (optim/_adam_compiled.py)
         table = [(1 - beta1, 1 - beta2, root, group["eps"]) for root in roots]
         wide = run_adam_direction("HierarchicalHD", avgs, sq_avgs, grads, table)
+        add_scaled_(params, wide, steps, foreach=foreach)
         directions = [u if u.dtype == p.dtype else u.to(p.dtype) for u, p in zip(wide, params)]
-        add_scaled_(params, wide, [-(r / b) for r, b in zip(rates, bc1)], foreach=foreach)
-    else:
-        directions = _eager_adam_step_(group, params, grads, states, rates, bc1, roots)
+    else:  # torch.optim.Adam's operations; prev_direction's buffers (or the gradient temporaries) receive u
+        adam_moments_(avgs, sq_avgs, grads, 1 - beta1, 1 - beta2, foreach=foreach)
+        targets = grads if group["weight_decay"] != 0 else [st["prev_direction"] for st in states]
+        # The denominators go into `targets` when those have v's dtype (16-bit parameters: new float32 tensors).
+        fits = all(t.dtype == v.dtype for t, v in zip(targets, sq_avgs))
+        denominators = adam_denominators(sq_avgs, roots, group["eps"], foreach=foreach, out=targets if fits else None)
+        adam_step_(params, avgs, denominators, steps, foreach=foreach)
+        directions = adam_directions(avgs, denominators, foreach=foreach, out=targets)
     for st, u, b in zip(states, directions, bc1):
         st["prev_direction"] = u
         st["direction_scale"] = 1.0 / b
     return directions
-
-
-def _eager_adam_step_(
-    group: dict[str, Any],
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Any]],
-    rates: list[float],
-    bc1: list[float],
-    roots: list[float],
-) -> list[Tensor]:
-    """The moments, the step and ``u`` by ``torch.optim.Adam``'s operations (the buffers of
-    ``prev_direction`` or of this step's gradient temporaries receive ``u``)."""
-    foreach = group["foreach"]
-    beta1, beta2 = group["betas"]
-    avgs, sq_avgs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
-    adam_moments_(avgs, sq_avgs, grads, 1 - beta1, 1 - beta2, foreach=foreach)
-    targets = grads if group["weight_decay"] != 0 else [st["prev_direction"] for st in states]
-    # The denominators go into `targets` when those have v's dtype (16-bit parameters: new float32 tensors).
-    fits = all(t.dtype == v.dtype for t, v in zip(targets, sq_avgs))
-    denominators = adam_denominators(sq_avgs, roots, group["eps"], foreach=foreach, out=targets if fits else None)
-    adam_step_(params, avgs, denominators, [-(r / b) for r, b in zip(rates, bc1)], foreach=foreach)
-    return adam_directions(avgs, denominators, foreach=foreach, out=targets)
 
 
 def _move_tensor_rates_(
