@@ -167,8 +167,15 @@ def momo_lowered_bound(loss_avg: float, rho: float, lb: float) -> float | None:
     >>> momo_lowered_bound(0.5, 1.0, 0.0) is None
     True
     """
-    mean = loss_avg / rho
-    return 2.0 * mean - lb if mean < lb else None
+    below, lowered = _lowered_bound(loss_avg / rho, lb)
+    return lowered if below else None
+
+
+def _lowered_bound(mean: Scalar, lb: Scalar) -> tuple[Scalar, Scalar]:
+    """Whether the loss average ``mean`` (bias-corrected) is below ``lb``, and the bound after this
+    step: ``2·mean − lb`` then, ``lb`` otherwise (:func:`momo_lowered_bound`; numbers or 0-d tensors)."""
+    below = mean < lb
+    return below, where(below, 2.0 * mean - lb, lb)
 
 
 # --------------------------------------------------------------------------- the eager bodies
@@ -476,8 +483,8 @@ class _MoMoBase(AdaptiveOptimizer):
             new[LOSS_MIN] = mean if old[LOSS_MIN] is None else smin(old[LOSS_MIN], mean)
             floor = momo_following_bound(new[LOSS_MIN], self._shared("lb_fraction"))
         else:  # a loss average below lb lowers it to 2·m − lb (momo_lowered_bound)
-            below = mean < old["lb"]
-            floor = new["lb"] = where(below, 2.0 * mean - old["lb"], old["lb"])
+            below, floor = _lowered_bound(mean, old["lb"])
+            new["lb"] = floor
             new[LB_LOWERED] = old[LB_LOWERED] + below.to(torch.int64)
         current = old[CURRENT_LB]  # None or +inf: not known yet (before a step was taken)
         estimated = floor if current is None else torch.where(current == math.inf, floor, current)
