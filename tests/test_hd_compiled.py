@@ -51,7 +51,7 @@ def test_compiled_matches_the_eager_path(options: dict, base: str) -> None:
         assert opt_c.param_groups[0]["hd_rate_global"] == pytest.approx(opt_e.param_groups[0]["hd_rate_global"], rel=rtol * 10)
 
 
-@pytest.mark.parametrize(("base", "kernel"), [("sgd", "kept_step"), ("sgdn", "nesterov_step"), ("adam", "adam_direction")])
+@pytest.mark.parametrize(("base", "kernel"), [("sgd", "kept_step"), ("sgdn", "nesterov_step"), ("adam", "adam_step")])
 def test_the_base_rule_runs_compiled(monkeypatch: pytest.MonkeyPatch, base: str, kernel: str) -> None:
     """The parity above would also hold if the option did nothing: the compiled loop must run."""
     from lightning_adaptive_lr.optim import _compiled

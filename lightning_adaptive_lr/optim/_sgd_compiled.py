@@ -4,10 +4,10 @@ Four steps, each fused into one pass over every tensor, with its per-tensor scal
 (``table[:, i]`` for tensor ``i``), to be run with :func:`~._compiled.run_with_table`:
 
 * :func:`heavy_ball_step` (QLAB's ``"sgdm"`` trial step): ``b ← μ·b + (g + wd·x)``, ``x ← x − η·b``.
-  Reads ``x, g, b``, writes ``x, b``: 5 parameter-sized accesses where the foreach kernels take 6
-  (a multiply, an add, the step), and 9 with weight decay.
+  Reads ``x, g, b``, writes ``x, b``: 5 parameter-sized accesses where the foreach kernels take 8
+  (a multiply, an add, the step), and 11 with weight decay.
 * :func:`nesterov_step` (HierarchicalHD's ``"sgdn"``): ``b ← μ·b + g``, ``s = g + μ·b``,
-  ``prev ← s``, ``x ← x − η·s``: 6 accesses where the foreach kernels take 9.
+  ``prev ← s``, ``x ← x − η·s``: 6 accesses where the foreach kernels take 11.
 * :func:`kept_step` (HierarchicalHD's ``"sgd"``, Step-Tuned SGD's first half-step): ``prev ← g``,
   ``x ← x − η·g``: 4 accesses where a copy and a step take 5.
 * :func:`difference_average_step` (Step-Tuned SGD's second half-step): ``x ← x − η·g_b``,

@@ -51,7 +51,7 @@ from ._base import (
     real_number,
     runtime_options,
 )
-from ._adam_compiled import run_adam_direction
+from ._adam_compiled import run_adam_step
 from ._sgd_compiled import kept_step, nesterov_step
 from ._compiled import ensure_inductor_works, run_with_table
 from ._directions import (
@@ -285,10 +285,9 @@ def _adam_step_(
     roots = [(1 - beta2 ** st["step"]) ** 0.5 for st in states]
     avgs, sq_avgs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
     steps = [-(r / b) for r, b in zip(rates, bc1)]
-    if group.get("compiled"):  # moments and u in one loop per tensor (optim/_adam_compiled.py)
-        table = [(1 - beta1, 1 - beta2, root, group["eps"]) for root in roots]
-        wide = run_adam_direction("HierarchicalHD", avgs, sq_avgs, grads, table)
-        add_scaled_(params, wide, steps, foreach=foreach)
+    if group.get("compiled"):  # moments, u and the step in one loop per tensor (optim/_adam_compiled.py)
+        table = [(1 - beta1, 1 - beta2, root, group["eps"], step, 0.0) for root, step in zip(roots, steps)]
+        wide = run_adam_step("HierarchicalHD", params, avgs, sq_avgs, grads, table)
         directions = [u if u.dtype == p.dtype else u.to(p.dtype) for u, p in zip(wide, params)]
     else:  # torch.optim.Adam's operations; prev_direction's buffers (or the gradient temporaries) receive u
         adam_moments_(avgs, sq_avgs, grads, 1 - beta1, 1 - beta2, foreach=foreach)
@@ -612,9 +611,9 @@ class HierarchicalHD(AdaptiveOptimizer):
         average_across_ranks: average a given loss across ``torch.distributed`` ranks (the method
             needs only gradients, which data parallelism already averages).
         compiled: the base rule's update as one ``torch.compile``\ d (TorchInductor) loop per
-            tensor: Adam's moments and direction (:mod:`._adam_compiled`), SGD's ``prev ← g`` with
+            tensor: Adam's moments, direction and step (:mod:`._adam_compiled`), SGD's ``prev ← g`` with
             the step (4 parameter-sized accesses instead of 5), Nesterov's buffer, direction and
-            step (:mod:`._sgd_compiled`: 6 instead of 9).  The rates, the tensor levels' share of
+            step (:mod:`._sgd_compiled`: 6 instead of 11).  The rates, the tensor levels' share of
             the step and the safeguards are unchanged.  Compiles once per set of parameter shapes;
             a missing compiler raises before any state changes.
         max_consecutive_skips: raise after this many skipped steps in a row (see

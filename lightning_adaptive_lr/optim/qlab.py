@@ -56,7 +56,7 @@ from ._base import (
     real_number,
     runtime_options,
 )
-from ._adam_compiled import run_adam_direction
+from ._adam_compiled import run_adam_step
 from ._compiled import ensure_inductor_works, run_with_table
 from ._directions import (
     adam_denominators,
@@ -153,30 +153,44 @@ def _uses_foreach(group: dict[str, Any]) -> bool:
 
 
 def _base_direction(
-    group: dict[str, Any], state: defaultdict[Tensor, dict[str, Any]], params: list[Tensor], grads: list[Tensor]
+    group: dict[str, Any],
+    state: defaultdict[Tensor, dict[str, Any]],
+    params: list[Tensor],
+    grads: list[Tensor],
+    rate: float = 0.0,
 ) -> list[Tensor]:
-    """The built-in base rule's unit-rate direction ``d`` (``Δ = −η·d``); updates its buffers once.
+    """The built-in base rule's unit-rate direction ``d``, its buffers updated once, and the trial
+    step ``x ← x − rate·d`` (none at rate 0).
 
     ``sgd``: ``g + wd·x``; ``sgdm``: torch SGD's heavy-ball buffer of ``g + wd·x``; ``adam``:
-    ``m̂/(√v̂ + eps)`` of ``g + wd·x``; ``adamw``: ``m̂/(√v̂ + eps) + wd·x``.
+    ``m̂/(√v̂ + eps)`` of ``g + wd·x``; ``adamw``: ``m̂/(√v̂ + eps) + wd·x``.  With ``compiled`` the
+    buffers, the direction and the step of ``sgdm``, ``adam`` and ``adamw`` are one loop per tensor.
     """
     base, wd, foreach = group["base"], group["weight_decay"], _uses_foreach(group)
-    if base == "sgd":
-        return with_l2(params, grads, wd, foreach=foreach)
+    if base == "sgdm" and group.get("compiled") and rate != 0.0:
+        return _heavy_ball_trial(group, state, params, grads, rate)
+    if base in ("adam", "adamw"):
+        coupled = with_l2(params, grads, wd if base == "adam" else 0.0, foreach=foreach)
+        decoupled = wd if base == "adamw" else 0.0  # x(1 − η·wd) − η·m̂/(√v̂ + eps)
+        return _adam_direction(group, [state[p] for p in params], params, coupled, decoupled, rate)
+    directions = with_l2(params, grads, wd, foreach=foreach)
     if base == "sgdm":
-        states = [state[p] for p in params]
-        return momentum_(states, with_l2(params, grads, wd, foreach=foreach), group["momentum"], foreach=foreach)
-    coupled = with_l2(params, grads, wd if base == "adam" else 0.0, foreach=foreach)
-    directions = _adam_direction(group, [state[p] for p in params], params, coupled)
-    if base == "adamw" and wd != 0:
-        add_scaled_(directions, params, wd, foreach=foreach)  # decoupled: x(1 − η·wd) − η·m̂/(√v̂ + eps)
+        directions = momentum_([state[p] for p in params], directions, group["momentum"], foreach=foreach)
+    if rate != 0.0:
+        add_scaled_(params, directions, -rate, foreach=foreach)
     return directions
 
 
 def _adam_direction(
-    group: dict[str, Any], states: list[dict[str, Any]], params: list[Tensor], grads: list[Tensor]
+    group: dict[str, Any],
+    states: list[dict[str, Any]],
+    params: list[Tensor],
+    grads: list[Tensor],
+    decoupled: float,
+    rate: float,
 ) -> list[Tensor]:
-    """New tensors ``m̂/(√v̂ + eps)`` after the moment updates, with per-parameter step counts (as torch's Adam)."""
+    """New tensors ``m̂/(√v̂ + eps) + decoupled·x`` after the moment updates, with per-parameter step
+    counts (as torch's Adam), and the trial step ``x ← x − rate·d``."""
     beta1, beta2 = group["betas"]
     foreach = _uses_foreach(group)
     for state, p in zip(states, params):
@@ -193,12 +207,17 @@ def _adam_direction(
     # memory then receives the quotient (one new tensor per parameter and step).
     roots = [math.sqrt(1.0 - beta2 ** s["step"]) / b1 for s, b1 in zip(states, bias1)]
     shifts = [group["eps"] * b1 for b1 in bias1]
-    if group.get("compiled"):  # the same math in one loop per tensor (optim/_adam_compiled.py)
-        table = [(1.0 - beta1, 1.0 - beta2, r, e) for r, e in zip(roots, shifts)]
-        return run_adam_direction("QLAB", avgs, sq_avgs, grads, table)
+    if group.get("compiled"):  # the same math and the step in one loop per tensor (optim/_adam_compiled.py)
+        table = [(1.0 - beta1, 1.0 - beta2, r, e, -rate, decoupled) for r, e in zip(roots, shifts)]
+        return run_adam_step("QLAB", params, avgs, sq_avgs, grads, table)
     adam_moments_(avgs, sq_avgs, grads, 1.0 - beta1, 1.0 - beta2, foreach=foreach)
     denominators = adam_denominators(sq_avgs, roots, shifts, foreach=foreach)
-    return adam_directions(avgs, denominators, foreach=foreach, out=denominators)
+    directions = adam_directions(avgs, denominators, foreach=foreach, out=denominators)
+    if decoupled != 0:
+        add_scaled_(directions, params, decoupled, foreach=foreach)
+    if rate != 0.0:
+        add_scaled_(params, directions, -rate, foreach=foreach)
+    return directions
 
 
 def _heavy_ball_trial(
@@ -685,9 +704,9 @@ class QLAB(_QLABFit):
         average_across_ranks: average the loss and the probe's loss across ``torch.distributed``
             ranks (one collective each per step) so replicas stay identical.
         compiled: the base rule's update as one ``torch.compile``\ d (TorchInductor) loop per
-            tensor: for ``"adam"``/``"adamw"`` the moments and the direction
-            (:mod:`._adam_compiled`: 6 parameter-sized accesses instead of about 17), for
-            ``"sgdm"`` the buffer and the trial step (:mod:`._sgd_compiled`: 5 instead of 6, 9 with
+            tensor: for ``"adam"``/``"adamw"`` the moments, the direction and the trial step
+            (:mod:`._adam_compiled`: 8 parameter-sized accesses instead of about 20), for
+            ``"sgdm"`` the buffer and the trial step (:mod:`._sgd_compiled`: 5 instead of 8, 11 with
             weight decay); the fit, the probe and the move are unchanged.  No effect on ``"sgd"``,
             whose trial step is one pass already.  Compiles once per set of parameter shapes at the
             first step; a missing compiler raises before any state changes.
@@ -858,14 +877,10 @@ class QLAB(_QLABFit):
         trials, frozen = [], []
         slope = torch.zeros((), dtype=accumulation_dtype(device), device=device)
         for (group, params, grads), grad_sqnorm, rate in zip(groups, values["grad_sqnorms"], rates):
-            if group.get("compiled") and group["base"] == "sgdm" and rate != 0.0:
-                directions = _heavy_ball_trial(group, self.state, params, grads, rate)
-            else:
-                directions = _base_direction(group, self.state, params, grads)
-                if rate == 0.0:  # lr = 0: the buffers are updated (as torch.optim's), nothing moves
-                    frozen.append(group)
-                    continue
-                add_scaled_(params, directions, -rate, foreach=group["foreach"])  # the trial step Δ = −η·d
+            directions = _base_direction(group, self.state, params, grads, rate)  # and the trial step Δ = −η·d
+            if rate == 0.0:  # lr = 0: the buffers are updated (as torch.optim's), nothing moves
+                frozen.append(group)
+                continue
             # d = g: ⟨g, d⟩ is the gate's ‖g‖² (not when sharded: there the slope stays a partial sum)
             if group["base"] == "sgd" and group["weight_decay"] == 0 and self._layout is None:
                 slope = slope - rate * grad_sqnorm
