@@ -9,6 +9,7 @@ of its time divided by its baseline's time in the same round.
     python -m benchmarks.step_overhead                 # every row
     python -m benchmarks.step_overhead --only MoMo     # rows whose name contains "MoMo" (+ baselines)
     python -m benchmarks.step_overhead --markdown out.md
+    python -m benchmarks.step_overhead --host-only     # each tensor cut to 16 elements: the host's cost
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ ROWS: list[Row] = [
             ("QLAB-sgd", lambda p: lalr.QLAB(p, base="sgd"), SGD, 1.6),
             ("QLAB-sgd (per-tensor)", lambda p: lalr.QLAB(p, base="sgd", foreach=False), SGD, None),
             ("QLAB-sgdm", lambda p: lalr.QLAB(p, base="sgdm"), SGDM, 1.6),
+            ("QLAB-sgdm (compiled)", lambda p: lalr.QLAB(p, base="sgdm", compiled=True), SGDM, None),
             ("QLAB-adam", lambda p: lalr.QLAB(p, base="adam"), ADAM, 1.6),
             ("QLAB-adam (per-tensor)", lambda p: lalr.QLAB(p, base="adam", foreach=False), ADAM, None),
             ("QLAB-adam (compiled)", lambda p: lalr.QLAB(p, base="adam", compiled=True), ADAM, None),
@@ -94,15 +96,18 @@ ROWS: list[Row] = [
     # median lands between them. Gradient-only: no loss is passed.
     Row("StepTunedSGD", lambda p: lalr.StepTunedSGD(p, lr=0.1), SGD, 1.5),
     Row("StepTunedSGD (per-tensor)", lambda p: lalr.StepTunedSGD(p, lr=0.1, foreach=False), SGD, None),
+    Row("StepTunedSGD (compiled)", lambda p: lalr.StepTunedSGD(p, lr=0.1, compiled=True), SGD, None),
     # --- HierarchicalHD
     # torch's foreach Nesterov SGD adds the momentum into p.grad in place unless weight decay makes a
     # copy first, and the gradients here are shared: the Nesterov pair runs with weight decay.
     Row("torch SGD nesterov wd (foreach)", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, foreach=True)),
     Row("HierarchicalHD-sgd", lambda p: lalr.HierarchicalHD(p, base="sgd", lr=0.1), SGD, 1.6),
     Row("HierarchicalHD-sgd (per-tensor)", lambda p: lalr.HierarchicalHD(p, base="sgd", lr=0.1, foreach=False), SGD),
+    Row("HierarchicalHD-sgd (compiled)", lambda p: lalr.HierarchicalHD(p, base="sgd", lr=0.1, compiled=True), SGD),
     Row("HierarchicalHD-sgd global (SGD-HD)", lambda p: lalr.HierarchicalHD(p, base="sgd", lr=0.1, levels=("global",)), SGD),
     Row("HierarchicalHD-sgdn wd", lambda p: lalr.HierarchicalHD(p, base="sgdn", lr=0.1, weight_decay=1e-4), "torch SGD nesterov wd (foreach)", 1.6),
     Row("HierarchicalHD-sgdn", lambda p: lalr.HierarchicalHD(p, base="sgdn", lr=0.1), SGDM),
+    Row("HierarchicalHD-sgdn (compiled)", lambda p: lalr.HierarchicalHD(p, base="sgdn", lr=0.1, compiled=True), SGDM),
     Row("HierarchicalHD-adam", lambda p: lalr.HierarchicalHD(p, base="adam", lr=1e-3), ADAM, 1.6),
     Row("HierarchicalHD-adam (per-tensor)", lambda p: lalr.HierarchicalHD(p, base="adam", lr=1e-3, foreach=False), ADAM),
     Row("HierarchicalHD-adam (compiled)", lambda p: lalr.HierarchicalHD(p, base="adam", lr=1e-3, compiled=True), ADAM),
@@ -177,14 +182,19 @@ FLOORS: dict[str, Floor] = {
         ADAM_FUSED, 11, 7, ("MoMoAdam (compiled)", "MoMoAdam", "MoMoAdam (per-tensor)", "MoMoAdam (compiled, capturable)")
     ),
     "QLAB-sgd": Floor(SGD_FUSED, 7, 3, ("QLAB-sgd", "QLAB-sgd (per-tensor)")),
-    "QLAB-sgdm": Floor(SGDM_FUSED, 8, 5, ("QLAB-sgdm",)),
-    "QLAB-adam": Floor(ADAM_FUSED, 11, 7, ("QLAB-adam (compiled)", "QLAB-adam", "QLAB-adam (per-tensor)")),
-    "HierarchicalHD-sgd": Floor(SGD_FUSED, 6, 3, ("HierarchicalHD-sgd", "HierarchicalHD-sgd (per-tensor)")),
+    "QLAB-sgdm": Floor(SGDM_FUSED, 9, 5, ("QLAB-sgdm (compiled)", "QLAB-sgdm")),
+    "QLAB-adam": Floor(ADAM_FUSED, 12, 7, ("QLAB-adam (compiled)", "QLAB-adam", "QLAB-adam (per-tensor)")),
+    "HierarchicalHD-sgd": Floor(
+        SGD_FUSED, 6, 3, ("HierarchicalHD-sgd (compiled)", "HierarchicalHD-sgd", "HierarchicalHD-sgd (per-tensor)")
+    ),
+    "HierarchicalHD-sgdn": Floor(SGDM_FUSED, 8, 5, ("HierarchicalHD-sgdn (compiled)", "HierarchicalHD-sgdn")),
     "HierarchicalHD-adam": Floor(
-        ADAM_FUSED, 9, 7, ("HierarchicalHD-adam (compiled)", "HierarchicalHD-adam", "HierarchicalHD-adam (per-tensor)")
+        ADAM_FUSED, 10, 7, ("HierarchicalHD-adam (compiled)", "HierarchicalHD-adam", "HierarchicalHD-adam (per-tensor)")
     ),
     "AdaL": Floor(ADAM_FUSED, 8, 7, ("AdaL (compiled)", "AdaL", "AdaL (per-tensor)")),
-    "StepTunedSGD (per half-step)": Floor(SGD_FUSED, 7, 3, ("StepTunedSGD", "StepTunedSGD (per-tensor)")),
+    "StepTunedSGD (per half-step)": Floor(
+        SGD_FUSED, 7, 3, ("StepTunedSGD (compiled)", "StepTunedSGD", "StepTunedSGD (per-tensor)")
+    ),
 }
 
 
@@ -209,10 +219,16 @@ def floor_table(times: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
-def resnet18_parameters(device: torch.device) -> list[Tensor]:
-    """ResNet-18's parameter shapes, freshly initialized (no download)."""
+#: ``--host-only``: every tensor cut to this many elements, so that a step is its fixed host cost.
+HOST_ONLY_ELEMENTS = 16
+
+
+def resnet18_parameters(device: torch.device, host_only: bool = False) -> list[Tensor]:
+    """ResNet-18's parameter shapes, freshly initialized (no download); with ``host_only`` its 62
+    tensors, each cut to its first :data:`HOST_ONLY_ELEMENTS` elements (a 1-d tensor)."""
     torch.manual_seed(0)
-    return [p.detach().to(device) for p in torchvision.models.resnet18().parameters()]
+    params = [p.detach().to(device) for p in torchvision.models.resnet18().parameters()]
+    return [p.reshape(-1)[:HOST_ONLY_ELEMENTS].clone() for p in params] if host_only else params
 
 
 def select(rows: list[Row], only: list[str] | None) -> list[Row]:
@@ -223,9 +239,12 @@ def select(rows: list[Row], only: list[str] | None) -> list[Row]:
     return [r for r in rows if r in chosen or r.name in needed]
 
 
-def measure(rows: list[Row], device: torch.device, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per step of each row in every measured round (rounds interleaved)."""
-    shapes = resnet18_parameters(device)
+def measure(
+    rows: list[Row], device: torch.device, steps: int, warmup: int, host_only: bool = False
+) -> dict[str, list[float]]:
+    """Seconds per step of each row in every measured round (rounds interleaved); ``host_only``:
+    over ResNet-18's tensor count with almost no elements (:func:`resnet18_parameters`)."""
+    shapes = resnet18_parameters(device, host_only)
     gen = torch.Generator(device="cpu").manual_seed(1)
     grads = [torch.randn(p.shape, generator=gen).mul_(1e-3).to(device) for p in shapes]
     setups = []
@@ -284,16 +303,23 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured rounds first (default 5)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument(
+        "--host-only",
+        action="store_true",
+        help=f"ResNet-18's 62 tensors cut to {HOST_ONLY_ELEMENTS} elements each: what a step costs the host "
+        "(Python, torch.compile's guards and wrappers, kernel launches, the gate's read) with no arithmetic",
+    )
     args = parser.parse_args(argv)
     rows = select(ROWS, args.only)
-    times = measure(rows, torch.device(args.device), args.steps, args.warmup)
+    times = measure(rows, torch.device(args.device), args.steps, args.warmup, args.host_only)
+    what = f"ResNet-18's 62 tensors, {HOST_ONLY_ELEMENTS} elements each" if args.host_only else "ResNet-18 parameters (11.7 M)"
     text = (
-        f"ResNet-18 parameters (11.7 M), {args.device}, {machine()}; median of {args.steps} interleaved "
+        f"{what}, {args.device}, {machine()}; median of {args.steps} interleaved "
         "rounds; ratio = median over rounds of the same-round ratio to the baseline\n\n"
     )
     text += table(rows, times)
     floors = floor_table(times)
-    if floors.count("\n") > 1:
+    if floors.count("\n") > 1 and not args.host_only:
         text += "\n\nAgainst the memory-traffic floor (torch's fused kernels; see docs/benchmarks.md):\n\n" + floors
     print(text)
     if args.markdown:

@@ -23,3 +23,14 @@ def test_methods_without_a_measured_row_are_left_out() -> None:
 
 def test_a_method_measured_without_its_fused_baseline_is_left_out() -> None:
     assert so.floor_table({"MoMo": [2.0], so.ADAM: [1.0]}).count("\n") == 1
+
+
+def test_host_only_keeps_the_tensor_count_and_cuts_every_tensor() -> None:
+    import torch
+
+    full = so.resnet18_parameters(torch.device("cpu"))
+    cut = so.resnet18_parameters(torch.device("cpu"), host_only=True)
+    assert len(cut) == len(full) == 62
+    for a, b in zip(full, cut):
+        assert b.numel() == min(a.numel(), so.HOST_ONLY_ELEMENTS)
+        assert torch.equal(b, a.reshape(-1)[: b.numel()])
