@@ -41,8 +41,7 @@ SINGLE_TENSOR_MODES = ("fsdp2",)
 #: Modes that run one setting per class (DCP_CASES): FSDP1 flat parameters (whose per-tensor
 #: optimizers are refused) and the 2×1 HSDP mesh (sharded over one process: nothing to complete).
 SUBSET_MODES = ("fsdp1_flat", "hsdp", "tp_replicated")
-#: Modes that also run the ``compiled=True`` paths (MoMo, MoMo-Adam, AdaL, the Adam bases of QLAB
-#: and HierarchicalHD: the compiled kernels on DTensor shards).
+#: Modes that also run the ``compiled=True`` paths (every method's fused kernels on DTensor shards).
 COMPILED_MODES = ("fsdp2",)
 #: The settings whose distributed-checkpoint round trip runs: one per class (its setting with the
 #: most state), the unit and param levels of HierarchicalHD (state per output unit), QLAB-sgd (no
@@ -91,6 +90,10 @@ def cases() -> list[tuple[str, Any]]:
         "AdaL": (lambda p: lalr.AdaL(p, lr=0.05, compiled=True), False),
         "QLAB-adam": (lambda p: lalr.QLAB(p, base="adam", lr=0.05, compiled=True), True),
         "HierarchicalHD-adam": (lambda p: lalr.HierarchicalHD(p, base="adam", lr=0.05, compiled=True), False),
+        "QLAB-sgdm": (lambda p: lalr.QLAB(p, base="sgdm", lr=0.05, weight_decay=0.01, compiled=True), True),
+        "HierarchicalHD-sgd": (lambda p: lalr.HierarchicalHD(p, base="sgd", lr=0.05, compiled=True), False),
+        "HierarchicalHD-sgdn": (lambda p: lalr.HierarchicalHD(p, base="sgdn", lr=0.05, compiled=True), False),
+        "StepTunedSGD": (lambda p: lalr.StepTunedSGD(p, lr=0.05, compiled=True), False),
     }
     for name, (make, needs_probe) in compiled.items():
         out.append((f"{name}-compiled", ("compiled", (make, needs_probe))))
