@@ -415,7 +415,11 @@ class AdaL(AdaptiveOptimizer):
 
         # The gate: ‖g‖₁ (its finiteness is the gradient's) and the loss, read in one sync; for
         # float16 gradients also their range, since there (‖g‖₁)² bounds |g|² far too loosely.
-        norms = torch.cat([l1_norms(gs, device, foreach=self._uses_foreach(group, gs)) for group, _, gs in groups if gs])
+        norms = torch.cat([
+            l1_norms(gs, device, foreach=self._uses_foreach(group, gs), compiled_by="AdaL" if group["compiled"] else None)
+            for group, _, gs in groups
+            if gs
+        ])  # fmt: skip
         halves = [g for _, _, gs in groups for g in gs if g.dtype == torch.float16]
         extra = {"float16_range": torch.stack(tensor_extrema(halves, device))} if halves else {}
         values = self._gate(
