@@ -52,7 +52,6 @@ from ._base import (
     runtime_options,
 )
 from ._adam_compiled import run_adam_step
-from ._sgd_compiled import kept_step, nesterov_step
 from ._compiled import ensure_inductor_works, run_with_table
 from ._directions import (
     adam_denominators,
@@ -73,6 +72,7 @@ from ._reduce import (
 )
 from ._scalars import Scalar, smax, smin
 from ._sharding import local as _local_tensor
+from ._sgd_compiled import kept_step, nesterov_step
 from ._tensorlists import add_scaled_, clamp_, copy_
 
 __all__ = [

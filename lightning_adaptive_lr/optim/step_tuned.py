@@ -285,9 +285,9 @@ class StepTunedSGD(AdaptiveOptimizer):
             loop per tensor (:mod:`._sgd_compiled`): the first half-step keeps ``g_a`` and moves the
             parameters in 4 parameter-sized accesses instead of 5; the second moves them and updates
             the average of ``g_a − g_b`` in 6 instead of 9.  The reductions, the gate and the gain
-            are unchanged.  Compiles once per set of parameter
-            shapes at the first steps; needs a working Inductor (a C++ compiler on CPU, Triton on
-            GPU), else ``step()`` raises a RuntimeError naming the cause before any state changes.
+            are unchanged.  Compiles once per set of parameter shapes at the first steps; needs a
+            working Inductor (a C++ compiler on CPU, Triton on GPU), else ``step()`` raises a
+            RuntimeError naming the cause before any state changes.
         average_across_ranks: average a given loss across ``torch.distributed`` ranks (one collective)
             before the finiteness check, so that all replicas skip the same steps.
         max_consecutive_skips: raise after this many skipped steps in a row (``None``: never);
@@ -710,6 +710,7 @@ class StepTunedSGD(AdaptiveOptimizer):
                 alone = [i for i, p in enumerate(half.params) if id(p) not in paired]
                 columns = (pair.params, pair.second, pair.first, diff_avgs)
                 run_with_table(self._name, difference_average_step, columns, [(lr, 1.0 - beta)] * len(diff_avgs))
+                # a parameter without g_a this iteration takes the plain step x ← x − η·g_b
                 _first_half_step(_split(half.params, alone), _split(half.grads, alone), lr, foreach=half.group["foreach"])
                 continue
             _second_half_step(
