@@ -55,6 +55,7 @@ from benchmarks.step_overhead import (
     ROWS,
     SGD_FUSED,
     SGDM_FUSED,
+    emit,
     machine,
     paired_ratio,
     resnet18_parameters,
@@ -709,12 +710,7 @@ def main(argv: list[str] | None = None) -> str:
         flush=not args.no_flush,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    text = report(times, args.device, args.rounds)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as handle:
-            handle.write(text + "\n")
-    return text
+    return emit(report(times, args.device, args.rounds), args.markdown)
 
 
 if __name__ == "__main__":

@@ -321,9 +321,14 @@ def main(argv: list[str] | None = None) -> str:
     floors = floor_table(times)
     if floors.count("\n") > 1 and not args.host_only:
         text += "\n\nAgainst the memory-traffic floor (torch's fused kernels; see docs/benchmarks.md):\n\n" + floors
+    return emit(text, args.markdown)
+
+
+def emit(text: str, markdown: str | None) -> str:
+    """Print a report, and write it to ``markdown`` as well when a path is given; returns it."""
     print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as handle:
+    if markdown:
+        with open(markdown, "w") as handle:
             handle.write(text + "\n")
     return text
 
