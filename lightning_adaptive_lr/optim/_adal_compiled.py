@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._adam_compiled import adam_moments
 from ._compiled import run_with_table
 from ._directions import rsqrt_cap
 from ._reduce import work_dtype
@@ -42,8 +43,7 @@ def adal_update(
         w1, w2, c, e, decay = table[0, i], table[1, i], table[2, i], table[3, i], table[4, i]
         work = work_dtype(x.dtype)
         xw, gw, mw, vw = x.to(work), g.to(work), m.to(work), v.to(work)
-        m_new = mw + w1 * (gw - mw)
-        v_new = vw * (1.0 - w2) + w2 * gw * gw
+        m_new, v_new = adam_moments(mw, vw, gw, w1, w2)
         if eps_in_denominator:
             u = m_new / (v_new.sqrt() + e)
         else:

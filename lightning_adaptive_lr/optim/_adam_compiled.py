@@ -23,7 +23,21 @@ from torch import Tensor
 from ._compiled import run_with_table
 from ._reduce import work_dtype
 
-__all__ = ["adam_step", "run_adam_step"]
+__all__ = ["adam_moments", "adam_step", "adam_terms", "run_adam_step"]
+
+
+def adam_moments(m: Tensor, v: Tensor, g: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
+    """Adam's moments after a step, ``m + w1·(g − m)`` and ``(1 − w2)·v + w2·g²`` (new tensors):
+    the arithmetic every compiled Adam-like kernel shares (its inputs already in one dtype)."""
+    return m + w1 * (g - m), v * (1.0 - w2) + w2 * g * g
+
+
+def adam_terms(
+    m: Tensor, v: Tensor, g: Tensor, w1: Tensor, w2: Tensor, root: Tensor, eps: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`adam_moments` and Adam's direction ``u = m′ / (√v′ / root + eps)``."""
+    m_new, v_new = adam_moments(m, v, g, w1, w2)
+    return m_new, v_new, m_new / (v_new.sqrt() / root + eps)
 
 
 def adam_step(
@@ -36,9 +50,8 @@ def adam_step(
         w1, w2, r, e, c, decay = (table[j, i] for j in range(6))
         wide = work_dtype(v.dtype)
         gw, mw, vw, xw = g.to(wide), m.to(wide), v.to(wide), x.to(wide)
-        m_new = mw + w1 * (gw - mw)
-        v_new = vw * (1.0 - w2) + w2 * gw * gw
-        d = m_new / (v_new.sqrt() / r + e) + decay * xw
+        m_new, v_new, u = adam_terms(mw, vw, gw, w1, w2, r, e)
+        d = u + decay * xw
         m.copy_(m_new)
         v.copy_(v_new)
         x.copy_(xw + c * d)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._adam_compiled import adam_terms
 from ._compiled import run_on_buckets, state_or_zeros
 from ._reduce import work_dtype
 
@@ -68,15 +69,6 @@ def momo_update(
 # --------------------------------------------------------------------------- MoMo-Adam
 
 
-def _adam_terms(
-    d: Tensor, v: Tensor, g: Tensor, weight1: Tensor, weight2: Tensor, root: Tensor, eps: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The moments after the step and Adam's direction ``u = d' / (√v' / root + eps)``."""
-    d_next = d + weight1 * (g - d)
-    v_next = v * (1.0 - weight2) + weight2 * g * g
-    return d_next, v_next, d_next / (v_next.sqrt() / root + eps)
-
-
 def momo_adam_sums(
     avgs: list[Tensor],
     sq_avgs: list[Tensor],
@@ -93,7 +85,7 @@ def momo_adam_sums(
     for d, v, g, x in zip(avgs, sq_avgs, grads, params):
         stored = v.dtype
         d, v, g, x = _work(d), _work(v), _work(g), _work(x)
-        d_next, v_next, u = _adam_terms(d, v, g, weight1, weight2, root, eps)
+        d_next, v_next, u = adam_terms(d, v, g, weight1, weight2, root, eps)
         # An empty shard (FSDP2 shards unevenly) has no largest element: 0 (shapes are fixed per compile).
         v_max = v_next.to(stored).amax().to(v_next.dtype) if v_next.numel() else v_next.new_zeros(())
         rows.append(torch.stack([(g * x).sum(), (d_next * x).sum(), (d_next * u).sum(), v_max]))
@@ -117,7 +109,7 @@ def momo_adam_update(
     """Write ``d'`` and ``v'``, then ``x ← (keep·x − step·u) / divisor``: one loop per tensor; all
     kept as they were where ``ok`` (a 0-d bool: the capturable step's gate) is false."""
     for d, v, g, x in zip(avgs, sq_avgs, grads, params):
-        d_next, v_next, u = _adam_terms(d, v, g, weight1, weight2, root, eps)
+        d_next, v_next, u = adam_terms(d, v, g, weight1, weight2, root, eps)
         d.copy_(torch.where(ok, d_next, d))
         v.copy_(torch.where(ok, v_next, v))
         x.copy_(torch.where(ok, (keep * x - step * u) / divisor, x))

@@ -60,7 +60,6 @@ def kept_step(params: list[Tensor], grads: list[Tensor], prevs: list[Tensor], ta
         x.copy_(x.to(wide) - table[0, i] * g.to(wide))
 
 
-
 def difference_average_step(
     params: list[Tensor], grads: list[Tensor], firsts: list[Tensor], diff_avgs: list[Tensor], table: Tensor
 ) -> None:
