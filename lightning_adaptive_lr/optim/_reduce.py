@@ -169,7 +169,7 @@ def l1_norms(xs: Sequence[Tensor], device: torch.device, *, foreach: bool, compi
     On accelerators the multi-tensor path is one ``_foreach_norm`` kernel per bucket; on the CPU,
     where that kernel is a loop over a norm several times slower than ``abs().sum()``, both paths
     take the latter (which writes ``|x|`` before summing it).  With ``compiled_by`` (the name of the
-    ``compiled=True`` optimizer asking, for its errors) the sums are one ``torch.compile``\ d graph
+    ``compiled=True`` optimizer asking, for its errors) the sums are one ``torch.compile``\\ d graph
     per bucket, reading each tensor once: 0.7× fused SGD's step on ResNet-18 here against 1.2× for
     ``abs().sum()`` (docs/benchmarks.md).
     """
