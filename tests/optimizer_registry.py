@@ -282,6 +282,14 @@ CASES: list[OptimizerCase] = [
         recorded=("gain", "curvature"),
         momentum=("beta",),
     ),
+    OptimizerCase(
+        "StepTunedSGD-capturable",
+        lalr.StepTunedSGD,
+        {"lr": 0.1, "capturable": True, "weight_decay": 1e-2},
+        ({"capturable": "yes"}, {"compiled": True}, {"same_batch": True}),
+        recorded=("gain", "curvature"),
+        momentum=("beta",),
+    ),
 ]
 
 CASE_IDS = [case.id for case in CASES]

@@ -26,6 +26,13 @@ non-finite entry of ``g_b`` makes it non-finite whatever ``g_a`` holds there), s
 reads the device exactly once and the gain and step sizes stay Python floats.  The same floats
 decide whether a half-step's outcome is representable (:func:`step_tuned_fits`) before anything
 moves.
+
+With ``capturable=True`` nothing is read: the same rules run on 0-d device tensors, and the gate's
+decision and the outcome checks become one 0-d bool ``ok`` that every update is taken ``where``.  A
+skipped half-step is taken again at the next call, so which half is due (``phase``) is a device
+value too: each call takes both halves' sums, the gate reads those of the half due, and the second
+half's sums over ``g_a`` are taken again from ``first_grad`` (per parameter, masked by its pending
+mark) instead of being carried over from the first half on the host.
 """
 
 from __future__ import annotations
@@ -55,7 +62,8 @@ from ._base import (
 )
 from ._compiled import ensure_inductor_works, run_with_table
 from ._directions import with_l2
-from ._reduce import dot, sqnorm, tensor_extrema
+from ._reduce import accumulation_dtype, dot, sqnorm, tensor_dots, tensor_extrema, work_dtype
+from ._scalars import Scalar, safe_div, smax, smin, where
 from ._sgd_compiled import difference_average_step, kept_step
 from ._tensorlists import add_scaled_, clone, copy_, exponential_average_, subtract_
 
@@ -71,13 +79,15 @@ FIRST_GRAD_PENDING = "first_grad_pending"
 #: Param-group keys that hold a value only between the two half-steps (``None`` otherwise): the
 #: group's ``η_k``, and the first half-step's ``⟨D, g_a⟩`` and ``‖g_a‖²`` over the group.
 PENDING = ("half_step_lr", "first_half_avg_dot", "first_half_sqnorm")
+#: The outcome checks of a ``capturable`` half-step, as its skip record names them.
+OUTCOMES = ("first half-step", "curvature, gain", "second half-step")
 
 
 # --------------------------------------------------------------------------- the scalar rules
 
 
-def step_tuned_step_size(lr: float, gain: float, iteration: int, delta: float) -> float:
-    """``η_k = lr·γ_k/(k+1)^(1/2+δ)``.
+def step_tuned_step_size(lr: float, gain: Scalar, iteration: Scalar, delta: float) -> Scalar:
+    """``η_k = lr·γ_k/(k+1)^(1/2+δ)``.  Works on numbers and on 0-d tensors (``k`` then a float tensor).
 
     >>> step_tuned_step_size(0.1, 2.0, 3, 0.0)
     0.1
@@ -86,18 +96,19 @@ def step_tuned_step_size(lr: float, gain: float, iteration: int, delta: float) -
 
 
 def step_tuned_curvature(
-    lrs: Sequence[float],
-    avg_dots: Sequence[float],
-    sqnorms: Sequence[float],
-    cross_dots: Sequence[float],
+    lrs: Sequence[Scalar],
+    avg_dots: Sequence[Scalar],
+    sqnorms: Sequence[Scalar],
+    cross_dots: Sequence[Scalar],
     *,
     beta: float,
-    iteration: int,
-) -> tuple[float, float]:
+    iteration: Scalar,
+) -> tuple[Scalar, Scalar]:
     """``(⟨Ĝ, Δx⟩, ‖Δx‖²)`` of iteration ``k`` from per-group sums (module docstring).
 
     Per group: ``η_k``, ``⟨D, g_a⟩`` (D before this iteration's update), ``‖g_a‖²`` and
-    ``⟨g_b, g_a⟩``, over the parameters that took both half-steps.
+    ``⟨g_b, g_a⟩``, over the parameters that took both half-steps.  Works on numbers and on 0-d
+    tensors (``k`` then a float tensor).
 
     >>> step_tuned_curvature([0.5], [0.0], [4.0], [1.0], beta=0.0, iteration=0)
     (1.5, 1.0)
@@ -110,8 +121,8 @@ def step_tuned_curvature(
     return curvature, dx_sqnorm
 
 
-def step_tuned_gain(curvature: float, dx_sqnorm: float, *, nu: float, bounds: tuple[float, float]) -> float:
-    """``γ_{k+1} = clip(‖Δx‖²/⟨Ĝ, Δx⟩ if ⟨Ĝ, Δx⟩ > 0 else ν, m̃, M̃)``.
+def step_tuned_gain(curvature: Scalar, dx_sqnorm: Scalar, *, nu: float, bounds: tuple[float, float]) -> Scalar:
+    """``γ_{k+1} = clip(‖Δx‖²/⟨Ĝ, Δx⟩ if ⟨Ĝ, Δx⟩ > 0 else ν, m̃, M̃)``.  Numbers or 0-d tensors.
 
     >>> step_tuned_gain(1.5, 1.0, nu=2.0, bounds=(0.5, 2.0))
     0.6666666666666666
@@ -119,11 +130,11 @@ def step_tuned_gain(curvature: float, dx_sqnorm: float, *, nu: float, bounds: tu
     1.5
     """
     low, high = bounds
-    gain = dx_sqnorm / curvature if curvature > 0 else nu
-    return min(max(gain, low), high)
+    gain = where(curvature > 0, safe_div(dx_sqnorm, curvature), nu)
+    return smin(smax(gain, low), high)
 
 
-def step_tuned_fits(lr: float, grad_bounds: Sequence[float], largest: float) -> bool:
+def step_tuned_fits(lr: Scalar, grad_bounds: Sequence[Scalar], largest: float) -> bool | Tensor:
     """Whether a half-step ``x − η·g`` (and, given two gradients, ``g_a − g_b``) stays finite.
 
     ``grad_bounds`` bound the entries of the gradients the step writes from: ``[|g_a|]`` for a
@@ -131,14 +142,31 @@ def step_tuned_fits(lr: float, grad_bounds: Sequence[float], largest: float) -> 
     ``F``.  For parameters within ``±F/2``, ``x − η·g`` stays finite when ``η·|g| ≤ F/2`` (always
     when ``η ≤ 1/2``), and the difference that enters the average when ``|g_a| + |g_b| ≤ F`` (the
     average itself is a convex combination: computed in float32 for 16-bit dtypes, it cannot
-    overflow).
+    overflow).  Numbers give a bool, 0-d tensors a 0-d bool tensor.
 
     >>> step_tuned_fits(0.1, [4e4, 4e4], 65504.0), step_tuned_fits(0.1, [4e4, 1.0], 65504.0)
     (False, True)
     """
-    if lr > 0.5 and any(lr * bound > largest / 2 for bound in grad_bounds):
-        return False
-    return math.fsum(grad_bounds) <= largest
+    reachable = _every([(lr <= 0.5) | (lr * bound <= largest / 2) for bound in grad_bounds])
+    return reachable & (_total(grad_bounds) <= largest)
+
+
+def _every(flags: Sequence[bool | Tensor]) -> bool | Tensor:
+    """``all(flags)``: a bool for bools, a 0-d bool tensor for 0-d bool tensors (nothing read)."""
+    if flags and isinstance(flags[0], Tensor):
+        return torch.stack(list(flags)).all()
+    return all(flags)
+
+
+def _total(values: Sequence[Scalar]) -> Scalar:
+    """``Σ values``: exactly rounded for numbers (``math.fsum``), a 0-d tensor for tensors."""
+    if any(isinstance(v, Tensor) for v in values):
+        return sum(values)
+    return math.fsum(values)
+
+
+def _sqrt(value: Scalar) -> Scalar:
+    return torch.sqrt(value) if isinstance(value, Tensor) else math.sqrt(value)
 
 
 # --------------------------------------------------------------------------- the bodies
@@ -224,6 +252,52 @@ def _largest(params: list[Tensor]) -> float:
     return min(torch.finfo(dtype).max for dtype in {p.dtype for p in params})
 
 
+def _refuse_on_device(owner: str, options: dict[str, Any]) -> None:
+    """Refuse, naming what to use instead, the options a ``capturable`` step does not support."""
+    if not options.get("capturable"):
+        return
+    if options.get("compiled"):
+        raise ValueError(
+            f"{owner}: `compiled` and `capturable` cannot both be True: the compiled half-step "
+            "kernels (optim/_sgd_compiled.py) take their step sizes as Python numbers and have no flag to "
+            "keep a skipped half-step's values on the device. Use capturable=True alone (the device-side "
+            "step) or compiled=True alone (the fused kernels, one device-to-host read per step)."
+        )
+    if options.get("same_batch"):
+        raise ValueError(
+            f"{owner}: `same_batch` and `capturable` cannot both be True: the device-side step is written "
+            "for one half-step per call, the half due kept on the device (same_batch=False); the two-closure "
+            "step has no device-side form. Use same_batch=False (the default: each step() is one half-step on "
+            "its own mini-batch) with capturable=True, or same_batch=True without capturable."
+        )
+
+
+def _masked_sum(values: Tensor, mask: Tensor) -> Tensor:
+    """``Σ values[i]`` over ``mask[i]``: a non-finite value outside the mask does not count."""
+    return torch.where(mask, values, 0.0).sum()
+
+
+def _flags(flags: list[Tensor], device: torch.device) -> Tensor:
+    """0-d bool tensors as one vector (empty for none)."""
+    return torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool, device=device)
+
+
+def _as_flag(value: bool | Tensor, device: torch.device) -> Tensor:
+    """``value`` as a 0-d bool tensor on ``device``: itself if it is one, else made without reading it (a
+    state dict loaded into ``torch.optim`` casts a 0-d state tensor to the parameter's float dtype)."""
+    if isinstance(value, Tensor):
+        return value if (value.dtype, value.device) == (torch.bool, device) else (value != 0).to(device)
+    return torch.full((), bool(value), dtype=torch.bool, device=device)  # a fill kernel: nothing copied
+
+
+def _as_number(value: float | Tensor, device: torch.device) -> Tensor:
+    """``value`` as a 0-d :func:`~._reduce.accumulation_dtype` tensor on ``device`` (itself if it is one)."""
+    dtype = accumulation_dtype(device)
+    if isinstance(value, Tensor):
+        return value if (value.dtype, value.device) == (dtype, device) else value.to(device=device, dtype=dtype)
+    return torch.full((), float(value), dtype=dtype, device=device)
+
+
 def _or_zero(value: float | None) -> float:
     """A group's pending sum, 0 for a group added between the two half-steps (it has no first half)."""
     return 0.0 if value is None else value
@@ -288,6 +362,18 @@ class StepTunedSGD(AdaptiveOptimizer):
             are unchanged.  Compiles once per set of parameter shapes at the first steps; needs a
             working Inductor (a C++ compiler on CPU, Triton on GPU), else ``step()`` raises a
             RuntimeError naming the cause before any state changes.
+        capturable: keep every decision of the step on the device (docs/algorithms.md, "The
+            device-side step"): the gate, the fits checks, ``η``, the curvature, the gain and the
+            half-step's ``phase`` are 0-d device tensors, a half-step whose values are not finite or
+            whose outcome would not fit is undone with ``torch.where``, and the state is updated in
+            place, so the step never waits for the host and can be captured in a CUDA graph (after a
+            few eager steps).  Since a skipped half-step is taken again at the next call, which half
+            comes next is a device value: each call computes both halves' sums (five per-tensor
+            reductions instead of two or three, tensor by tensor whatever ``foreach``) and keeps the
+            one ``phase`` says.  Skips are counted on the device and reported by
+            :meth:`sync_warnings`.  Hyperparameters are read as Python numbers at each call: a graph
+            keeps the values it was captured with.  Not with ``compiled=True`` (its kernels take
+            host numbers) nor ``same_batch=True``: the constructor refuses both.
         average_across_ranks: average a given loss across ``torch.distributed`` ranks (one collective)
             before the finiteness check, so that all replicas skip the same steps.
         max_consecutive_skips: raise after this many skipped steps in a row (``None``: never);
@@ -328,6 +414,10 @@ class StepTunedSGD(AdaptiveOptimizer):
     without ``same_batch``, ``first_grad`` (``g_a``; scratch after the second half-step) and
     ``first_grad_pending`` (whether ``first_grad`` is the pending iteration's ``g_a``).  The keys
     of ``state[p]`` do not change from the first step on, which distributed checkpoints need.
+    With ``capturable=True`` the shared numbers are 0-d tensors on the parameters' device (counts
+    int64, ``gamma`` float64), as are the groups' pending values (+inf: none) and records, and
+    ``first_grad_pending`` is a 0-d bool tensor; every parameter with a gradient has its state from
+    its first step on (zeros where that step was skipped).  State dicts move between the two modes.
     Extra memory: two parameter-sized buffers (with ``same_batch``, one, plus copies of ``x_k``
     and ``g_a`` during the step).
 
@@ -353,8 +443,10 @@ class StepTunedSGD(AdaptiveOptimizer):
     """
 
     requires_loss = False
-    shared_options = ("nu", "beta", "momentum", "gain_bounds", "delta", "same_batch")
+    shared_options = ("nu", "beta", "momentum", "gain_bounds", "delta", "same_batch", "capturable")
     group_state = {**AdaptiveOptimizer.group_state, "iteration": 0, "phase": 0, "gamma": 1.0}
+    #: The ``capturable`` step's outcome checks, named in its skip record (:meth:`_note_outcome`).
+    outcome_scalars = frozenset(OUTCOMES)
 
     def __init__(
         self,
@@ -369,6 +461,7 @@ class StepTunedSGD(AdaptiveOptimizer):
         *,
         foreach: bool = True,
         compiled: bool = False,
+        capturable: bool = False,
         average_across_ranks: bool = True,
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
@@ -379,8 +472,9 @@ class StepTunedSGD(AdaptiveOptimizer):
         check_range(name, "gain_bounds[1]", gain_bounds[1], gain_bounds[0], None)
         defaults = checked(
             name, locals(), lr=NONNEGATIVE, nu=POSITIVE, beta=FRACTION, delta=number(0.0, 0.5, high_open=True),
-            weight_decay=NONNEGATIVE, same_batch=FLAG, compiled=FLAG,
+            weight_decay=NONNEGATIVE, same_batch=FLAG, compiled=FLAG, capturable=FLAG,
         )  # fmt: skip
+        _refuse_on_device(name, defaults)
         defaults.update(
             gain_bounds=(float(gain_bounds[0]), float(gain_bounds[1])),
             momentum=defaults["beta"],  # the key torch's schedulers and Lightning's monitor read
@@ -401,6 +495,7 @@ class StepTunedSGD(AdaptiveOptimizer):
         if self.param_groups:
             for key in ("beta", "momentum"):
                 param_group.setdefault(key, self.param_groups[0][key])
+        _refuse_on_device(self._name, {**self.defaults, **param_group})
         super().add_param_group(param_group)
 
     def _sync_momentum(self) -> None:
@@ -472,6 +567,10 @@ class StepTunedSGD(AdaptiveOptimizer):
         if self._is_state_initialization():  # torch.distributed.checkpoint laying out the state
             self._create_state()
             return
+        if self._capturable:
+            self._device_half(loss)
+            return
+        self._host_state()
         self._ensure_compiler()
         if self._shared("phase") == 0:
             self._first_half(loss)
@@ -600,12 +699,196 @@ class StepTunedSGD(AdaptiveOptimizer):
         self._end_iteration(lrs, curvature, gain)
         return first_loss
 
+    # ------------------------------------------------------------------ the device-side step (capturable)
+
+    def _device_half(self, loss: Tensor | None) -> None:
+        """``capturable``: the half-step ``phase`` says, with every decision on the device (no host read).
+
+        A skipped half-step is taken again at the next call, so ``phase`` is a device value: both
+        halves' sums are taken (:meth:`_device_sums`) and the gate reads the ones of the half due;
+        the state, the parameters and the numbers are replaced ``where`` that half is taken.
+        """
+        halves = self._gather()
+        if not any(h.params for h in halves):
+            return
+        device = self._device()
+        self._device_group_state(device)
+        self._device_pending_state(halves, device)
+        first = self._shared("phase") == 0
+        placeholders = dict.fromkeys(OUTCOMES, torch.zeros((), device=device, dtype=accumulation_dtype(device)))
+        values, finite = self._device_gate(**self._device_sums(halves, first), **_loss(loss), **placeholders)
+        now = self._step_sizes()
+        kept = [where(torch.isinf(g["half_step_lr"]), lr, g["half_step_lr"]) for g, lr in zip(self.param_groups, now)]
+        paired = (values["paired_avg_dots"], values["paired_sqnorms"], values["cross_dots"])
+        curvature, dx_sqnorm = step_tuned_curvature(
+            kept, *paired, beta=self.param_groups[0]["beta"], iteration=self._iteration()
+        )
+        options = self.param_groups[0]
+        gain = step_tuned_gain(curvature, dx_sqnorm, nu=options["nu"], bounds=options["gain_bounds"])
+        second_fits = True
+        if "float16_range" in values:
+            second_fits = self._float16_fits(halves, kept, values["paired_sqnorms"], values["float16_range"])
+        gain_finite = torch.isfinite(curvature) & torch.isfinite(dx_sqnorm)
+        ok = self._note_outcome(  # in the order of the default step's checks
+            finite,
+            first & ~_as_flag(self._first_fits(halves, now, values["sqnorms"]), device),
+            ~first & ~gain_finite,
+            ~first & gain_finite & ~_as_flag(second_fits, device),
+        )
+        rates = [torch.where(first, lr, lr_kept) for lr, lr_kept in zip(now, kept)]
+        self._device_move(halves, rates, first, ok)
+        self._device_bookkeeping(values, now, rates, curvature, gain, first, ok)
+
+    def _device_sums(self, halves: list[_Half], first: Tensor) -> dict[str, Tensor]:
+        """The gate's values of the half-step ``first`` says (the other half's are 0).
+
+        First half: per group ``⟨D, g⟩`` and ``‖g‖²``, as :meth:`_first_half_sums`.  Second half: per
+        group, over the parameters whose ``first_grad`` is pending, ``⟨g, g_a⟩``, ``⟨D, g_a⟩`` and
+        ``‖g_a‖²`` (the first half's sums again: the same numbers when every parameter took both
+        halves), and ``‖g‖²`` over the others; the float16 gradients' range where there are some.
+        """
+        device = self._device()
+        firsts, seconds = {"avg_dots": [], "sqnorms": []}, {"cross_dots": [], "paired_avg_dots": [], "paired_sqnorms": []}
+        alone = []
+        for half in halves:
+            states = [self.state[p] for p in half.params]
+            avgs, kept = [s[DIFF_AVG] for s in states], [s[FIRST_GRAD] for s in states]
+            pending = _flags([s[FIRST_GRAD_PENDING] for s in states], device)
+            squares = tensor_dots(half.grads, half.grads, device)
+            firsts["avg_dots"].append(dot(avgs, half.grads, device))
+            firsts["sqnorms"].append(squares.sum())
+            seconds["cross_dots"].append(_masked_sum(tensor_dots(half.grads, kept, device), pending))
+            seconds["paired_avg_dots"].append(_masked_sum(tensor_dots(avgs, kept, device), pending))
+            seconds["paired_sqnorms"].append(_masked_sum(tensor_dots(kept, kept, device), pending))
+            alone.append(_masked_sum(squares, ~pending))
+        sums = {name: torch.where(first, torch.stack(parts), 0.0) for name, parts in firsts.items()}
+        sums.update((name, torch.where(first, 0.0, torch.stack(parts))) for name, parts in seconds.items())
+        sums["unpaired_sqnorm"] = torch.where(first, 0.0, torch.stack(alone).sum())
+        sums.update((name, torch.where(first, 0.0, value)) for name, value in self._float16_range(halves).items())
+        return sums
+
+    def _note_outcome(self, finite: Tensor, *failed: Tensor) -> Tensor:
+        """``ok``: the gate's values finite and none of the outcome checks :data:`OUTCOMES` ``failed``.
+
+        A skip the outcome decides is written into the skip record the gate keeps (in place), at the
+        places of the outcome names, so that :meth:`sync_warnings` names the check.
+        """
+        failures = torch.stack(failed) & finite
+        refused = failures.any()
+        names, record = self._skip_record  # type: ignore[misc]
+        assert names[-len(OUTCOMES) :] == OUTCOMES
+        noted = torch.cat([torch.zeros_like(record[: -len(OUTCOMES)]), failures])
+        record.copy_(torch.where(refused, noted, record))
+        return finite & ~refused
+
+    def _device_move(self, halves: list[_Half], rates: list[Tensor], first: Tensor, ok: Tensor) -> None:
+        """Where ``ok``: ``x ← x − η·g``; a first half keeps ``g`` as ``g_a`` and marks it pending; a
+        second half updates ``D`` from the pending ``g_a − g`` (left in ``first_grad``, as scratch) and
+        clears every pending mark.  Elsewhere every tensor keeps its bits."""
+        weight = 1.0 - self.param_groups[0]["beta"]
+        taken_first, taken_second = ok & first, ok & ~first
+        current = set()
+        for half, rate in zip(halves, rates):
+            for p, g in zip(half.params, half.grads):
+                state = self.state[p]
+                kept, avg, pending = state[FIRST_GRAD], state[DIFF_AVG], state[FIRST_GRAD_PENDING]
+                difference = kept - g
+                paired = taken_second & pending
+                avg.copy_(torch.where(paired, torch.lerp(avg, difference, weight), avg))
+                kept.copy_(torch.where(taken_first, g, torch.where(paired, difference, kept)))
+                pending.copy_(torch.where(ok, first, pending))
+                # η in the parameters' dtype and one rounding of the result, as the default step's add
+                wide = work_dtype(p.dtype)
+                p.copy_(torch.where(ok, p.to(wide) - g.to(wide) * rate.to(p.dtype).to(wide), p))
+                current.add(_key(p))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in current and p in self.state and FIRST_GRAD_PENDING in self.state[p]:
+                    pending = self.state[p][FIRST_GRAD_PENDING]
+                    pending.copy_(pending & ~taken_second)
+
+    def _device_bookkeeping(
+        self,
+        values: dict[str, Tensor],
+        now: list[Tensor],
+        rates: list[Tensor],
+        curvature: Tensor,
+        gain: Tensor,
+        first: Tensor,
+        ok: Tensor,
+    ) -> None:
+        """The numbers after the half-step, kept where it is skipped: a first half stores its ``η_k``
+        and sums in the groups and sets ``phase``; a second half sets ``γ``, ``k`` and ``phase`` back
+        (the groups' pending values become +inf, "none"); the records; the step and skip counts."""
+        taken_second = ok & ~first
+        gamma = torch.where(taken_second, gain, self._shared("gamma"))
+        for i, (group, lr, rate) in enumerate(zip(self.param_groups, now, rates)):
+            pending = (lr, values["avg_dots"][i], values["sqnorms"][i])
+            for key, value in zip(PENDING, pending):
+                self._record_on_device(group, **{key: torch.where(ok, torch.where(first, value, math.inf), group[key])})
+            self._record_on_device(
+                group,
+                effective_lr=torch.where(ok, rate, group["effective_lr"]),
+                gain=torch.where(ok, gamma, group["gain"]),
+                curvature=torch.where(taken_second, curvature, group["curvature"]),
+            )
+        phase = self._shared("phase")
+        self._set_shared_on_device(
+            gamma=gamma,
+            iteration=self._shared("iteration") + taken_second.to(torch.int64),
+            phase=torch.where(ok, 1 - phase, phase),
+        )
+        self._count_device_step(ok)
+
+    def _device_pending_state(self, halves: list[_Half], device: torch.device) -> None:
+        """``capturable``: every parameter with a gradient has its state (zeros, nothing pending, from
+        its first step on, skipped or not), the pending marks are 0-d bool tensors on ``device``, and the
+        groups' pending values and records 0-d tensors (a pending value +inf: none; no records yet:
+        ``η`` 0, the gain ``γ``, the curvature NaN).  Done where they are not yet (the first step, a
+        state dict saved by the default step)."""
+        for half in halves:
+            for p in half.params:
+                self._diff_avg(p)
+                self.state[p].setdefault(FIRST_GRAD, torch.zeros_like(p, memory_format=torch.preserve_format))
+        missing = {**dict.fromkeys(PENDING, math.inf), "effective_lr": 0.0, "gain": None, "curvature": math.nan}
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state is not None and DIFF_AVG in state:
+                    state[FIRST_GRAD_PENDING] = _as_flag(state.get(FIRST_GRAD_PENDING, False), device)
+            for key, none in missing.items():
+                value = group.get(key)
+                value = self._shared("gamma").clone() if value is None and none is None else value  # not γ itself
+                group[key] = _as_number(none if value is None else value, device)
+
+    def _host_state(self) -> None:
+        """The default step after a ``capturable`` one (a state dict it saved): the numbers it keeps as
+        device tensors back to Python numbers (+inf pending values: ``None``; marks: bools)."""
+        if not isinstance(self._shared("step"), Tensor):
+            return
+        self._host_group_state()
+        for group in self.param_groups:
+            for key in (*PENDING, "effective_lr", "gain", "curvature"):
+                value = group.get(key)
+                if isinstance(value, Tensor):
+                    number = value.item()
+                    group[key] = None if key in PENDING and number == math.inf else number
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state is not None and isinstance(state.get(FIRST_GRAD_PENDING), Tensor):
+                    state[FIRST_GRAD_PENDING] = bool(state[FIRST_GRAD_PENDING])
+
     # ------------------------------------------------------------------ pieces shared by both modes
 
-    def _step_sizes(self) -> list[float]:
-        """``η_k`` for every param group (:func:`step_tuned_step_size`)."""
-        gamma, k, delta = self._shared("gamma"), self._shared("iteration"), self.param_groups[0]["delta"]
+    def _step_sizes(self) -> list[Scalar]:
+        """``η_k`` for every param group (:func:`step_tuned_step_size`; 0-d tensors when ``capturable``)."""
+        gamma, k, delta = self._shared("gamma"), self._iteration(), self.param_groups[0]["delta"]
         return [step_tuned_step_size(group["lr"], gamma, k, delta) for group in self.param_groups]
+
+    def _iteration(self) -> Scalar:
+        """``k``: an int, or (``capturable``) a 0-d tensor in the dtype of ``γ``, for the float rules."""
+        k = self._shared("iteration")
+        return k.to(self._shared("gamma").dtype) if isinstance(k, Tensor) else k
 
     def _gather(self) -> list[_Half]:
         """Every group's parameters that have a gradient, with their effective gradients."""
@@ -669,7 +952,8 @@ class StepTunedSGD(AdaptiveOptimizer):
         return state[DIFF_AVG]
 
     def _create_state(self) -> None:
-        """The full state at its starting values, no step taken, and the records (distributed checkpoints)."""
+        """The full state at its starting values, no step taken, and the records (distributed checkpoints);
+        ``capturable``: with the numbers as the device tensors its steps write."""
         self._record_all([0.0] * len(self.param_groups), self.param_groups[0].get("curvature", math.nan))
         for group in self.param_groups:
             for p in self._params_and_grads(group)[0]:  # real views of complex parameters
@@ -677,6 +961,10 @@ class StepTunedSGD(AdaptiveOptimizer):
                 if not group["same_batch"]:
                     self.state[p][FIRST_GRAD] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     self.state[p][FIRST_GRAD_PENDING] = False
+        if self._capturable:
+            device = self._device()
+            self._device_group_state(device)
+            self._device_pending_state(self._gather(), device)
 
     def _keep_first_grads(self, half: _Half) -> list[Tensor | None]:
         """``state[p]["first_grad"] = g_a``: reuse the buffer (a new tensor with weight decay is kept as is).
@@ -746,12 +1034,25 @@ class StepTunedSGD(AdaptiveOptimizer):
         grads = [g for h in halves for g in h.grads if g.dtype == torch.float16]
         return {"float16_range": torch.stack(tensor_extrema(grads, self._device()))} if grads else {}
 
-    def _first_fits(self, halves: list[_Half], lrs: list[float], sqnorms: Sequence[float]) -> bool:
+    def _first_fits(self, halves: list[_Half], lrs: Sequence[Scalar], sqnorms: Sequence[Scalar]) -> bool | Tensor:
         """Whether every group's first half-step fits its dtypes (:func:`step_tuned_fits`, ``|g_a| ≤ ‖g_a‖``)."""
-        return all(
-            step_tuned_fits(lr, [math.sqrt(q)], _largest(h.params))
-            for h, lr, q in zip(halves, lrs, sqnorms)
-            if h.params
+        return _every(
+            [step_tuned_fits(lr, [_sqrt(q)], _largest(h.params)) for h, lr, q in zip(halves, lrs, sqnorms) if h.params]
+        )
+
+    def _float16_fits(
+        self, halves: list[_Half], lrs: Sequence[Scalar], sqnorms: Sequence[Scalar], extrema: Sequence[Scalar]
+    ) -> bool | Tensor:
+        """Whether each group with float16 parameters fits its second half-step (:func:`step_tuned_fits`,
+        ``|g_a| ≤ ‖g_a‖``, ``|g_b|`` bounded by the float16 gradients' ``extrema``)."""
+        low, high = extrema
+        bound = smax(-low, high)
+        return _every(
+            [
+                step_tuned_fits(lr, [_sqrt(q), bound], _largest(h.params))
+                for h, lr, q in zip(halves, lrs, sqnorms)
+                if any(p.dtype == torch.float16 for p in h.params)
+            ]
         )
 
     def _second_fits(
@@ -771,14 +1072,9 @@ class StepTunedSGD(AdaptiveOptimizer):
         if not (math.isfinite(curvature) and math.isfinite(gain)):
             self._skip_step("outcome", ("curvature", "gain"))
             return False
-        if "float16_range" in values:
-            low, high = values["float16_range"]
-            bound = max(-low, high)
-            for half, lr, q in zip(halves, lrs, sqnorms):
-                half16 = any(p.dtype == torch.float16 for p in half.params)
-                if half16 and not step_tuned_fits(lr, [math.sqrt(q), bound], _largest(half.params)):
-                    self._skip_step("outcome", ("second half-step",))
-                    return False
+        if "float16_range" in values and not self._float16_fits(halves, lrs, sqnorms, values["float16_range"]):
+            self._skip_step("outcome", ("second half-step",))
+            return False
         return True
 
     def _end_iteration(self, lrs: list[float], curvature: float, gain: float) -> None:
