@@ -252,6 +252,14 @@ CASES: list[OptimizerCase] = [
         recorded=("grad_scale",),
         momentum=("betas", 0),
     ),
+    OptimizerCase(
+        "AdaL-capturable",
+        lalr.AdaL,
+        {"lr": 1e-2, "capturable": True, "weight_decay": 1e-2},
+        ({"lr": -1e-3}, {"capturable": 1}, {"compiled": True}),
+        recorded=("grad_scale",),
+        momentum=("betas", 0),
+    ),
     # --- StepTunedSGD (§5): entries go here
     # Default mode: each `opt.step(loss=loss)` of the harness is one half-step (odd: first, even:
     # second + gain update), so the 20-step checks cover ten iterations and both phases.

@@ -15,6 +15,8 @@ With ``s`` the scale of the transform (``‖g‖₁`` by default) the step is::
 The base direction is Adam's (:mod:`._directions`); what is AdaL's own is the scale ``s`` and the
 per-tensor scalars it turns into (:func:`adal_scalars`, on floats).  Whether a step's outcome fits
 the parameters' dtype is judged on those floats too (:func:`adal_step_fits`), before anything moves.
+With ``capturable=True`` the same two functions run on device tensors, one entry per tensor, and
+the step reads nothing to the host (:meth:`AdaL._device_update`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from ._directions import (
 )
 from ._adal_compiled import run_adal_update
 from ._compiled import ensure_inductor_works
-from ._reduce import l1_norms, tensor_extrema, work_dtype
+from ._reduce import accumulation_dtype, l1_norms, tensor_extrema, work_dtype
+from ._scalars import Scalar, safe_div, smax, smin, where
 from ._tensorlists import multiply_
 
 __all__ = ["AdaL", "AdaLScalars", "adal_rate", "adal_scalars", "adal_step_fits"]
@@ -57,42 +60,71 @@ TRANSFORMS = ("l1", "tensor_l1", "none")
 EPS_MODES = ("preconditioner", "denominator")
 LR_DECAYS = ("none", "inv_sqrt")
 
+#: One param group with its parameters that have a gradient, and those gradients.
+Group = tuple[dict[str, Any], list[Tensor], list[Tensor]]
+#: The per-parameter scalars of the state (numbers; 0-d device tensors once a ``capturable`` step ran).
+SCALAR_STATE = ("step", "scale_avg", "scale_sq_avg")
+#: What a skipped step's outcome check names (the host path's ``_skip_step("outcome", ...)`` alike).
+OUTCOME = "step size"
+_COMPILED_AND_CAPTURABLE = (
+    "AdaL: `capturable` and `compiled` cannot both be True: the compiled update pass "
+    "(optim/_adal_compiled.py) writes the moments and the parameters unconditionally, so it cannot keep "
+    "a step that the device-side gate skips. Use capturable=True alone (the device-side step, no host "
+    "read), or compiled=True alone (one host read per step)."
+)
+
 
 # --------------------------------------------------------------------------- the scalar rule
 
 
-def adal_rate(lr: float, step: int, lr_decay: str) -> float:
+def _sqrt(value: Scalar) -> Scalar:
+    """``√value`` of a number (``math.sqrt``) or of a tensor (``torch.sqrt``)."""
+    return torch.sqrt(value) if isinstance(value, Tensor) else math.sqrt(value)
+
+
+def _finite(*values: Scalar) -> bool | Tensor:
+    """Whether every value is finite: a bool for numbers, a bool tensor where one is a tensor."""
+    result: bool | Tensor = True
+    for value in values:
+        result = result & (torch.isfinite(value) if isinstance(value, Tensor) else math.isfinite(value))
+    return result
+
+
+def adal_rate(lr: float, step: Scalar, lr_decay: str) -> Scalar:
     """``η_k``: ``lr`` (``lr_decay="none"``) or ``lr/√k`` (``"inv_sqrt"``, the source's schedule).
+
+    ``step`` is a number or (``capturable``) a 0-d float tensor.
 
     >>> adal_rate(0.1, 4, "inv_sqrt")
     0.05
     """
-    return lr / math.sqrt(step) if lr_decay == "inv_sqrt" else lr
+    return lr / _sqrt(step) if lr_decay == "inv_sqrt" else lr
 
 
 @dataclass(frozen=True)
 class AdaLScalars:
-    """One tensor's scalars for one step (see :func:`adal_scalars`)."""
+    """One tensor's scalars for one step (see :func:`adal_scalars`): numbers, or (``capturable``)
+    tensors holding one entry per tensor of a bucket."""
 
     #: Λ1 and Λ2 after this step: the moving averages of ``s`` and ``s²``.
-    scale_avg: float
-    scale_sq_avg: float
+    scale_avg: Scalar
+    scale_sq_avg: Scalar
     #: the weights of the moment updates ``m̃ ← lerp(m̃, g, w1)``, ``ṽ ← (1 − w2)·ṽ + w2·g²``.
-    avg_weight: float
-    sq_weight: float
+    avg_weight: Scalar
+    sq_weight: Scalar
     #: whether the tensor moves (Λ2 > 0: its ĝ has not been exactly 0 at every step so far).
-    moves: bool
+    moves: bool | Tensor
     #: the signed coefficient of ``m̃`` in the step (0 when the tensor does not move).
-    step_size: float
+    step_size: Scalar
     #: what is added to ``√ṽ`` (eps in the denominator) or to ``1/√ṽ`` (eps in the preconditioner).
-    shift: float
+    shift: Scalar
 
 
 def adal_scalars(
-    scale: float,
-    scale_avg: float,
-    scale_sq_avg: float,
-    step: int,
+    scale: Scalar,
+    scale_avg: Scalar,
+    scale_sq_avg: Scalar,
+    step: Scalar,
     *,
     lr: float,
     betas: tuple[float, float],
@@ -110,10 +142,13 @@ def adal_scalars(
         x += c·m̃ / (√ṽ + e)     c = −lr·Λ1/((1 − β1^k)·σ),   e = max(eps/σ, floor)   (denominator)
         x += c·m̃ · (1/√ṽ + e)   c as above,                  e = eps·σ               (preconditioner)
 
+    Written for numbers and, with every branch a :func:`~._scalars.where`, for tensors (one entry per
+    tensor: the ``capturable`` step), which give the same values elementwise.
+
     Args:
         scale: this step's ``s``.
         scale_avg, scale_sq_avg: Λ1 and Λ2 before this step (0 for a new tensor).
-        step: ``k``, the tensor's own step count, this step included.
+        step: ``k``, the tensor's own step count, this step included (a float tensor on the device).
         lr: ``η_k``.
         betas: ``(β1, β2)``.
         eps: the user's ``eps``.
@@ -130,27 +165,26 @@ def adal_scalars(
     beta1, beta2 = betas
     scale_avg = beta1 * scale_avg + (1.0 - beta1) * scale
     scale_sq_avg = beta2 * scale_sq_avg + (1.0 - beta2) * scale * scale
-    avg_weight = (1.0 - beta1) * scale / scale_avg if scale_avg > 0 else 0.0
-    sq_weight = (1.0 - beta2) * scale * scale / scale_sq_avg if scale_sq_avg > 0 else 0.0
-    sigma = math.sqrt(scale_sq_avg / (1.0 - beta2**step))
-    if not sigma > 0:
-        return AdaLScalars(scale_avg, scale_sq_avg, avg_weight, sq_weight, False, 0.0, 0.0)
-    step_size = -lr * scale_avg / ((1.0 - beta1**step) * sigma)
-    shift = max(eps / sigma, floor) if eps_in_denominator else eps * sigma
-    return AdaLScalars(scale_avg, scale_sq_avg, avg_weight, sq_weight, True, step_size, shift)
+    avg_weight = safe_div((1.0 - beta1) * scale, scale_avg)
+    sq_weight = safe_div((1.0 - beta2) * scale * scale, scale_sq_avg)
+    sigma = _sqrt(scale_sq_avg / (1.0 - beta2**step))
+    moves = sigma > 0  # (1 − β1^k)·σ > 0 too: the step size is 0 exactly where the tensor does not move
+    step_size = safe_div(-lr * scale_avg, (1.0 - beta1**step) * sigma)
+    shift = smax(safe_div(eps, sigma), floor) if eps_in_denominator else eps * sigma
+    return AdaLScalars(scale_avg, scale_sq_avg, avg_weight, sq_weight, moves, step_size, where(moves, shift, 0.0))
 
 
 def adal_step_fits(
     rule: AdaLScalars,
-    grad_bound: float,
+    grad_bound: Scalar,
     *,
     betas: tuple[float, float],
     eps_in_denominator: bool,
     largest: float,
     largest_work: float,
     cap: float,
-) -> bool:
-    r"""Whether one tensor's step keeps its moments and the parameter finite, judged on floats.
+) -> bool | Tensor:
+    r"""Whether one tensor's step keeps its moments and the parameter finite, judged on its scalars.
 
     With ``F = largest`` (the dtype's largest number) every bound is kept below ``F/2``, so that a
     parameter within ``±F/2`` stays finite.  The step fits when
@@ -165,6 +199,9 @@ def adal_step_fits(
       ``√Λ2/Λ1 · (1 − β1)/√((1 − β2)(1 − β1²/β2))`` (Adam's bounded ratio, by Cauchy–Schwarz on
       the s-weighted averages); ``|m̃|·e ≤ R·e``; in the denominator form the ratio
       ``|m̃|/(√ṽ + e)`` is also at most ``R/e``.
+
+    A bool for numbers; for the tensors of a ``capturable`` step (:func:`adal_scalars`) a bool
+    tensor, one entry per tensor, with the same values: nothing is read to the host.
 
     Args:
         rule: the tensor's scalars for this step (:func:`adal_scalars`).
@@ -182,34 +219,23 @@ def adal_step_fits(
     >>> adal_step_fits(r, 1.0, **f32), adal_step_fits(r, 1e20, **f32)  # (1e20)² overflows float32
     (True, False)
     """
-    isfinite = math.isfinite
-    if not (
-        isfinite(rule.scale_avg)
-        and isfinite(rule.scale_sq_avg)
-        and isfinite(rule.avg_weight)
-        and isfinite(rule.sq_weight)
-        and isfinite(rule.step_size)
-        and isfinite(rule.shift)
-    ):
-        return False
+    finite = _finite(
+        rule.scale_avg, rule.scale_sq_avg, rule.avg_weight, rule.sq_weight, rule.step_size, rule.shift
+    )  # fmt: skip
     limit = largest / 2
     radius = math.sqrt(limit)
-    if not grad_bound <= radius:
-        return False
-    if not rule.moves:
-        return True
     ratio = radius * cap
     beta1, beta2 = betas
-    if beta1 * beta1 < beta2 and rule.scale_avg > 0:
+    if beta1 * beta1 < beta2:
         adam = (1.0 - beta1) / math.sqrt((1.0 - beta2) * (1.0 - beta1 * beta1 / beta2))
-        ratio = min(ratio, math.sqrt(rule.scale_sq_avg) / rule.scale_avg * adam)
+        bounded = smin(ratio, safe_div(_sqrt(rule.scale_sq_avg), rule.scale_avg) * adam)
+        ratio = where(rule.scale_avg > 0, bounded, ratio)
     if eps_in_denominator:
-        product = min(ratio, radius / rule.shift)
-    elif rule.shift + cap > largest_work / 2:  # the preconditioner 1/√ṽ + e itself (float32 for 16-bit)
-        return False
-    else:
-        product = ratio + radius * rule.shift
-    return product <= largest_work / 2 and abs(rule.step_size) * product <= limit
+        product, preconditioner_fits = smin(ratio, safe_div(radius, rule.shift)), True
+    else:  # the preconditioner 1/√ṽ + e itself must fit too (float32 for 16-bit)
+        product, preconditioner_fits = ratio + radius * rule.shift, rule.shift + cap <= largest_work / 2
+    step_fits = preconditioner_fits & (product <= largest_work / 2) & (abs(rule.step_size) * product <= limit)
+    return finite & (grad_bound <= radius) & where(rule.moves, step_fits, True)
 
 
 @functools.cache
@@ -250,6 +276,50 @@ def _adal(
         adam_step_(ps, ms, adam_denominators(vs, 1.0, shifts, foreach=foreach), steps, divide=True, foreach=foreach)
     else:
         adam_step_(ps, ms, adam_preconditioners(vs, 1.0, shifts, foreach=foreach), steps, divide=False, foreach=foreach)
+
+
+def _device_adal_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    avgs: list[Tensor],
+    sq_avgs: list[Tensor],
+    rule: AdaLScalars,
+    *,
+    decay: Scalar,
+    eps_in_denominator: bool,
+    ok: Tensor,
+) -> None:
+    """:func:`_adal` with its scalars on the device (``capturable``): ``rule`` holds 1-d tensors, entry
+    ``j`` for tensor ``j``, and each new moment and parameter is written back only where ``ok`` (a
+    0-d bool), so a skipped step leaves every tensor bit for bit as it was.
+
+    Tensor by tensor, in :func:`~._reduce.work_dtype` (16-bit tensors in float32, rounded once into
+    their dtype); the moments are rounded into theirs before the step reads them, as the eager body
+    reads them back.  A tensor that does not move keeps ``decay·x`` exactly (as :func:`_adal`).
+    """
+    keep = 1.0 - rule.sq_weight
+    for j, (x, g, m, v) in enumerate(zip(params, grads, avgs, sq_avgs)):
+        work = work_dtype(x.dtype)
+        w1, w2, w2_keep, c, e = (t[j].to(work) for t in (rule.avg_weight, rule.sq_weight, keep, rule.step_size, rule.shift))
+        g_w = g.to(work)
+        m_new = torch.lerp(m.to(work), g_w, w1).to(m.dtype)
+        v_new = torch.addcmul(v.to(work) * w2_keep, g_w, g_w * w2).to(v.dtype)
+        if eps_in_denominator:
+            u = m_new.to(work) / (v_new.to(work).sqrt() + e)
+        else:
+            u = m_new.to(work) * (torch.clamp(v_new.to(work).rsqrt(), max=rsqrt_cap(v.dtype)) + e)
+        decayed = (x.to(work) * (decay.to(work) if isinstance(decay, Tensor) else decay)).to(x.dtype)
+        x_new = torch.where(rule.moves[j], (decayed.to(work) + c * u).to(x.dtype), decayed)
+        m.copy_(torch.where(ok, m_new, m))
+        v.copy_(torch.where(ok, v_new, v))
+        x.copy_(torch.where(ok, x_new, x))
+
+
+def _as_numbers(entry: dict[str, Any]) -> dict[str, Any]:
+    """A state entry with its :data:`SCALAR_STATE` as Python numbers (a ``capturable`` step's 0-d
+    tensors read back: one synchronization, where the host path or a state dict takes them)."""
+    read = {key: entry[key].item() for key in SCALAR_STATE if isinstance(entry.get(key), Tensor)}
+    return {**entry, **{key: int(value) if key == "step" else float(value) for key, value in read.items()}}
 
 
 # --------------------------------------------------------------------------- the optimizer
@@ -315,6 +385,19 @@ class AdaL(AdaptiveOptimizer):
             once per set of parameter shapes at the first step; needs a working Inductor (a C++
             compiler on CPU, Triton on GPU), else ``step()`` raises a RuntimeError naming the cause
             before any state changes.  Speed: docs/benchmarks.md.
+        capturable: keep every decision of the step on the device (docs/algorithms.md, "The
+            device-side step"): ``‖g‖₁``, the gate, the per-tensor scalars (Λ1, Λ2, the moment
+            weights, the step coefficient, the eps term, by :func:`adal_scalars` on device
+            tensors) and the outcome check (:func:`adal_step_fits`, folded into the gate's
+            decision) stay 0-d device tensors; a step that is not taken is undone with
+            ``torch.where``, and the state (``step``, ``scale_avg``, ``scale_sq_avg`` per parameter
+            as 0-d tensors, the moments) is updated in place, so the step never waits for the host
+            and can be captured in a CUDA graph (after a few eager steps).  Skips are counted on the
+            device and reported by :meth:`sync_warnings` (which
+            :class:`~lightning_adaptive_lr.AdaptiveLRMonitor` calls when it logs).  Hyperparameters
+            (``lr``, β, ...) are read as Python numbers at each call: a graph keeps the values it was
+            captured with.  The device-side step goes tensor by tensor (``foreach`` does not apply);
+            ``compiled=True`` with it is refused (the compiled pass cannot keep a skipped step).
         average_across_ranks: average a given loss across ``torch.distributed`` ranks.  AdaL needs
             no loss; one passed with ``step(loss=...)`` is only checked for finiteness.
         max_consecutive_skips: raise after this many skipped steps in a row (``None``: never);
@@ -332,7 +415,8 @@ class AdaL(AdaptiveOptimizer):
         * The step synchronizes with the device once: the finiteness gate reads ``‖g‖₁`` (every
           tensor's, for ``"tensor_l1"``) together with the loss if one was given.  Those values are
           then on the host for free, so the scale enters the kernels as a plain Python number on
-          every device; no other scalar of the step is computed on the device.
+          every device; no other scalar of the step is computed on the device.  With
+          ``capturable=True`` nothing is read: every scalar of the step is computed on the device.
         * A non-finite gradient (or given loss) skips the step: parameters and state unchanged,
           every group's ``skipped_steps`` incremented.  So does a finite step whose outcome would
           not be (a gradient whose square, or an eps term ``η_k·eps·m̂``, beyond the dtype's range,
@@ -345,7 +429,9 @@ class AdaL(AdaptiveOptimizer):
     that had a gradient (0.0 if none had).  ``state[p]`` holds ``step`` (its own count),
     ``scale_avg`` (Λ1), ``scale_sq_avg`` (Λ2), ``grad_avg`` (m̃) and ``grad_avg_sq`` (ṽ), so that
     ``m = scale_avg·grad_avg`` and ``v = scale_sq_avg·grad_avg_sq``; every param group holds the
-    optimizer-wide ``step`` and ``skipped_steps``.
+    optimizer-wide ``step`` and ``skipped_steps``.  With ``capturable=True`` these numbers and the
+    records are 0-d tensors on the parameters' device (counts int64, the rest in float64, float32
+    on MPS); a state dict loads into either mode.
 
     Example:
         >>> import torch
@@ -362,7 +448,9 @@ class AdaL(AdaptiveOptimizer):
     #: Tensor by tensor on the CPU: 0.88x the multi-tensor body's time on ResNet-18 (docs/benchmarks.md).
     single_tensor_on_cpu = True
     per_tensor_quantities = True  # per-tensor rates/norms: see AdaptiveOptimizer
-    shared_options = ("transform",)
+    shared_options = ("transform", "capturable")
+    #: The outcome check's name in the skip record of a ``capturable`` step (see :meth:`_fold_outcome`).
+    outcome_scalars = frozenset({OUTCOME})
 
     def __init__(
         self,
@@ -378,13 +466,36 @@ class AdaL(AdaptiveOptimizer):
         foreach: bool = True,
         average_across_ranks: bool = True,
         compiled: bool = False,
+        capturable: bool = False,
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         defaults = checked(
             type(self).__name__, locals(), lr=NONNEGATIVE, betas=BETAS, eps=NONNEGATIVE, weight_decay=NONNEGATIVE,
             transform=one_of(*TRANSFORMS), eps_mode=one_of(*EPS_MODES), lr_decay=one_of(*LR_DECAYS), compiled=FLAG,
+            capturable=FLAG,
         )  # fmt: skip
+        if defaults["compiled"] and defaults["capturable"]:
+            raise ValueError(_COMPILED_AND_CAPTURABLE)
         super().__init__(params, defaults, **runtime_options(locals()))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """A group of a ``capturable`` optimizer may not set ``compiled=True`` (refused, as in the constructor)."""
+        if param_group.get("compiled", self.defaults["compiled"]) and param_group.get(
+            "capturable", self.defaults["capturable"]
+        ):
+            raise ValueError(_COMPILED_AND_CAPTURABLE)
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`~._base.AdaptiveOptimizer.load_state_dict`, with the per-parameter step counts and
+        Λ1, Λ2 of a ``capturable`` optimizer's state dict (0-d tensors) loaded as numbers: torch.optim
+        would cast them to the parameter's dtype (Λ2 = s² overflows float16).  A ``capturable`` step
+        moves them to the device again (:meth:`_device_state_of`)."""
+        state = {
+            key: _as_numbers(entry) if isinstance(entry, dict) else entry
+            for key, entry in state_dict.get("state", {}).items()
+        }
+        super().load_state_dict({**state_dict, "state": state})
 
     def _state_of(self, p: Tensor) -> dict[str, Any]:
         """``state[p]``, created at its starting values (no step taken) if new."""
@@ -403,11 +514,12 @@ class AdaL(AdaptiveOptimizer):
             return
         transform = self.param_groups[0]["transform"]
         if self._is_state_initialization():  # torch.distributed.checkpoint laying out the state
-            for group, params, _ in groups:
-                for p in params:
-                    self._state_of(p)
-                self._record(group, effective_lr=0.0, grad_scale=1.0 if transform == "none" else 0.0)
+            self._initialize_state(groups, transform)
             return
+        if self._capturable:
+            self._device_update(groups, loss)
+            return
+        self._host_group_state()  # numbers again after a capturable optimizer's state dict
         per_tensor = transform == "tensor_l1"
         device = self._device()
         if any(group["compiled"] for group, params, _ in groups if params):
@@ -464,6 +576,25 @@ class AdaL(AdaptiveOptimizer):
                 recorded = model_scale
             self._record(group, effective_lr=lr, grad_scale=recorded)
 
+    def _initialize_state(self, groups: list[Group], transform: str) -> None:
+        """The state at its starting values and the records, laid out as a step lays them out (with
+        ``capturable``, as device tensors: :meth:`_device_state_of`); nothing moves."""
+        records = {"effective_lr": 0.0, "grad_scale": 1.0 if transform == "none" else 0.0}
+        if not self._capturable:
+            for group, params, _ in groups:
+                for p in params:
+                    self._state_of(p)
+                self._record(group, **records)
+            return
+        device = self._device()
+        self._device_group_state(device)
+        for group, params, _ in groups:
+            for p in params:
+                self._device_state_of(p, device)
+            self._record_on_device(
+                group, **{key: torch.full((), value, dtype=accumulation_dtype(device), device=device) for key, value in records.items()}
+            )
+
     def _scalars(
         self, group: dict[str, Any], params: list[Tensor], scales: list[float], lr: float
     ) -> list[AdaLScalars]:
@@ -471,31 +602,43 @@ class AdaL(AdaptiveOptimizer):
 
         Tensors with equal inputs (the same s, Λ1, Λ2, step count and dtype) share one result.
         """
-        eps = group["eps"]
-        eps_in_denominator = group["eps_mode"] == "denominator" and eps > 0
         rules: list[AdaLScalars] = []
         done: dict[tuple[Any, ...], AdaLScalars] = {}
         for p, s in zip(params, scales):
             state = self.state.get(p)
+            if state and isinstance(state["step"], Tensor):  # a capturable step's (the option switched)
+                state.update(_as_numbers(state))
             if state:
                 inputs = (s, state["scale_avg"], state["scale_sq_avg"], state["step"] + 1, p.dtype)
             else:
                 inputs = (s, 0.0, 0.0, 1, p.dtype)
             rule = done.get(inputs)
             if rule is None:
-                rule = done[inputs] = adal_scalars(
-                    *inputs[:4],
-                    lr=lr,
-                    betas=group["betas"],
-                    eps=eps,
-                    eps_in_denominator=eps_in_denominator,
-                    floor=1.0 / _dtype_limits(p.dtype)[0] if eps_in_denominator else 0.0,
-                )
+                rule = done[inputs] = self._rule(group, inputs[4], *inputs[:4], lr)
             rules.append(rule)
         return rules
 
     @staticmethod
-    def _fits(group: dict[str, Any], dtype: torch.dtype, rule: AdaLScalars, grad_bound: float) -> bool:
+    def _rule(
+        group: dict[str, Any], dtype: torch.dtype, scale: Scalar, scale_avg: Scalar, scale_sq_avg: Scalar, step: Scalar, lr: Scalar
+    ) -> AdaLScalars:
+        """:func:`adal_scalars` with ``group``'s options, for tensors of ``dtype`` (numbers, or device tensors)."""
+        eps = group["eps"]
+        eps_in_denominator = group["eps_mode"] == "denominator" and eps > 0
+        return adal_scalars(
+            scale,
+            scale_avg,
+            scale_sq_avg,
+            step,
+            lr=lr,  # type: ignore[arg-type]
+            betas=group["betas"],
+            eps=eps,
+            eps_in_denominator=eps_in_denominator,
+            floor=1.0 / _dtype_limits(dtype)[0] if eps_in_denominator else 0.0,
+        )
+
+    @staticmethod
+    def _fits(group: dict[str, Any], dtype: torch.dtype, rule: AdaLScalars, grad_bound: Scalar) -> bool | Tensor:
         """Whether a tensor of ``dtype`` in ``group`` takes its step within range (:func:`adal_step_fits`)."""
         cap, largest, largest_work = _dtype_limits(dtype)
         return adal_step_fits(
@@ -534,3 +677,154 @@ class AdaL(AdaptiveOptimizer):
             eps_in_denominator=eps_in_denominator,
             foreach=self._uses_foreach(group, params),
         )
+
+    # ------------------------------------------------------------------ the device-side step (capturable)
+
+    def _device_update(self, groups: list[Group], loss: Tensor | None) -> None:
+        """``capturable``: the host path's step with every decision on the device (no host read).
+
+        The same gate values (``‖g‖₁``, float16 gradients' range, the loss) come back from
+        :meth:`_device_gate` as tensors with ``ok``; the per-tensor scalars are :func:`adal_scalars` of
+        them, and :func:`adal_step_fits` of those is folded into ``ok`` (:meth:`_fold_outcome`).  The
+        state, the parameters, the counters and the records then take their new values only where
+        ``ok``.
+        """
+        if any(group["compiled"] for group in self.param_groups):  # set in a group after construction
+            raise ValueError(_COMPILED_AND_CAPTURABLE)
+        device = self._device()
+        self._device_group_state(device)
+        for _, params, _ in groups:
+            for p in params:
+                self._device_state_of(p, device)
+        transform = self._shared("transform")
+        per_tensor = transform == "tensor_l1"
+        norms = torch.cat([l1_norms(gs, device, foreach=self._uses_foreach(group, gs)) for group, _, gs in groups if gs])
+        halves = [g for _, _, gs in groups for g in gs if g.dtype == torch.float16]
+        extra = {"float16_range": torch.stack(tensor_extrema(halves, device))} if halves else {}
+        previous, self._skip_record = self._skip_record, None  # the gate's record, extended below
+        values, ok = self._device_gate(
+            norms=norms if per_tensor else norms.sum(), **extra, **({} if loss is None else {"loss": loss})
+        )
+
+        k = self._shared("step").to(accumulation_dtype(device)) + 1
+        half_bound = smax(-values["float16_range"][0], values["float16_range"][1]) if halves else 0.0
+        plans, fits, offset = [], [], 0
+        for group, params, grads in groups:
+            group_scales = values["norms"][offset : offset + len(params)] if per_tensor else None
+            offset += len(params)
+            scale = group_scales if per_tensor else 1.0 if transform == "none" else values["norms"]
+            lr = adal_rate(group["lr"], k, group["lr_decay"])
+            buckets = self._device_scalars(group, params, scale, lr)
+            for dtype, index, rule in buckets:
+                bound = half_bound if dtype == torch.float16 else _entries(scale, index) if per_tensor else values["norms"]
+                fits.append(self._fits(group, dtype, rule, bound).all())  # type: ignore[union-attr]
+            recorded = (group_scales.mean() if params else 0.0) if per_tensor else scale
+            plans.append((group, params, grads, buckets, lr, recorded))
+        ok = self._fold_outcome(previous, ok, torch.stack(fits).all())
+
+        for group, params, grads, buckets, lr, recorded in plans:
+            self._device_step_group(group, params, grads, buckets, lr, ok)
+            self._record_on_device(
+                group,
+                effective_lr=self._new_record(group, "effective_lr", lr, ok, like=k),
+                grad_scale=self._new_record(group, "grad_scale", recorded, ok, like=k),
+            )
+        self._count_device_step(ok)
+
+    def _device_state_of(self, p: Tensor, device: torch.device) -> dict[str, Any]:
+        """``state[p]`` with its :data:`SCALAR_STATE` as 0-d tensors on ``device`` (``capturable``): the
+        step count as int64, Λ1 and Λ2 in :func:`~._reduce.accumulation_dtype`.  Converted once (a
+        new state, or numbers from the host path or a state dict); later steps write into them."""
+        state = self._state_of(p)
+        acc = accumulation_dtype(device)
+        for key, dtype in zip(SCALAR_STATE, (torch.int64, acc, acc)):
+            value = state[key]
+            if not (isinstance(value, Tensor) and (value.dtype, value.device) == (dtype, device)):
+                state[key] = torch.as_tensor(value, dtype=dtype, device=device)
+        return state
+
+    def _device_scalars(
+        self, group: dict[str, Any], params: list[Tensor], scale: Scalar, lr: Scalar
+    ) -> list[tuple[torch.dtype, list[int], AdaLScalars]]:
+        """The group's scalars for this step on the device, one :func:`adal_scalars` per dtype (the
+        floor depends on it) over 1-d tensors with an entry per tensor, from the state; nothing is
+        written.  ``scale``: per tensor (``"tensor_l1"``, 1-d) or the model's (0-d, or 1.0)."""
+        buckets: dict[torch.dtype, list[int]] = {}
+        for i, p in enumerate(params):
+            buckets.setdefault(p.dtype, []).append(i)
+        out = []
+        for dtype, index in buckets.items():
+            states = [self.state[params[i]] for i in index]
+            steps, scale_avg, scale_sq_avg = (torch.stack([state[key] for state in states]) for key in SCALAR_STATE)
+            s = _entries(scale, index) if isinstance(scale, Tensor) and scale.dim() == 1 else scale
+            rule = self._rule(group, dtype, s, scale_avg, scale_sq_avg, steps.to(scale_avg.dtype) + 1, lr)
+            out.append((dtype, index, rule))
+        return out
+
+    def _fold_outcome(self, previous: tuple[tuple[str, ...], Tensor] | None, ok: Tensor, fits: Tensor) -> Tensor:
+        """Whether the step is taken: the gate's ``ok`` and the outcome check ``fits`` (0-d bools).
+
+        The skip record :meth:`_device_gate` just made for :meth:`sync_warnings` gains the entry
+        :data:`OUTCOME`, set where the gate's values were finite but the outcome does not fit: such a
+        skip is reported as the host path reports it (a non-finite step outcome, the step size).  The
+        record of the previous steps (``previous``) is written in place, as the gate keeps its own.
+        """
+        names, flags = self._skip_record  # type: ignore[misc]
+        taken = ok & fits
+        names, flags = (*names, OUTCOME), torch.cat([flags, (ok & ~fits).reshape(1)])
+        if previous is not None and previous[0] == names:
+            previous[1].copy_(torch.where(taken, previous[1], flags))
+            self._skip_record = previous
+        else:
+            self._skip_record = (names, torch.where(taken, torch.zeros_like(flags), flags))
+        return taken
+
+    def _device_step_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        buckets: list[tuple[torch.dtype, list[int], AdaLScalars]],
+        lr: Scalar,
+        ok: Tensor,
+    ) -> None:
+        """:meth:`_step_group` on the device: each bucket's scalars stored where ``ok``
+        (:meth:`_store_scalars`), then the body (:func:`_device_adal_`)."""
+        decay, eps_in_denominator = 1.0 - lr * group["weight_decay"], group["eps_mode"] == "denominator" and group["eps"] > 0
+        for _, index, rule in buckets:
+            states = [self.state[params[i]] for i in index]
+            self._store_scalars(states, rule, ok)
+            _device_adal_(
+                [params[i] for i in index],
+                [grads[i] for i in index],
+                [state["grad_avg"] for state in states],
+                [state["grad_avg_sq"] for state in states],
+                rule,
+                decay=decay,
+                eps_in_denominator=eps_in_denominator,
+                ok=ok,
+            )
+
+    @staticmethod
+    def _store_scalars(states: list[dict[str, Any]], rule: AdaLScalars, ok: Tensor) -> None:
+        """A bucket's ``scale_avg``, ``scale_sq_avg`` ← ``rule``'s and ``step`` + 1, where ``ok``; in place."""
+        for key, new in (("scale_avg", rule.scale_avg), ("scale_sq_avg", rule.scale_sq_avg)):
+            olds = [state[key] for state in states]
+            torch._foreach_copy_(olds, list(torch.where(ok, new, torch.stack(olds)).unbind(0)))
+        torch._foreach_add_([state["step"] for state in states], ok.to(torch.int64))
+
+    @staticmethod
+    def _new_record(group: dict[str, Any], key: str, value: Scalar, ok: Tensor, *, like: Tensor) -> Tensor:
+        """The record ``key`` after a ``capturable`` step: ``value`` where ``ok``, else what the group
+        held (0 before any), as a 0-d tensor like ``like``."""
+        previous = group.get(key)
+        kept = previous if isinstance(previous, Tensor) else torch.full_like(like, 0.0 if previous is None else previous)
+        return torch.where(ok, value, kept)
+
+
+def _entries(values: Tensor, index: list[int]) -> Tensor:
+    """``values[index]`` of a 1-d tensor, without an index tensor made on the host (a copy a CUDA
+    graph could not capture): the slice itself when ``index`` is every position in order."""
+    if index == list(range(values.numel())):
+        return values
+    return torch.stack([values[i] for i in index])
