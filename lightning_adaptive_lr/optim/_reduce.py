@@ -174,7 +174,7 @@ def l1_norms(xs: Sequence[Tensor], device: torch.device, *, foreach: bool, compi
     ``abs().sum()`` (docs/benchmarks.md).
     """
     acc = accumulation_dtype(device)
-    out = torch.empty(len(xs), device=device, dtype=acc)
+    placed: list[Tensor | None] = [None] * len(xs)
     for bucket, index in group_by_device_and_dtype(list(xs), list(range(len(xs)))):
         if bucket[0].is_complex():
             bucket = [_real(x) for x in bucket]
@@ -188,8 +188,9 @@ def l1_norms(xs: Sequence[Tensor], device: torch.device, *, foreach: bool, compi
         values = torch.stack(list(norms)).to(device, acc)
         if len(index) == len(xs):
             return values
-        out[torch.tensor(index, device=device)] = values
-    return out
+        for i, value in zip(index, values):  # back in input order, with no index copied to the device
+            placed[i] = value
+    return torch.stack(placed) if placed else torch.zeros(0, device=device, dtype=acc)  # type: ignore[arg-type]
 
 
 def unit_dots(x: Tensor, y: Tensor) -> Tensor:
