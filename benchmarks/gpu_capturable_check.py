@@ -1,7 +1,7 @@
 """GPU check of the device-side step (``capturable=True``): no stall, a CUDA graph, the same numbers.
 
-For MoMo and MoMo-Adam, each also with ``compiled=True`` (rows ``-c``), this checks, on one CUDA
-device:
+For every optimizer with ``capturable=True`` (MoMo and MoMo-Adam also with ``compiled=True``: rows
+``-c``), this checks, on one CUDA device:
 
 1. **no host synchronization**: steps run under ``torch.cuda.set_sync_debug_mode("error")``, which
    raises on any device-to-host wait (the default path, which reads its gate once per step, is
@@ -42,6 +42,9 @@ METHODS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     # compiled=True too: the compiled passes, the gate's decision on the device (the GPU's best path)
     "MoMo-c": lambda params, **kw: lalr.MoMo(params, lr=1.0, compiled=True, **kw),
     "MoMoAdam-c": lambda params, **kw: lalr.MoMoAdam(params, lr=1e-2, compiled=True, **kw),
+    "AdaL": lambda params, **kw: lalr.AdaL(params, lr=1e-3, **kw),
+    # each step() one half-step; which half is due is a device value, so one captured step does both
+    "StepTuned": lambda params, **kw: lalr.StepTunedSGD(params, lr=0.1, **kw),
 }
 #: Steps whose gradient (5) or loss (9) is not finite: skipped by both paths.
 BAD = {5: "grad", 9: "loss"}
