@@ -219,6 +219,32 @@ CASES: list[OptimizerCase] = [
         recorded=tuple(f"hd_rate_{level}_{stat}" for level in ("unit", "param") for stat in ("min", "mean", "max")),
         float32_state=_HD_RATES,
     ),
+    # The device-side step (capturable=True: no host read, docs/algorithms.md "The device-side step").
+    OptimizerCase(
+        "HierarchicalHD-sgdn-capturable",
+        lalr.HierarchicalHD,
+        {"base": "sgdn", "lr": 0.05, "capturable": True},
+        ({"capturable": True, "compiled": True}, {"capturable": 1}, {"momentum": 1.0}),
+        recorded=(
+            "hd_rate_global", "hd_rate_layer_min", "hd_rate_layer_mean", "hd_rate_layer_max", "hd_weight_global",
+            "hd_weight_layer",
+        ),  # fmt: skip
+        momentum=("momentum",),
+    ),
+    OptimizerCase(
+        "HierarchicalHD-adam-all-levels-learned-capturable",
+        lalr.HierarchicalHD,
+        {
+            "base": "adam", "lr": 1e-2, "hyper_lr": 1e-4, "levels": ("global", "layer", "unit", "param"),
+            "learn_weights": True, "level_pull": 100.0, "rate_bounds": (0.0, 10.0), "capturable": True,
+        },  # fmt: skip
+        ({"capturable": True, "compiled": True}, {"betas": (0.9, 1.0)}, {"weights": (0.5, 0.5)}),
+        recorded=tuple(f"hd_rate_{level}_{stat}" for level in ("layer", "unit", "param") for stat in ("min", "mean", "max"))
+        + ("hd_rate_global",)
+        + tuple(f"hd_weight_{level}" for level in ("global", "layer", "unit", "param")),
+        float32_state=_HD_RATES + ("exp_avg_sq",),
+        momentum=("betas", 0),
+    ),
     # --- AdaL (§4): entries go here
     OptimizerCase(
         "AdaL",

@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from . import _sharding
 from ._base import (
     BETAS,
     DEFAULT_MAX_CONSECUTIVE_SKIPS,
@@ -50,6 +51,7 @@ from ._base import (
     one_of,
     real_number,
     runtime_options,
+    written_into,
 )
 from ._adam_compiled import run_adam_step
 from ._compiled import ensure_inductor_works, run_with_table
@@ -70,7 +72,7 @@ from ._reduce import (
     unit_dots,
     work_dtype,
 )
-from ._scalars import Scalar, smax, smin
+from ._scalars import Scalar, safe_div, smax, smin, where
 from ._sharding import local as _local_tensor
 from ._sgd_compiled import kept_step, nesterov_step
 from ._tensorlists import add_scaled_, clamp_, copy_
@@ -110,19 +112,29 @@ _SCREEN = 10.0
 _RATE_KEYS = {"layer": "hd_rate_layer", "unit": "hd_rate_unit", "param": "hd_rate_param"}
 #: Param-group key of the largest ``lr`` the group has stepped with (see :func:`reference_lr`).
 REFERENCE_LR = "hd_reference_lr"
+#: A parameter's scalar state: numbers on the default path, 0-d device tensors with ``capturable``.
+_SCALAR_STATE = ("hd_rate_layer", "direction_scale", "step")
+#: Why ``compiled=True`` and ``capturable=True`` do not go together, and what to use instead.
+_COMPILED_AND_CAPTURABLE = (
+    "{name}: `compiled` and `capturable` cannot both be True: the compiled base-rule kernels "
+    "(optim/_sgd_compiled.py, optim/_adam_compiled.py) take their per-tensor scalars as a table of host "
+    "numbers and write the state in place, with no flag to keep it where a step is skipped. Use "
+    "capturable=True with compiled=False (the device-side step), or compiled=True alone."
+)
 
 
 # =========================================================================== the scalar rules
 
 
-def rate_step_factor(lr: float, lr_ref: float, scale: float) -> float:
+def rate_step_factor(lr: float, lr_ref: Scalar, scale: Scalar) -> Scalar:
     """The factor that turns ``⟨g_t, prev⟩`` into a step of a rate stored as a multiple of ``lr``.
 
     ``s_{t−1} = scale·prev`` and the applied rate is ``lr·ρ``; the hypergradient step is taken on
     the unscheduled rate ``lr_ref·ρ``, so ``ρ`` moves by ``β·scale·lr/lr_ref²·⟨g_t, prev⟩`` (Baydin's
-    ``β·⟨g_t, s_{t−1}⟩`` in absolute units when ``lr = lr_ref``).  0 when either rate is 0.
+    ``β·⟨g_t, s_{t−1}⟩`` in absolute units when ``lr = lr_ref``).  0 when either rate is 0
+    (``lr_ref ≥ lr ≥ 0``).  ``lr_ref`` and ``scale`` may be 0-d tensors (``capturable``).
     """
-    return scale * lr / lr_ref**2 if lr_ref > 0 and lr > 0 else 0.0
+    return safe_div(scale * lr, lr_ref**2) if lr > 0 else 0.0
 
 
 def hd_rate(
@@ -134,7 +146,7 @@ def hd_rate(
     parent: Scalar = 0.0,
     low: float = 0.0,
     high: float = math.inf,
-    growth: float = math.inf,
+    growth: Scalar = math.inf,
 ) -> Scalar:
     """One scalar rate's update: ``ρ ← clip(ρ + step·⟨g_t, s_{t−1}⟩ − pull·(ρ − parent), low, high)``.
 
@@ -142,27 +154,30 @@ def hd_rate(
     The tensor-valued levels apply the same rule element by element (:func:`_move_tensor_rates_`).
     [package] ``growth`` (``max_rate_growth``) also caps the new rate at ``growth·max(ρ, 1)``: at
     most ``growth`` times the old multiple, or ``growth`` (× ``lr``) from below 1 (never below ``low``).
+    Numbers or 0-d tensors (``capturable``; an infinite tensor ``growth`` caps nothing: ``inf·ρ``).
     """
-    ceiling = high if growth == math.inf else smax(smin(high, growth * smax(rate, 1.0)), low)
+    uncapped = not isinstance(growth, Tensor) and growth == math.inf
+    ceiling = high if uncapped else smax(smin(high, growth * smax(rate, 1.0)), low)
     return smin(smax(rate + step * alignment - pull * (rate - parent), low), ceiling)
 
 
 def weight_hypergradients(
     levels: Sequence[str],
-    absolute: Sequence[float],
-    dots: Sequence[float],
-    global_rate: float,
-    layer_rates: Sequence[float],
-    partials: Mapping[str, Sequence[float]],
-) -> dict[str, float]:
+    absolute: Sequence[Scalar],
+    dots: Sequence[Scalar] | Tensor,
+    global_rate: Scalar,
+    layer_rates: Sequence[Scalar],
+    partials: Mapping[str, Sequence[Scalar] | Tensor],
+) -> dict[str, Scalar]:
     """``∂/∂w_k = Σ_i h_i·α⁽ᵏ⁾_i`` with ``h = −g_t ⊙ s_{t−1}``, at the previous rates.
 
     Per tensor ``j``: ``absolute[j] = lr_j·scale_j`` turns its multiples into absolute rates,
     ``dots[j] = ⟨g_j, prev_j⟩``, and ``partials[level][j] = Σ_i g_i·prev_i·ρ_i`` over the tensor for
-    the tensor-valued levels (``unit``, ``param``).
+    the tensor-valued levels (``unit``, ``param``).  Numbers, or 0-d tensors and 1-d ones for the
+    per-tensor vectors (``capturable``): the same sums, in the same order.
     """
     weighted = [a * d for a, d in zip(absolute, dots)]
-    out: dict[str, float] = {}
+    out: dict[str, Scalar] = {}
     if "global" in levels:
         out["global"] = -global_rate * sum(weighted)
     if "layer" in levels:
@@ -173,14 +188,17 @@ def weight_hypergradients(
     return out
 
 
-def project_simplex(values: Sequence[float]) -> list[float]:
+def project_simplex(values: Sequence[Scalar]) -> list[float] | Tensor:
     """Euclidean projection of ``values`` onto the probability simplex {w ≥ 0, Σ w = 1}.
 
     The sort-based algorithm (Held, Wolfe, Crowder 1974; Duchi et al. 2008): find the threshold
     ``θ`` with ``Σ max(v_i − θ, 0) = 1`` and clip there.  Adding a constant to every entry does not
     change the result, which is why only differences between the levels' hypergradients move the
-    weights.
+    weights.  Values that are 0-d tensors (``capturable``) give a 1-d tensor, projected on the
+    device (:func:`_project_simplex_on_device`, the same steps).
     """
+    if any(isinstance(v, Tensor) for v in values):
+        return _project_simplex_on_device(torch.stack(list(values)))  # type: ignore[arg-type]
     ordered = sorted(values, reverse=True)
     cumulative, theta = 0.0, 0.0
     for i, v in enumerate(ordered, start=1):
@@ -191,12 +209,23 @@ def project_simplex(values: Sequence[float]) -> list[float]:
     return [max(v - theta, 0.0) for v in values]
 
 
+def _project_simplex_on_device(values: Tensor) -> Tensor:
+    """:func:`project_simplex` of a 1-d tensor without a host read: the same sort, the same running
+    sums (``cumsum``), and ``θ`` the candidate at the last position where ``v_i − θ_i > 0`` (0 if none)."""
+    ordered = torch.sort(values, descending=True).values
+    positions = torch.arange(1, values.numel() + 1, device=values.device)
+    candidates = (torch.cumsum(ordered, 0) - 1.0) / positions
+    last = torch.amax(torch.where(ordered - candidates > 0, positions, 0)).reshape(1)
+    theta = torch.where(last > 0, candidates.gather(0, torch.clamp(last - 1, min=0)), 0.0)
+    return torch.clamp(values - theta, min=0.0)
+
+
 def scalar_rate(weights: Mapping[str, float], global_rate: float, layer_rate: float) -> float:
     """``w_global·ρ_global + w_layer·ρ_layer``: the scalar levels' part of a tensor's applied multiple."""
     return weights.get("global", 0.0) * global_rate + weights.get("layer", 0.0) * layer_rate
 
 
-def reference_lr(lr: float, *recorded: float | None) -> float:
+def reference_lr(lr: float, *recorded: Scalar | None) -> Scalar:
     """``lr_ref``: the largest rate the group is scheduled at: ``lr`` and the ``recorded`` ones
     (``initial_lr``, ``OneCycleLR``'s ``max_lr``, the largest ``lr`` seen so far; ``None`` if absent).
 
@@ -212,25 +241,38 @@ def reference_lr(lr: float, *recorded: float | None) -> float:
     0.1
     >>> reference_lr(0.5, 0.1, None, 0.3)  # CyclicLR rising: the largest lr so far
     0.5
+
+    A recorded rate may be a 0-d tensor (``capturable``): the result is then one.
     """
-    return max([lr, *(r for r in recorded if r is not None)])
+    largest: Scalar = lr
+    for r in recorded:
+        if r is not None:
+            largest = smax(largest, r)
+    return largest
 
 
-def hypergradient_size(coefs: Sequence[float], dots: Sequence[float]) -> float:
+def hypergradient_size(coefs: Sequence[Scalar], dots: Sequence[Scalar] | Tensor) -> Scalar:
     """``Σ_j |c_j·⟨g_j, prev_j⟩|``: how far this step's hypergradient would move the rates (in
     multiples of ``lr``, before ``β`` and the weights).  A size far above its running average
-    (:func:`running_scale`) marks a gradient spike: such a step is tried on copies first."""
-    return math.fsum(abs(c * d) for c, d in zip(coefs, dots))
+    (:func:`running_scale`) marks a gradient spike: such a step is tried on copies first.
+    ``dots`` as a 1-d tensor (``capturable``): a 0-d tensor, summed on the device."""
+    terms = [abs(c * d) for c, d in zip(coefs, dots)]
+    if isinstance(dots, Tensor):
+        return torch.stack(terms).sum() if terms else dots.new_zeros(())
+    return math.fsum(terms)
 
 
-def running_scale(scale: float, size: float) -> float:
+def running_scale(scale: Scalar, size: Scalar) -> Scalar:
     """The running average of the sizes: ``scale + w·(size − scale)``, ``w = 0.1``; it starts at
-    the first non-zero size, and a step without a hypergradient leaves it alone."""
-    if size == 0.0:
-        return scale
-    if scale <= 0.0:
-        return size
-    return scale + _SCALE_WEIGHT * (size - scale)
+    the first non-zero size, and a step without a hypergradient leaves it alone.  Numbers or 0-d
+    tensors."""
+    return where(size == 0.0, scale, where(scale <= 0.0, size, scale + _SCALE_WEIGHT * (size - scale)))
+
+
+def _is_spike(size: Scalar, scale: Scalar) -> Scalar:
+    """Whether a hypergradient of ``size`` is a spike: non-zero, and without a running average
+    ``scale`` yet or more than 10 times it (a bool, or a 0-d bool tensor: ``&``/``|`` serve both)."""
+    return (size > 0.0) & ((scale <= 0.0) | (size > _SCREEN * scale))
 
 
 # =========================================================================== the bodies
@@ -308,11 +350,11 @@ def _move_tensor_rates_(
     grads: list[Tensor],
     prevs: list[Tensor | None],
     unit_sums: list[Tensor | None] | None,
-    steps: list[float],
+    steps: list[Scalar],
     parents: list[Scalar | None],
     pull: float,
     bounds: tuple[float, float],
-    growth: float,
+    growth: Scalar,
     *,
     foreach: bool,
 ) -> None:
@@ -320,12 +362,15 @@ def _move_tensor_rates_(
 
     ``ρ ← clip(ρ·(1 − pull) + pull·parent + step·Σ_group g ⊙ prev)``; ``steps`` already hold the
     factor of :func:`rate_step_factor`.  A finite ``growth`` caps each rate at ``growth·max(ρ, 1)``.
+    ``steps`` and ``growth`` may be 0-d tensors (``capturable``): the cap is then always formed
+    (an infinite ``growth`` caps nothing) and a zero step is added, not skipped.
     """
     low, high = bounds
     ceilings = []
-    if growth != math.inf:  # growth·max(ρ, 1), within the bounds, from the rates before the step
+    on_device = isinstance(growth, Tensor)
+    if on_device or growth != math.inf:  # growth·max(ρ, 1), within the bounds, from the rates before the step
         ceilings = [torch.clamp(rate, min=1.0).mul_(growth) for rate in rates]
-        if low > growth or high < math.inf:
+        if on_device or low > growth or high < math.inf:
             clamp_(ceilings, low, max(high, low), foreach=foreach)
     for j, (rate, g, s, step, parent) in enumerate(zip(rates, grads, prevs, steps, parents)):
         if pull > 0 and parent is not None:
@@ -334,6 +379,12 @@ def _move_tensor_rates_(
                 rate.add_(parent, alpha=pull)
             else:
                 rate.add_(pull * parent)
+        if isinstance(step, Tensor):  # a 0-d tensor cannot be an `alpha`: into the factor, in ρ's dtype
+            if unit_sums is None:
+                rate.addcmul_(g, s.to(rate.dtype) * step)  # type: ignore[union-attr]
+            else:
+                rate.add_(unit_sums[j] * step)  # type: ignore[operator]
+            continue
         if s is None or step == 0:
             continue
         if unit_sums is None:
@@ -436,6 +487,79 @@ def _copied(state: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
+# =========================================================================== the device-side bodies
+#
+# ``capturable``: the step is formed next to the state (new tensors, the state's own left as they
+# are), then kept ``where`` it may be (:meth:`HierarchicalHD._commit`).  The per-tensor scalars are
+# 0-d tensors, which cannot be an ``alpha`` or a ``value``: they enter as factors.
+
+
+def _device_base_step(
+    group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]], rates: list[Scalar]
+) -> list[Scalar]:
+    """The base rule's new state (``capturable``): ``states``' entries replaced by new tensors
+    (``prev_direction``, ``momentum_buffer``; Adam's in :func:`_device_adam_step`), the operations of
+    :func:`_sgd_step_`.  Returns each tensor's step size along its new ``prev_direction``."""
+    if group["base"] == "adam":
+        return _device_adam_step(group, grads, states, rates)
+    directions = grads
+    if group["base"] == "sgdn":
+        buffers = [{"momentum_buffer": st["momentum_buffer"].clone()} for st in states]
+        momentum_(buffers, grads, group["momentum"], foreach=group["foreach"])
+        directions = nesterov(grads, [b["momentum_buffer"] for b in buffers], group["momentum"], foreach=group["foreach"])
+        for st, b in zip(states, buffers):
+            st["momentum_buffer"] = b["momentum_buffer"]
+    for st, s in zip(states, directions):
+        st["prev_direction"] = s
+    return rates
+
+
+def _device_adam_step(
+    group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]], rates: list[Scalar]
+) -> list[Scalar]:
+    """Adam's new moments, step count (int64), ``u = m/(√v/root + eps)`` and ``direction_scale =
+    1/bc1`` as new tensors in ``states`` (:func:`_adam_step_`'s math, the bias corrections from each
+    tensor's count on the device; ``u`` in ``v``'s dtype).  Returns ``rate/bc1`` per tensor."""
+    beta1, beta2 = group["betas"]
+    avgs = [st["exp_avg"].clone() for st in states]
+    sq_avgs = [st["exp_avg_sq"].clone() for st in states]
+    adam_moments_(avgs, sq_avgs, grads, 1 - beta1, 1 - beta2, foreach=group["foreach"])
+    steps = []
+    for st, m, v, rate in zip(states, avgs, sq_avgs, rates):
+        count = st["step"] + 1
+        k = count.to(accumulation_dtype(count.device))
+        bc1, root = 1.0 - torch.pow(beta1, k), torch.sqrt(1.0 - torch.pow(beta2, k))
+        denominator = (v.sqrt() / root).add_(group["eps"])  # v's dtype: float32 for 16-bit parameters
+        u = m.to(denominator.dtype) / denominator
+        st.update(step=count, exp_avg=m, exp_avg_sq=v, prev_direction=u, direction_scale=1.0 / bc1)
+        steps.append(rate / bc1)
+    return steps
+
+
+def _descended(p: Tensor, state: Mapping[str, Any], step: Scalar, lr: float, weights: Mapping[str, Scalar]) -> Tensor:
+    """The new parameter (``capturable``): ``x − step·s``, then the tensor levels' share
+    ``lr·scale·w_k·ρ_k ⊙ s`` (:func:`_tensor_levels_step_`), with ``s = prev_direction`` and
+    ``scale = direction_scale`` of the new ``state``; formed in :func:`work_dtype`, rounded once."""
+    wide = work_dtype(p.dtype)
+    s = state["prev_direction"].to(wide)
+    x = p.to(wide) - s * step
+    for level in ("unit", "param"):
+        if level in weights:
+            rate = state[_RATE_KEYS[level]]
+            if level == "unit":
+                rate = rate.view(_unit_view_shape(p))
+            x = x - rate.to(wide) * s * (lr * state.get("direction_scale", 1.0) * weights[level])
+    return x.to(p.dtype)
+
+
+def _outcome_finite(staged: Sequence[tuple[Tensor, Mapping[str, Any]]], device: torch.device) -> Tensor:
+    """Whether every new parameter and every state tensor after the step is finite (0-d bool): what
+    :meth:`HierarchicalHD._outcome_is_finite` finds on copies, from the step formed next to the state."""
+    tensors = [t for new_p, state in staged for t in (new_p, *(v for v in state.values() if isinstance(v, Tensor)))]
+    low, high = tensor_extrema(tensors, device)
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
 # =========================================================================== the optimizer
 
 
@@ -456,29 +580,32 @@ class _Reads:
 
 @dataclass(frozen=True)
 class _Plan:
-    """What a step will write, worked out on the host from the gate's values before anything is
-    written.  Per-tensor lists run over the tensors of all groups, in order."""
+    """What a step will write, worked out from the gate's values before anything is written: on
+    the host (numbers), or on the device (0-d tensors, ``capturable``).  Per-tensor lists run over
+    the tensors of all groups, in order."""
 
     #: The new combination weights (the step uses them) and the new global and layer multiples.
-    weights: dict[str, float]
-    global_rate: float
-    layer_rates: list[float]
+    weights: dict[str, Scalar]
+    global_rate: Scalar
+    layer_rates: list[Scalar]
     #: The multiples before this step (the tensor levels' parents).
-    old_global: float
-    old_layer: list[float]
+    old_global: Scalar
+    old_layer: list[Scalar]
     #: Per tensor-valued level: each tensor's hypergradient step (``w_k·β_k`` × its factor), and ``2·β_k·λ_k``.
-    tensor_steps: dict[str, list[float]]
+    tensor_steps: dict[str, list[Scalar]]
     pulls: dict[str, float]
     bounds: tuple[float, float]
     #: Each group's ``lr_ref`` (:func:`reference_lr`), in the order of the reads.
-    references: list[float]
+    references: list[Scalar]
     #: ``max_rate_growth`` (``inf`` in the first steps) and the running scale after this step.  The
     #: scalar levels' rates are capped at every step; the tensor levels' (three passes over their
     #: rates) on the steps the screen flags (``check``), where a spike would throw them up.
-    growth: float
-    scale: float
+    growth: Scalar
+    scale: Scalar
     #: Whether the step must be tried on copies first (:meth:`HierarchicalHD._outcome_is_finite`).
-    check: bool
+    check: bool | Tensor
+    #: Whether the new scalar rates, weights and the screen's size are all finite (else the step is skipped).
+    finite: bool | Tensor
 
     def at(self, j: int) -> _Plan:
         """The plan of the ``j``-th tensor alone."""
@@ -488,6 +615,17 @@ class _Plan:
             old_layer=self.old_layer[j : j + 1],
             tensor_steps={k: v[j : j + 1] for k, v in self.tensor_steps.items()},
         )
+
+
+def _all_finite(values: Sequence[Scalar]) -> bool | Tensor:
+    """Whether every value is finite: a bool for numbers, a 0-d bool tensor if one is a tensor."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    numbers = all(math.isfinite(v) for v in values if not isinstance(v, Tensor))
+    if not tensors:
+        return numbers
+    device = tensors[0].device
+    stacked = torch.stack([t.to(device=device, dtype=accumulation_dtype(device)) for t in tensors])
+    return torch.isfinite(stacked).all() & numbers
 
 
 def _flat(reads: Sequence[_Reads], field: str) -> list[Any]:
@@ -616,6 +754,19 @@ class HierarchicalHD(AdaptiveOptimizer):
             step (:mod:`._sgd_compiled`: 6 instead of 11).  The rates, the tensor levels' share of
             the step and the safeguards are unchanged.  Compiles once per set of parameter shapes;
             a missing compiler raises before any state changes.
+        capturable: keep every decision of the step on the device (docs/algorithms.md, "The
+            device-side step"): the gate, the rates, the weights (projected onto the simplex by a
+            sort on the device), the screen's running scale and the records are 0-d device tensors
+            (``level_weights`` a tuple of them), the whole step is formed next to the state and kept
+            with ``torch.where`` where the default step would take it (the gate's values and the
+            new rates finite and, on a screened step, every value it writes), and the state is
+            updated in place, so the step never waits for the host and can be captured in a CUDA
+            graph (after a few eager steps).  Each step costs about what a screened step of the
+            default path costs (the step formed next to the state, and its extrema).  Skips are
+            counted on the device and reported by :meth:`sync_warnings`.  Hyperparameters (``lr``,
+            ``hyper_lr``, betas, ...) are read as Python numbers at each call: a graph keeps the
+            values it was captured with.  Not with ``compiled=True`` (its kernels take host numbers
+            and have no skip flag): a ``ValueError`` says so.
         max_consecutive_skips: raise after this many skipped steps in a row (see
             :class:`~lightning_adaptive_lr.optim._base.AdaptiveOptimizer`).
 
@@ -659,7 +810,13 @@ class HierarchicalHD(AdaptiveOptimizer):
         "level_pull",
         "rate_bounds",
         "max_rate_growth",
+        "capturable",
     )
+    #: The ``capturable`` gate's places for the step's outcome (:meth:`_note_outcome_skip`).
+    outcome_scalars: ClassVar[frozenset[str]] = frozenset({"new_rates", "new_state"})
+    #: ``level_weights`` is a tuple, one weight per level: the base's conversions take single numbers,
+    #: so :meth:`_device_group_state` and :meth:`_host_group_state` here convert it weight by weight.
+    host_group_state: ClassVar[frozenset[str]] = frozenset({"level_weights"})
     group_state: ClassVar[dict[str, Any]] = {
         **AdaptiveOptimizer.group_state,
         "global_rate_multiple": 1.0,
@@ -688,6 +845,7 @@ class HierarchicalHD(AdaptiveOptimizer):
         foreach: bool = True,
         average_across_ranks: bool = True,
         compiled: bool = False,
+        capturable: bool = False,
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         name = type(self).__name__
@@ -706,8 +864,10 @@ class HierarchicalHD(AdaptiveOptimizer):
                 )
         defaults = checked(
             name, locals(), base=one_of(*BASES), lr=NONNEGATIVE, momentum=FRACTION, betas=BETAS, eps=NONNEGATIVE,
-            weight_decay=NONNEGATIVE, learn_weights=FLAG, weight_lr=NONNEGATIVE, compiled=FLAG,
+            weight_decay=NONNEGATIVE, learn_weights=FLAG, weight_lr=NONNEGATIVE, compiled=FLAG, capturable=FLAG,
         )  # fmt: skip
+        if compiled and capturable:
+            raise ValueError(_COMPILED_AND_CAPTURABLE.format(name=name))
         initial_weights = self._check_weights(weights, levels, active)
         defaults.update(
             levels=active,
@@ -816,13 +976,14 @@ class HierarchicalHD(AdaptiveOptimizer):
         super().load_state_dict(state_dict)
         # torch casts floating-point state to its parameter's dtype; the unit and param rates and
         # Adam's v are kept in at least float32 (16-bit rates would lose the small hypergradient
-        # steps, a 16-bit v the squares of small gradients), so put them back with their own dtype.
+        # steps, a 16-bit v the squares of small gradients), so put them back with their own dtype,
+        # and so the scalars a capturable optimizer keeps as 0-d tensors (float64, Adam's count int64).
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id, {})
-            for key in ("hd_rate_unit", "hd_rate_param", "exp_avg_sq"):
-                if key in saved:
+            for key in ("hd_rate_unit", "hd_rate_param", "exp_avg_sq", *_SCALAR_STATE):
+                if isinstance(saved.get(key), Tensor):
                     self.state[p][key] = saved[key].detach().clone().to(device=p.device)
 
     def _new_state(self, p: Tensor) -> dict[str, Any]:
@@ -870,12 +1031,16 @@ class HierarchicalHD(AdaptiveOptimizer):
         return reads
 
     def _update(self, loss: Tensor | None) -> None:
+        if self._capturable:
+            self._device_update(loss)
+            return
+        self._host_group_state()
         reads = self._gather()
         if not reads:
             return
         options = self.param_groups[0]
         levels: tuple[str, ...] = options["levels"]
-        params, grads, prevs, found = (_flat(reads, k) for k in ("params", "grads", "prevs", "states"))
+        params = _flat(reads, "params")
         if self._is_state_initialization():  # torch.distributed.checkpoint lays out the state
             for p in params:
                 self._init_state(p)
@@ -884,31 +1049,14 @@ class HierarchicalHD(AdaptiveOptimizer):
         if params and any(group.get("compiled") for group in self.param_groups):
             ensure_inductor_works(self._name, params[0].device)  # before any state changes
 
-        # Reductions: ⟨g_j, prev_j⟩ per tensor and per output unit, and the weights' partials
-        # Σ_i g_i·prev_i·ρ_i per tensor (a tensor without s_{t−1} has h = 0: tensor_dots' None).
-        device = grads[0].device
-        if "unit" in levels:
-            self._require_whole_units('the "unit" level')
-        scalars = {"dots": tensor_dots(grads, prevs, device)}
-        if loss is not None:
-            scalars["loss"] = loss
-        unit_sums = [None if s is None else unit_dots(g, s) for g, s in zip(grads, prevs)] if "unit" in levels else []
-        if options["learn_weights"] and "unit" in levels:
-            terms = [g if u is None else u for g, u in zip(grads, unit_sums)]
-            unit_rates = [None if s is None else st["hd_rate_unit"] for s, st in zip(prevs, found)]
-            scalars["unit_partial"] = tensor_dots(terms, unit_rates, device)
-        if options["learn_weights"] and "param" in levels:
-            terms = [g if s is None else g * s for g, s in zip(grads, prevs)]
-            param_rates = [None if s is None else st["hd_rate_param"] for s, st in zip(prevs, found)]
-            scalars["param_partial"] = tensor_dots(terms, param_rates, device)
-
+        scalars, unit_sums = self._gate_scalars(reads, loss)
         values = self._gate(**scalars)  # the step's one synchronization
         if values is None:
             return
         # The outcome, before anything is written: the new scalar rates and weights (host
         # arithmetic); where the screen asks for it, the whole step taken on copies.
         plan = self._plan(reads, values)
-        if plan is None:
+        if not plan.finite:
             self._skip_step("outcome", ["the new learning rates"])
             return
         if plan.check and not self._agree(self._outcome_is_finite(reads, plan, unit_sums)):
@@ -927,10 +1075,37 @@ class HierarchicalHD(AdaptiveOptimizer):
             r.group[REFERENCE_LR] = reference
         self._record_all(levels, plan.weights)
 
-    def _plan(self, reads: list[_Reads], values: dict[str, Any]) -> _Plan | None:
-        """The rules on the previous rates and weights, on the host: the new global and layer
-        rates, the new weights, the tensor levels' steps, the screen; ``None`` if a new rate or
-        weight is not finite.  Nothing is written."""
+    def _gate_scalars(
+        self, reads: list[_Reads], loss: Tensor | None
+    ) -> tuple[dict[str, Tensor], list[Tensor | None]]:
+        """What the gate reads, and the per-unit sums the step uses: ⟨g_j, prev_j⟩ per tensor (and
+        per output unit), the loss if given, and the weights' partials Σ_i g_i·prev_i·ρ_i per tensor
+        (a tensor without s_{t−1} has h = 0: tensor_dots' None).  Device tensors; nothing is read."""
+        options = self.param_groups[0]
+        levels: tuple[str, ...] = options["levels"]
+        grads, prevs, found = (_flat(reads, k) for k in ("grads", "prevs", "states"))
+        device = grads[0].device
+        if "unit" in levels:
+            self._require_whole_units('the "unit" level')
+        scalars = {"dots": tensor_dots(grads, prevs, device)}
+        if loss is not None:
+            scalars["loss"] = loss
+        unit_sums = [None if s is None else unit_dots(g, s) for g, s in zip(grads, prevs)] if "unit" in levels else []
+        if options["learn_weights"] and "unit" in levels:
+            terms = [g if u is None else u for g, u in zip(grads, unit_sums)]
+            unit_rates = [None if s is None else st["hd_rate_unit"] for s, st in zip(prevs, found)]
+            scalars["unit_partial"] = tensor_dots(terms, unit_rates, device)
+        if options["learn_weights"] and "param" in levels:
+            terms = [g if s is None else g * s for g, s in zip(grads, prevs)]
+            param_rates = [None if s is None else st["hd_rate_param"] for s, st in zip(prevs, found)]
+            scalars["param_partial"] = tensor_dots(terms, param_rates, device)
+        return scalars, unit_sums
+
+    def _plan(self, reads: list[_Reads], values: dict[str, Any]) -> _Plan:
+        """The rules on the previous rates and weights: the new global and layer rates, the new
+        weights, the tensor levels' steps, the screen, and whether the new rates and weights are
+        finite.  On the host from the gate's numbers, or on the device from its tensors and the
+        state's 0-d tensors (``capturable``): the same functions.  Nothing is written."""
         options = self.param_groups[0]
         levels: tuple[str, ...] = options["levels"]
         beta, lam = dict(zip(levels, options["hyper_lr"])), dict(zip(levels, options["level_pull"]))
@@ -948,7 +1123,7 @@ class HierarchicalHD(AdaptiveOptimizer):
         ]
         lr_refs = [ref for r, ref in zip(reads, references) for _ in r.params]
         coefs = [rate_step_factor(g["lr"], ref, a) for g, ref, a in zip(groups, lr_refs, scales)]
-        growth = options["max_rate_growth"] if self._shared("step") >= _GROWTH_WARMUP else math.inf
+        growth = where(self._shared("step") >= _GROWTH_WARMUP, options["max_rate_growth"], math.inf)
 
         new_weights = weights
         if options["learn_weights"]:
@@ -975,10 +1150,7 @@ class HierarchicalHD(AdaptiveOptimizer):
         # buffers can overflow with ordinary gradients): the step is then tried on copies first.
         size = hypergradient_size(coefs, dots)
         scale = self._shared("hypergradient_scale")
-        spike = size > 0.0 and (scale <= 0.0 or size > _SCREEN * scale)
-        check = self._shared("step") == 0 or spike or any(p.dtype == torch.float16 for p in params)
-        if not all(math.isfinite(v) for v in (size, new_global, *layer_rates, *new_weights.values())):
-            return None
+        check = (self._shared("step") == 0) | _is_spike(size, scale) | any(p.dtype == torch.float16 for p in params)
         tensor_levels = [k for k in ("unit", "param") if k in levels]
         return _Plan(
             weights=new_weights,
@@ -993,6 +1165,7 @@ class HierarchicalHD(AdaptiveOptimizer):
             growth=growth,
             scale=running_scale(scale, size),
             check=check,
+            finite=_all_finite([size, new_global, *layer_rates, *new_weights.values()]),
         )
 
     def _outcome_is_finite(self, reads: list[_Reads], plan: _Plan, unit_sums: list[Tensor | None]) -> bool:
@@ -1016,6 +1189,186 @@ class HierarchicalHD(AdaptiveOptimizer):
                 j += 1
         device = extrema[0].device
         return bool(torch.isfinite(torch.stack([e.to(device) for e in extrema])).all())
+
+    # ------------------------------------------------------------------ the device-side step
+
+    def _device_update(self, loss: Tensor | None) -> None:
+        """``capturable``: the step with every decision on the device; nothing is read to the host.
+
+        The default step's rules, on the gate's values kept as tensors and the state's 0-d tensors
+        (:meth:`_plan`); the whole step formed next to the state (:meth:`_staged_step`: what the
+        default step takes on copies where the screen asks); then kept ``where`` the default step
+        would take it (the gate's values and the new rates finite, and on a screened step every
+        value it writes): a step not taken leaves parameters and state bit for bit as they were.
+        """
+        reads = self._gather()
+        if not reads:
+            return
+        if any(group.get("compiled") for group in self.param_groups):
+            raise ValueError(_COMPILED_AND_CAPTURABLE.format(name=self._name))
+        levels: tuple[str, ...] = self.param_groups[0]["levels"]
+        device = reads[0].grads[0].device
+        if any(p.device != device for r in reads for p in r.params):
+            raise RuntimeError(
+                f"{self._name}(capturable=True) keeps the step's scalars on one device, but the parameters lie on "
+                f"several ({sorted({str(p.device) for r in reads for p in r.params})}); use one optimizer per "
+                "device, or capturable=False."
+            )
+        initializing = self._is_state_initialization()  # torch.distributed.checkpoint lays out the state
+        self._device_group_state(device)
+        reads = [self._stated(r) for r in reads]
+        if initializing:  # the records too, as device tensors: the layout a loaded state dict fills
+            none_yet = torch.zeros((), dtype=accumulation_dtype(device), device=device)  # as _commit_shared keeps it
+            for r in reads:
+                if r.group.get(REFERENCE_LR) is None:
+                    self._record_on_device(r.group, **{REFERENCE_LR: none_yet})
+            self._record_all_on_device(levels, torch.ones((), dtype=torch.bool, device=device))
+            return
+        scalars, unit_sums = self._gate_scalars(reads, loss)
+        zero = scalars["dots"].new_zeros(())  # the outcome's places in the skip record (_note_outcome_skip)
+        values, ok = self._device_gate(**scalars, new_rates=zero, new_state=zero)
+        plan = self._plan(reads, values)
+        staged = self._staged_step(plan, reads, unit_sums)
+        written = self._agreed_on_device(_outcome_finite(staged, device))
+        taken = ok & plan.finite & (written | ~plan.check)
+        self._note_outcome_skip(ok, plan.finite, taken)
+        self._commit(_flat(reads, "params"), staged, taken)
+        self._commit_shared(levels, plan, reads, taken)
+        self._record_all_on_device(levels, taken)
+
+    def _device_group_state(self, device: torch.device) -> None:
+        """:meth:`~._base.AdaptiveOptimizer._device_group_state`, and ``level_weights`` as a tuple of
+        0-d tensors (one per level, as the default path's tuple of numbers)."""
+        weights = self._shared("level_weights")
+        if not all(isinstance(w, Tensor) and w.device == device for w in weights):
+            dtype = accumulation_dtype(device)
+            self._set_shared(level_weights=tuple(torch.as_tensor(w, dtype=dtype).to(device) for w in weights))
+        super()._device_group_state(device)
+
+    def _host_group_state(self) -> None:
+        """The reverse of :meth:`_device_group_state` and :meth:`_device_state`, for a default step
+        after ``capturable`` ones (a state dict saved by a capturable optimizer, the option switched
+        off): the optimizer-wide numbers, each group's ``hd_reference_lr`` and the parameters'
+        :data:`_SCALAR_STATE` back to Python numbers.  Nothing is read when they are numbers."""
+        if not isinstance(self._shared("step"), Tensor):
+            return
+        self._set_shared(level_weights=tuple(float(w) for w in self._shared("level_weights")))
+        for group in self.param_groups:
+            if isinstance(group.get(REFERENCE_LR), Tensor):
+                group[REFERENCE_LR] = group[REFERENCE_LR].item()
+        for p in [p for group in self.param_groups for p in group["params"]]:
+            state = self.state.get(p, {})
+            for key in _SCALAR_STATE:
+                if isinstance(state.get(key), Tensor):
+                    state[key] = state[key].item()
+        super()._host_group_state()
+
+    def _device_state(self, p: Tensor) -> dict[str, Any]:
+        """A parameter's state for a ``capturable`` step: created at its first step, taken or not
+        (:meth:`_new_state`), its :data:`_SCALAR_STATE` as 0-d tensors on its device (Adam's count
+        int64, the rest in :func:`~._reduce.accumulation_dtype`), written in place from then on."""
+        state = self._init_state(p)
+        for key in _SCALAR_STATE:
+            value = state.get(key)
+            if value is not None and not isinstance(value, Tensor):
+                dtype = torch.int64 if key == "step" else accumulation_dtype(p.device)
+                state[key] = torch.tensor(value, dtype=dtype, device=p.device)
+        return state
+
+    def _stated(self, reads: _Reads) -> _Reads:
+        """``reads`` with every parameter's state (:meth:`_device_state`): its ``s_{t−1}`` (zeros at
+        its first step, which give the default step's ``h = 0``) and ``direction_scale``."""
+        states = [self._device_state(p) for p in reads.params]
+        prevs = [st["prev_direction"] for st in states]
+        scales = [st.get("direction_scale", 1.0) for st in states]
+        return replace(reads, prevs=prevs, scales=scales, states=states)
+
+    def _staged_step(
+        self, plan: _Plan, reads: list[_Reads], unit_sums: list[Tensor | None]
+    ) -> list[tuple[Tensor, dict[str, Any]]]:
+        """Everything the step writes, as new tensors next to the state (``capturable``): per tensor
+        of all groups, its new parameter and its new state (entries the step does not write are the
+        state's own).  :func:`_apply_step_`'s order and rules: the tensor levels' rates
+        (:func:`_move_tensor_rates_` on copies), the layer rates, the base rule with the new rates
+        and weights (:func:`_device_base_step`), the tensor levels' share (:func:`_descended`)."""
+        options = self.param_groups[0]
+        levels: tuple[str, ...] = options["levels"]
+        params, grads, prevs, found = (_flat(reads, k) for k in ("params", "grads", "prevs", "states"))
+        states = [dict(st) for st in found]
+        for level in ("param", "unit"):  # every pull reads its parent's previous value (`found`)
+            if level in levels:
+                key = _RATE_KEYS[level]
+                rates = [st[key].clone() for st in found]
+                _move_tensor_rates_(
+                    rates,
+                    grads,
+                    prevs,
+                    unit_sums if level == "unit" else None,
+                    plan.tensor_steps[level],
+                    _parent_rates(_parent_level(levels, level), plan.old_global, plan.old_layer, found, params),
+                    plan.pulls[level],
+                    plan.bounds,
+                    where(plan.check, plan.growth, math.inf),  # per element: on the screened steps only
+                    foreach=options["foreach"],
+                )
+                for st, rate in zip(states, rates):
+                    st[key] = rate
+        if "layer" in levels:
+            for st, rate in zip(states, plan.layer_rates):
+                st["hd_rate_layer"] = rate
+        new_params: list[Tensor] = []
+        offset = 0
+        for r in reads:
+            sts = states[offset : offset + len(r.params)]
+            offset += len(r.params)
+            lr = r.group["lr"]
+            rates = [lr * scalar_rate(plan.weights, plan.global_rate, st.get("hd_rate_layer", 1.0)) for st in sts]
+            steps = _device_base_step(r.group, r.grads, sts, rates)
+            new_params += [_descended(p, st, step, lr, plan.weights) for p, st, step in zip(r.params, sts, steps)]
+        return list(zip(new_params, states))
+
+    def _agreed_on_device(self, flag: Tensor) -> Tensor:
+        """:meth:`_agree` on the device: ``flag`` if every process of the sharding group has it."""
+        vote = flag.to(torch.float32).reshape(1)
+        return self._completed(vote, [_sharding.MIN])[0] > 0
+
+    def _note_outcome_skip(self, gate_ok: Tensor, finite: Tensor, taken: Tensor) -> None:
+        """Name the step's outcome in :meth:`_device_gate`'s skip record where the gate's values were
+        finite but the step was not taken: ``new_rates`` (a new scalar rate or weight not finite)
+        or ``new_state`` (a value the screened step writes), which :meth:`sync_warnings` reports as
+        the step's outcome, as the default step does."""
+        _, mask = self._skip_record  # type: ignore[misc]
+        outcome = torch.stack([~finite, finite & ~taken])
+        cause = torch.cat([torch.zeros_like(mask[:-2]), outcome.to(mask.device)])
+        mask.copy_(torch.where(gate_ok & ~taken, cause, mask))
+
+    def _commit(self, params: list[Tensor], staged: list[tuple[Tensor, dict[str, Any]]], taken: Tensor) -> None:
+        """Parameters and states ``where`` the step is ``taken``, each :func:`~._base.written_into`
+        its tensor (a CUDA graph that captured the step reads and writes the same memory)."""
+        for p, (new_p, new_state) in zip(params, staged):
+            keep = taken.to(p.device)
+            p.copy_(torch.where(keep, new_p, p))
+            state = self.state[p]
+            for key, value in new_state.items():
+                old = state[key]
+                if value is not old:
+                    value = value.to(device=old.device, dtype=old.dtype)
+                    state[key] = written_into(old, torch.where(keep.to(old.device), value, old))
+
+    def _commit_shared(self, levels: tuple[str, ...], plan: _Plan, reads: list[_Reads], taken: Tensor) -> None:
+        """The optimizer-wide numbers and each group's ``lr_ref`` ``where`` the step is ``taken``;
+        the step and skip counts (``hd_reference_lr`` 0 where no step was taken yet: ``lr ≥ 0``)."""
+        old_weights = self._shared("level_weights")
+        weights = [written_into(w, torch.where(taken, plan.weights[k], w)) for k, w in zip(levels, old_weights)]
+        self._set_shared(level_weights=tuple(weights))  # the same tensors, in every group
+        self._set_shared_on_device(
+            global_rate_multiple=torch.where(taken, plan.global_rate, self._shared("global_rate_multiple")),
+            hypergradient_scale=torch.where(taken, plan.scale, self._shared("hypergradient_scale")),
+        )
+        self._count_device_step(taken)
+        for r, reference in zip(reads, plan.references):
+            kept = r.group.get(REFERENCE_LR)
+            self._record_on_device(r.group, **{REFERENCE_LR: where(taken, reference, 0.0 if kept is None else kept)})
 
     # ------------------------------------------------------------------ recording
 
@@ -1104,3 +1457,94 @@ class HierarchicalHD(AdaptiveOptimizer):
         counts = torch.tensor([p.numel() / r.numel() for (p, _), r in zip(stated, rates)], dtype=low.dtype)
         mean = (tensor_sums(rates, device) * counts.to(device)).sum() / total
         return self._to_host_if_free(low, high, mean)  # type: ignore[return-value]
+
+    def _record_all_on_device(self, levels: tuple[str, ...], taken: Tensor) -> None:
+        """:meth:`_record_all` for a ``capturable`` step: the same records as 0-d tensors, from the
+        state after the step, kept ``where`` it was ``taken`` (a group's first records: the state as
+        it stands), each :func:`~._base.written_into` the record there."""
+        weights = dict(zip(levels, self._shared("level_weights")))
+        global_rate = self._shared("global_rate_multiple")
+        device = global_rate.device
+        for group in self.param_groups:
+            lr = group["lr"]
+            stated = [(p, self.state[p]) for p in group["params"] if "prev_direction" in self.state.get(p, {})]
+            values: dict[str, Tensor] = {}
+            mean: Scalar = 0.0  # Σ_k w_k · (element mean of level k's multiple)
+            if "global" in levels:
+                values["hd_rate_global"] = lr * global_rate
+                mean = mean + weights["global"] * global_rate
+            if self._layout is not None and len(levels) > ("global" in levels):  # sharded: complete the statistics
+                statistics = self._sharded_statistics_on_device(levels, stated, device)
+            else:
+                total = float(sum(p.numel() for p, _ in stated))
+                statistics = {
+                    level: self._statistics_on_device(level, stated, total, device)
+                    for level in ("layer", "unit", "param")
+                    if level in levels
+                }
+            for level, (low, level_mean, high) in statistics.items():
+                key = _RATE_KEYS.get(level, "hd_rate_layer")
+                values.update({f"{key}_min": lr * low, f"{key}_mean": lr * level_mean, f"{key}_max": lr * high})
+                mean = mean + weights[level] * level_mean
+            values["effective_lr"] = lr * mean  # type: ignore[assignment]
+            values.update({f"hd_weight_{level}": weights[level] for level in levels})
+            previous = {key: group.get(key) for key in values}
+            kept = {
+                key: torch.where(taken, value, previous[key] if isinstance(previous[key], Tensor) else value)
+                for key, value in values.items()
+            }
+            self._record_on_device(group, **kept)
+
+    def _statistics_on_device(
+        self, level: str, stated: list[tuple[Tensor, dict[str, Any]]], total: float, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Min, element-weighted mean and max of a level's multiples as 0-d tensors on ``device``
+        (``capturable``; 1 before any step): :meth:`_record_all`'s layer statistics and
+        :meth:`_rate_statistics`, the element counts entering as numbers."""
+        if not stated or not total:
+            one = torch.ones((), dtype=accumulation_dtype(device), device=device)
+            return one, one, one
+        if level == "layer":
+            rates = [st["hd_rate_layer"].to(device) for _, st in stated]
+            stacked = torch.stack(rates)
+            mean = sum(r * p.numel() for r, (p, _) in zip(rates, stated)) / total
+            return stacked.min(), mean, stacked.max()  # type: ignore[return-value]
+        tensors = [st[_RATE_KEYS[level]] for _, st in stated]
+        low, high = tensor_extrema(tensors, device)
+        # Elements per rate: a unit's rate covers its row, a param's rate its element.
+        sums = tensor_sums(tensors, device)
+        mean = sum(s * (p.numel() / r.numel()) for s, (p, _), r in zip(sums, stated, tensors)) / total
+        return low, mean, high  # type: ignore[return-value]
+
+    def _sharded_statistics_on_device(
+        self, levels: tuple[str, ...], stated: list[tuple[Tensor, dict[str, Any]]], device: torch.device
+    ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """:meth:`_sharded_statistics` as 0-d tensors on ``device`` (``capturable``): the same
+        entries, completed in the same one collective, nothing read."""
+        dtype = accumulation_dtype(device)
+        sizes = [_local_tensor(p).numel() for p, _ in stated]
+        entries = [torch.full((), float(sum(sizes)), dtype=dtype, device=device)]
+        kinds = [_sharding.SUM]
+        order = [level for level in ("layer", "unit", "param") if level in levels]
+        for level in order:
+            if level == "layer":
+                rates = [st["hd_rate_layer"].to(device=device, dtype=dtype).reshape(1) for _, st in stated]
+                counts = [float(n) for n in sizes]
+            else:
+                rates = [st[_RATE_KEYS[level]].to(device=device, dtype=dtype) for _, st in stated]
+                counts = [float(n // r.numel()) if r.numel() else 0.0 for n, r in zip(sizes, rates)]
+            present = [r for r in rates if r.numel()]
+            if present:
+                low, high = tensor_extrema(present, device)
+            else:
+                low, high = entries[0].new_full((), math.inf), entries[0].new_full((), -math.inf)
+            weighted = sum((r.sum() * c for r, c in zip(rates, counts)), entries[0].new_zeros(()))
+            entries += [low, high, weighted]
+            kinds += [_sharding.MIN, _sharding.MAX, _sharding.SUM]
+        done = self._completed(torch.stack(entries), kinds)
+        total, out = done[0], {}
+        for i, level in enumerate(order):
+            low, high, weighted = done[1 + 3 * i], done[2 + 3 * i], done[3 + 3 * i]
+            some = total > 0
+            out[level] = (torch.where(some, low, 1.0), torch.where(some, weighted / total, 1.0), torch.where(some, high, 1.0))
+        return out
