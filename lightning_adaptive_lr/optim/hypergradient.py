@@ -194,11 +194,18 @@ def project_simplex(values: Sequence[Scalar]) -> list[float] | Tensor:
     The sort-based algorithm (Held, Wolfe, Crowder 1974; Duchi et al. 2008): find the threshold
     ``θ`` with ``Σ max(v_i − θ, 0) = 1`` and clip there.  Adding a constant to every entry does not
     change the result, which is why only differences between the levels' hypergradients move the
-    weights.  Values that are 0-d tensors (``capturable``) give a 1-d tensor, projected on the
-    device (:func:`_project_simplex_on_device`, the same steps).
+    weights.  So the values are first shifted by their largest: ``(Σv − 1)/i`` over entries near
+    1e40 would lose the 1 and leave weights far off the simplex.  Values that are 0-d tensors
+    (``capturable``) give a 1-d tensor, projected on the device (:func:`_project_simplex_on_device`,
+    the same steps).
+
+    >>> project_simplex([1.0, 0.5]), project_simplex([3.0, 0.0])
+    ([0.75, 0.25], [1.0, 0.0])
     """
     if any(isinstance(v, Tensor) for v in values):
         return _project_simplex_on_device(torch.stack(list(values)))  # type: ignore[arg-type]
+    top = max(values)
+    values = [v - top for v in values]
     ordered = sorted(values, reverse=True)
     cumulative, theta = 0.0, 0.0
     for i, v in enumerate(ordered, start=1):
@@ -212,6 +219,7 @@ def project_simplex(values: Sequence[Scalar]) -> list[float] | Tensor:
 def _project_simplex_on_device(values: Tensor) -> Tensor:
     """:func:`project_simplex` of a 1-d tensor without a host read: the same sort, the same running
     sums (``cumsum``), and ``θ`` the candidate at the last position where ``v_i − θ_i > 0`` (0 if none)."""
+    values = values - values.max()
     ordered = torch.sort(values, descending=True).values
     positions = torch.arange(1, values.numel() + 1, device=values.device)
     candidates = (torch.cumsum(ordered, 0) - 1.0) / positions
