@@ -157,6 +157,22 @@ CASES: list[OptimizerCase] = [
         )
         for base in ("sgd", "sgdm", "adam", "adamw")
     ),
+    # QLAB's device-side step (capturable=True): the plain rule (sgdm: lr a device tensor) and
+    # Adam's anchored rule (lr_scale and the per-parameter counts on the device).
+    *(
+        OptimizerCase(
+            f"QLAB-{base}-capturable",
+            lalr.QLAB,
+            {"base": base, "lr": 0.1, "capturable": True, **extra},
+            ({"compiled": True}, {"lr": -0.1}, {"min_trial_lr": 0.0}, {"capturable": "yes"}),
+            needs_probe=True,
+            recorded=("fitted_lr", "trial_loss", "directional_derivative", "curvature"),
+            adapts_lr=True,
+            float32_state=("exp_avg_sq",) if base in ("adam", "adamw") else (),
+            momentum={"sgdm": ("momentum",)}.get(base, ("betas", 0)),
+        )
+        for base, extra in (("sgdm", {"weight_decay": 1e-2}), ("adam", {}))
+    ),
     # --- HierarchicalHD (§3): entries go here
     OptimizerCase(
         "HierarchicalHD-sgd",

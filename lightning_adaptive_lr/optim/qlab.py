@@ -26,6 +26,9 @@ Outside the method's assumptions (docs/algorithms.md §2.5), all [package]: ``lr
 group; an ``lr`` set between 0 and ``min_trial_lr`` does not change the step and is warned about
 once; a step whose trial or fitted point (or the base rule's buffers) would not be finite is
 skipped untouched, checked on copies where a host-side screen asks for it.
+
+``capturable=True`` (the built-in bases) runs the same rules with every decision on the device
+(:meth:`QLAB._device_step`): the scalar rules take 0-d tensors as well as numbers.
 """
 
 from __future__ import annotations
@@ -51,10 +54,12 @@ from ._base import (
     POSITIVE,
     AdaptiveOptimizer,
     LossClosure,
+    check_flag,
     checked,
     one_of,
     real_number,
     runtime_options,
+    written_into,
 )
 from ._adam_compiled import run_adam_step
 from ._compiled import ensure_inductor_works, run_with_table
@@ -67,6 +72,7 @@ from ._directions import (
 )
 from ._protocol import Probe
 from ._reduce import accumulation_dtype, dot, sqnorm, tensor_extrema, work_dtype
+from ._scalars import Scalar, safe_div, smax, smin, where
 from ._sgd_compiled import heavy_ball_step
 from ._tensorlists import add_scaled_, clone, copy_, subtract_
 
@@ -112,35 +118,38 @@ _PROBE_FIXES = (
 # --------------------------------------------------------------------------- the scalar rules
 
 
-def qlab_step_factor(a1: float, a2: float) -> float:
+def qlab_step_factor(a1: Scalar, a2: Scalar) -> Scalar:
     """The factor ``t*`` of the quadratic fit, with the authors' fallback (docs/algorithms.md §2).
 
     ``a1 = ⟨g, Δ⟩`` is the slope and ``a2 = f̃ − f − a1`` the curvature term of
     ``φ(t) ≈ f + a1·t + a2·t²``.  Its minimum ``t* = −a1 / (2·a2)`` is used only when the
     direction descends (``a1 < 0``) and the fit is convex (``a2 > 0``); otherwise, and when
-    either is not finite, the rate is kept (``t* = 1``).
+    either is not finite, the rate is kept (``t* = 1``).  Works on floats and on 0-d tensors
+    (the ``capturable`` step's).
 
     >>> qlab_step_factor(-2.0, 4.0)
     0.25
     >>> qlab_step_factor(-2.0, -1.0)  # concave along Δ: keep the rate
     1.0
     """
-    if not (math.isfinite(a1) and math.isfinite(a2)):
-        return 1.0
-    if a1 < 0.0 and a2 > 0.0:
-        return -a1 / (2.0 * a2)
-    return 1.0
+    usable = (a1 < 0.0) & (a2 > 0.0) & _finite(a1) & _finite(a2)
+    return where(usable, safe_div(-a1, 2.0 * a2), 1.0)
 
 
-def qlab_rate(t_star: float, rate: float, *, max_growth: float, min_lr: float, max_lr: float) -> float:
-    """The bounded new rate ``η' = clamp(min(t*, max_growth)·η, min_lr, max_lr)``.
+def qlab_rate(t_star: Scalar, rate: Scalar, *, max_growth: float, min_lr: float, max_lr: Scalar) -> Scalar:
+    """The bounded new rate ``η' = clamp(min(t*, max_growth)·η, min_lr, max_lr)`` (floats or 0-d tensors).
 
     >>> qlab_rate(0.25, 0.4, max_growth=2.0, min_lr=1e-6, max_lr=10.0)
     0.1
     >>> qlab_rate(50.0, 0.1, max_growth=2.0, min_lr=1e-6, max_lr=10.0)  # at most two trial steps
     0.2
     """
-    return min(max(min(t_star, max_growth) * rate, min_lr), max_lr)
+    return smin(smax(smin(t_star, max_growth) * rate, min_lr), max_lr)
+
+
+def _finite(value: Scalar) -> bool | Tensor:
+    """Whether ``value`` (a float or a tensor) is finite."""
+    return torch.isfinite(value) if isinstance(value, Tensor) else math.isfinite(value)
 
 
 # --------------------------------------------------------------------------- the base rules' directions
@@ -200,7 +209,7 @@ def _adam_direction(
             # v in at least float32: in float16 the squares of small gradients underflow to 0 and
             # the direction m̂/(√v̂ + eps) becomes g/eps.
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=work_dtype(p.dtype), memory_format=torch.preserve_format)
-        state["step"] += 1
+        state["step"] = int(state["step"]) + 1  # a number also where a capturable step kept a device count
     avgs, sq_avgs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
     bias1 = [1.0 - beta1 ** s["step"] for s in states]
     # m̂/(√v̂ + eps) = m / (bc1·(√v/√bc2 + eps)): both corrections go into the denominator, whose
@@ -234,6 +243,130 @@ def _heavy_ball_trial(
     row = (group["momentum"], rate, group["weight_decay"])
     run_with_table("QLAB", heavy_ball_step, (params, grads, buffers), [row] * len(params))
     return buffers
+
+
+# --------------------------------------------------------------------------- the device-side step
+
+#: One param group with its parameters that have a gradient, and those gradients.
+Group = tuple[dict[str, Any], list[Tensor], list[Tensor]]
+
+
+@dataclass
+class _DeviceTrial:
+    """One param group's part of a ``capturable`` step (:meth:`QLAB._device_step`).
+
+    The base rule's new buffers (``buffers``, by state key) are formed next to the state and
+    stored only where the step is taken; ``directions`` are the unit-rate directions ``d``, along
+    which the trial step is ``x ← x − η·d`` (zeros once the gate has refused the step).
+    """
+
+    group: dict[str, Any]
+    lr: Scalar  # the group's lr: the plain rule's rate (a device tensor), the anchored rule's anchor
+    scale: Scalar  # the anchored rule's lr_scale (a device tensor); 1 under the plain rule
+    rate: Tensor  # η, 0-d: 0 for a frozen group
+    params: list[Tensor]
+    grads: list[Tensor]
+    directions: list[Tensor]
+    buffers: dict[str, list[Tensor]]
+
+
+def _on_device(value: Scalar, device: torch.device) -> Tensor:
+    """``value`` as a 0-d :func:`~._reduce.accumulation_dtype` tensor on ``device``: itself when it is
+    one (a ``capturable`` step then writes it in place), a number by a fill kernel (no host copy)."""
+    dtype = accumulation_dtype(device)
+    if not isinstance(value, Tensor):
+        return torch.full((), float(value), dtype=dtype, device=device)
+    if (value.dim(), value.dtype, value.device) == (0, dtype, device):
+        return value
+    return value.detach().to(device=device, dtype=dtype).reshape(())
+
+
+def _count_on_device(value: Any, device: torch.device) -> Tensor:
+    """A per-parameter count as an int64 0-d tensor on ``device``: itself when it is one, else converted
+    (a number of the default step, or the float32 tensor ``torch.optim`` loads it as into a
+    ``capturable`` param group)."""
+    if not isinstance(value, Tensor):
+        return torch.full((), int(value), dtype=torch.int64, device=device)
+    if (value.dim(), value.dtype, value.device) == (0, torch.int64, device):
+        return value
+    return value.detach().to(device=device, dtype=torch.int64).reshape(())
+
+
+def _refuse_compiled(owner: str, group: dict[str, Any]) -> None:
+    """``ValueError`` for a param group that asks for both ``compiled`` and ``capturable``."""
+    if group.get("compiled") and group.get("capturable"):
+        raise ValueError(
+            f"{owner}: `compiled` cannot be combined with `capturable=True`: the compiled trial-step kernels "
+            "(optim/_sgd_compiled.py, optim/_adam_compiled.py) write the base rule's buffers and the parameters "
+            "whatever the step's outcome, so a step the device refuses could not leave them untouched. Use "
+            "capturable=True with compiled=False (the device-side step), or compiled=True without capturable."
+        )
+
+
+def _device_adam_direction(
+    group: dict[str, Any], states: list[dict[str, Any]], params: list[Tensor], grads: list[Tensor]
+) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+    """:func:`_adam_direction` for a ``capturable`` step: the moments updated on copies
+    (:func:`~._directions.adam_moments_`), the bias corrections from the per-parameter counts on the
+    device (``k = count + 1``), and ``d = m̂/(√v̂ + eps)`` (+ ``wd·x`` for ``"adamw"``); returns the
+    directions and the new moments by state key."""
+    (beta1, beta2), foreach = group["betas"], _uses_foreach(group)
+    device = params[0].device
+    k = torch.stack([s["step"].to(device) for s in states]).to(accumulation_dtype(device)) + 1
+    bias1 = 1.0 - torch.pow(beta1, k)
+    roots = torch.sqrt(1.0 - torch.pow(beta2, k)) / bias1
+    shifts = group["eps"] * bias1
+    avgs = clone([s["exp_avg"] for s in states], foreach=foreach)
+    sq_avgs = clone([s["exp_avg_sq"] for s in states], foreach=foreach)
+    adam_moments_(avgs, sq_avgs, grads, 1.0 - beta1, 1.0 - beta2, foreach=foreach)
+    # √v/root + shift = (1 − β1^k)·(√v̂ + eps), as adam_denominators forms it from numbers
+    denominators = [v.sqrt().div_(r.to(v.device)).add_(s.to(v.device)) for v, r, s in zip(sq_avgs, roots, shifts)]
+    directions = adam_directions(avgs, denominators, foreach=foreach, out=denominators)
+    if group["base"] == "adamw" and group["weight_decay"] != 0:
+        add_scaled_(directions, params, group["weight_decay"], foreach=foreach)
+    return directions, {"exp_avg": avgs, "exp_avg_sq": sq_avgs}
+
+
+def _device_slope(trials: list[_DeviceTrial], grad_sqnorms: list[Tensor], device: torch.device) -> Tensor:
+    """``a1 = ⟨g, Δ⟩ = −Σ η·⟨g, d⟩`` as a partial sum (the gate completes it over shards); the
+    ``"sgd"`` base without weight decay (``d = g``) takes the group's ‖g‖²."""
+    slope = torch.zeros((), dtype=accumulation_dtype(device), device=device)
+    for trial, grad_sqnorm in zip(trials, grad_sqnorms):
+        plain = trial.group["base"] == "sgd" and trial.group["weight_decay"] == 0
+        slope = slope - trial.rate * (grad_sqnorm if plain else dot(trial.grads, trial.directions, device))
+    return slope
+
+
+def _outcome_range(trials: list[_DeviceTrial], device: torch.device) -> Tensor:
+    """``[min, max]`` over every value a ``capturable`` step could write: the points from ``x`` to the
+    longest step the fit may take (``x − η_max·d``, :func:`_longest_rate`, in the parameters' dtype),
+    the directions and the new buffers: the test of :meth:`QLAB._trial_is_finite`, taken at every
+    step (the host-side screen that decides when the default step takes it needs a read)."""
+    lows, highs = [], []
+    for trial in trials:
+        reach = -_longest_rate(trial.group, trial.rate, trial.lr)
+        others = [values for values in trial.buffers.values() if values is not trial.directions]
+        for i, (p, d) in enumerate(zip(trial.params, trial.directions)):
+            point = torch.addcmul(p, d, reach).to(p.dtype)
+            low, high = tensor_extrema([point, d, *(values[i] for values in others)], device)
+            lows.append(low)
+            highs.append(high)
+    return torch.stack([torch.stack(lows).min(), torch.stack(highs).max()])
+
+
+def _move_on_device(trials: list[_DeviceTrial], steps: list[Tensor]) -> None:
+    """``x ← x + step·d`` per group, ``step`` a 0-d tensor (computed in ``x``'s arithmetic type and
+    rounded once, as ``add_scaled_`` with a number)."""
+    for trial, step in zip(trials, steps):
+        for p, d in zip(trial.params, trial.directions):
+            p.addcmul_(d, step)
+
+
+def _kept(group: dict[str, Any], key: str, ok: Tensor, value: Tensor) -> Tensor:
+    """``value`` where the step is taken (``ok``), else the group's record ``key`` as it was (NaN
+    where there is none yet: the first step was skipped)."""
+    previous = group.get(key)
+    return torch.where(ok, value, math.nan if previous is None else previous)
 
 
 # --------------------------------------------------------------------------- the trial step and the fit
@@ -274,34 +407,51 @@ def _anchored(group: dict[str, Any]) -> bool:
     return _scale_cap(group) is not None
 
 
-def _trial_rate(group: dict[str, Any]) -> float:
+def _trial_rate(group: dict[str, Any], lr: Scalar, scale: Scalar = 1.0) -> Scalar:
     """η: the rate of the group's trial step; 0 for a group whose ``lr`` is 0: it is frozen
     (nothing of it moves, as in ``torch.optim``).
 
     Plain rule: ``lr`` (the last fitted rate, or what a scheduler wrote), floored at
-    ``min_trial_lr``.  Anchored (``max_lr_scale`` set): ``lr·lr_scale``, floored at
-    ``min(min_trial_lr, lr)``, so the floor never lifts a trial above the rate the user gave.
-    The floor moves the trial point only."""
-    lr = float(group["lr"])
-    if lr == 0.0:
-        return 0.0
+    ``min_trial_lr``.  Anchored (``max_lr_scale`` set): ``lr·scale`` (``scale``: the group's
+    ``lr_scale``), floored at ``min(min_trial_lr, lr)``, so the floor never lifts a trial above the
+    rate the user gave.  The floor moves the trial point only.  ``lr`` and ``scale`` are the
+    group's numbers as floats (:func:`_host_rates`) or 0-d tensors (the ``capturable`` step's)."""
     if _anchored(group):
-        return max(lr * float(group.get(LR_SCALE, 1.0)), min(group["min_trial_lr"], lr))
-    return max(lr, group["min_trial_lr"])
+        rate = smax(lr * scale, smin(group["min_trial_lr"], lr))
+    else:
+        rate = smax(lr, group["min_trial_lr"])
+    return where(lr == 0.0, 0.0, rate)
 
 
-def _upper_rate(group: dict[str, Any], anchor: float) -> float:
+def _host_rates(group: dict[str, Any]) -> tuple[float, float]:
+    """The group's ``lr`` and, under the anchored rule, its ``lr_scale`` (1 otherwise), as floats."""
+    lr = float(group["lr"])
+    return lr, float(group.get(LR_SCALE, 1.0)) if _anchored(group) else 1.0
+
+
+def _upper_rate(group: dict[str, Any], anchor: Scalar) -> Scalar:
     """The upper bound of the group's fitted rate: ``max_lr``, and ``max_lr_scale·anchor`` when set."""
     cap = _scale_cap(group)
-    return group["max_lr"] if cap is None else min(group["max_lr"], cap * anchor)
+    return group["max_lr"] if cap is None else smin(group["max_lr"], cap * anchor)
 
 
-def _longest_rate(group: dict[str, Any], rate: float) -> float:
-    """The largest rate the fit can give a group tried at ``rate`` (:func:`qlab_rate`'s bounds)."""
-    if rate == 0.0:
-        return 0.0
-    upper = _upper_rate(group, float(group["lr"]))
-    return max(rate, min(max(group["max_growth"] * rate, group["min_lr"]), upper))
+def _longest_rate(group: dict[str, Any], rate: Scalar, anchor: Scalar | None = None) -> Scalar:
+    """The largest rate the fit can give a group tried at ``rate`` (:func:`qlab_rate`'s bounds);
+    ``anchor``: the group's ``lr`` (read from the group when not given)."""
+    upper = _upper_rate(group, float(group["lr"]) if anchor is None else anchor)
+    longest = smax(rate, smin(smax(group["max_growth"] * rate, group["min_lr"]), upper))
+    return where(rate == 0.0, 0.0, longest)
+
+
+def _below_floor(group: dict[str, Any], lr: Scalar) -> bool | Tensor:
+    """Whether a plain-rule group's ``lr`` (a float or a 0-d tensor) was set between 0 and its
+    ``min_trial_lr`` by a scheduler or by hand (it is not the rate the fit wrote, ``effective_lr``).
+    Never under the anchored rule, whose floor never lifts the trial above ``lr``."""
+    if _anchored(group):
+        return False
+    effective = group.get("effective_lr")
+    set_outside = True if effective is None else lr != effective
+    return (0.0 < lr) & (lr < group["min_trial_lr"]) & set_outside
 
 
 def _may_overflow(
@@ -397,6 +547,24 @@ class _QLABFit(AdaptiveOptimizer):
         super()._init_transient()
         self._active_probe: tuple[Probe, bool] | None = None
         self._warned_floor = False
+        #: Whether the step being taken was given a loss (see :meth:`_is_state_initialization`).
+        self._loss_given = True
+        #: ``capturable``: ``(index, lr)`` of the first group found with an ``lr`` below its trial
+        #: floor, on the device, for :meth:`QLAB.sync_warnings` to report (NaN: none yet).
+        self._floor_record: Tensor | None = None
+
+    def _resolve_loss(self, loss: Tensor | float | None, closure_loss: Any) -> tuple[Tensor | float | None, bool]:
+        value, reduced = super()._resolve_loss(loss, closure_loss)
+        self._loss_given = value is not None
+        return value, reduced
+
+    def _is_state_initialization(self) -> bool:
+        """:meth:`~._base.AdaptiveOptimizer._is_state_initialization`; for a ``capturable`` step that
+        was given a loss, ``False`` without looking (``torch.distributed.checkpoint`` gives none, and
+        the test reads the device's ``lr`` and gradients)."""
+        if self._capturable and self._loss_given:
+            return False
+        return super()._is_state_initialization()
 
     def _adaptive_base(self, group: dict[str, Any]) -> bool:  # pragma: no cover - abstract
         """Whether the group's base rule is preconditioned per coordinate (``max_lr_scale="auto"``)."""
@@ -482,19 +650,21 @@ class _QLABFit(AdaptiveOptimizer):
             return
         for i, group in enumerate(self.param_groups):
             lr = float(group["lr"])
-            if _anchored(group):  # there the floor never lifts the trial above lr
-                continue
-            if 0.0 < lr < group["min_trial_lr"] and lr != group.get("effective_lr"):
-                self._warned_floor = True
-                warnings.warn(
-                    f"{self._name}: param group {i} has lr={lr:g}, below min_trial_lr={group['min_trial_lr']:g}: "
-                    "the trial step runs at min_trial_lr and the quadratic fit chooses the step, so an lr (or "
-                    "a schedule) below the floor has no effect on it (lr=0 freezes a group). Lower "
-                    "`min_trial_lr` for the trial rate to follow it. This warning is shown once.",
-                    UserWarning,
-                    stacklevel=5,
-                )
+            if _below_floor(group, lr):
+                self._warn_floor(i, lr, stacklevel=6)
                 return
+
+    def _warn_floor(self, index: int, lr: float, stacklevel: int) -> None:
+        """The warning of :meth:`_warn_below_floor`, about param group ``index`` and its ``lr``."""
+        self._warned_floor = True
+        warnings.warn(
+            f"{self._name}: param group {index} has lr={lr:g}, below "
+            f"min_trial_lr={self.param_groups[index]['min_trial_lr']:g}: the trial step runs at min_trial_lr and "
+            "the quadratic fit chooses the step, so an lr (or a schedule) below the floor has no effect on it (lr=0 "
+            "freezes a group). Lower `min_trial_lr` for the trial rate to follow it. This warning is shown once.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
     def _fit_and_move(
         self,
@@ -559,13 +729,20 @@ class _QLABFit(AdaptiveOptimizer):
             )
         return True
 
-    def _record_unfitted(self, groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> None:
-        """The state-initialization step's records: every key a fitted step writes, at rest (t* = 1)."""
+    def _record_unfitted(
+        self, groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]], device: torch.device | None = None
+    ) -> None:
+        """The state-initialization step's records: every key a fitted step writes, at rest (t* = 1);
+        written into 0-d tensors on ``device`` when it is given (``capturable``)."""
         for group, _, _ in groups:
-            rate = float(group["lr"]) * (float(group.get(LR_SCALE, 1.0)) if _anchored(group) else 1.0)
-            self._record(
-                group, effective_lr=rate, fitted_lr=rate, trial_loss=0.0, directional_derivative=0.0, curvature=0.0
-            )
+            lr, scale = _host_rates(group)
+            rate = lr * scale
+            records = {"effective_lr": rate, "fitted_lr": rate, "trial_loss": 0.0}
+            records.update(directional_derivative=0.0, curvature=0.0)
+            if device is None:
+                self._record(group, **records)
+            else:
+                self._record_on_device(group, **{key: _on_device(value, device) for key, value in records.items()})
 
     def _with_grads(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
         """The param groups that have parameters with a gradient, with those and their gradients."""
@@ -710,6 +887,21 @@ class QLAB(_QLABFit):
             weight decay); the fit, the probe and the move are unchanged.  No effect on ``"sgd"``,
             whose trial step is one pass already.  Compiles once per set of parameter shapes at the
             first step; a missing compiler raises before any state changes.
+        capturable: keep every decision of the step on the device (docs/algorithms.md, "The
+            device-side step"): the gate, the fit (``a1``, ``a2``, ``t*``), the bounds, the rate the
+            step writes (``lr`` under the plain rule, ``lr_scale`` under the anchored one) and the
+            records are 0-d device tensors, every branch a ``torch.where``, the state is updated
+            in place (the base rule's buffers exist from the first step on, Adam's counts as int64
+            tensors), and a step whose loss, gradient or outcome is not finite leaves parameters
+            and state untouched.  The outcome is checked at every step on the device (the range
+            of every point up to the longest step the fit may take, of the direction and of the
+            buffers), not screened on the host.  The probe is called at every step, also at one
+            that is skipped (at the unchanged parameters; its value unused), and its tensor is
+            never read.  Skips and the trial-floor warning are reported by :meth:`sync_warnings`
+            (which :class:`~lightning_adaptive_lr.AdaptiveLRMonitor` calls when it logs).  Other
+            hyperparameters are read as Python numbers at each call: a graph keeps the values it
+            was captured with, and torch's schedulers write a tensor ``lr`` in place.  Not with
+            ``compiled=True``, nor through :meth:`QLAB.wrap` (``ValueError``).
         max_consecutive_skips: raise after this many skipped steps in a row (see
             :class:`~lightning_adaptive_lr.optim._base.AdaptiveOptimizer`).
 
@@ -753,7 +945,11 @@ class QLAB(_QLABFit):
         True
     """
 
-    shared_options = ("base",)
+    shared_options = ("base", "capturable")
+    #: The ``capturable`` gate's values computed from the step's outcome: the slope a1 and the range
+    #: of every value the step could write (completed over shards as a ``[min, max]`` pair).
+    outcome_scalars: ClassVar[frozenset[str]] = frozenset({"directional_derivative", "trial_step"})
+    gate_ranges: ClassVar[frozenset[str]] = AdaptiveOptimizer.gate_ranges | {"trial_step"}
 
     def _adaptive_base(self, group: dict[str, Any]) -> bool:
         return group.get("base", self.defaults["base"]) in ADAPTIVE_BASES
@@ -776,12 +972,13 @@ class QLAB(_QLABFit):
         foreach: bool = True,
         average_across_ranks: bool = True,
         compiled: bool = False,
+        capturable: bool = False,
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         name = type(self).__name__
         defaults = checked(
             name, locals(), base=one_of(*BASES), lr=NONNEGATIVE, momentum=FRACTION, betas=BETAS, eps=NONNEGATIVE,
-            weight_decay=NONNEGATIVE, compiled=FLAG,
+            weight_decay=NONNEGATIVE, compiled=FLAG, capturable=FLAG,
         )  # fmt: skip
         defaults.update(_checked_bounds(name, locals()))
         defaults["max_lr_scale"] = _resolved_scale_cap(defaults["max_lr_scale"], base in ADAPTIVE_BASES)
@@ -791,6 +988,21 @@ class QLAB(_QLABFit):
             # Adam bases keep `betas`, so that they act on the momentum the base uses.
             del defaults["betas"]
         super().__init__(params, defaults, **runtime_options(locals()))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _refuse_compiled(self._name, {**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state dict; a ``capturable`` plain-rule group's ``lr`` (a device tensor after the first
+        step) is saved as the number it holds (one read), as a fresh optimizer holds it:
+        ``torch.distributed.checkpoint`` loads into the layout of a fresh optimizer, whose ``lr`` it
+        sets aside while it lays out the state.  The next step makes it a device tensor again."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:  # torch's copies of the groups
+            if group.get("capturable") and not _anchored(group) and isinstance(group["lr"], Tensor):
+                group["lr"] = group["lr"].item()
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -804,7 +1016,7 @@ class QLAB(_QLABFit):
                 self.state[p]["exp_avg_sq"] = saved["exp_avg_sq"].detach().clone().to(device=p.device)
 
     @classmethod
-    def wrap(cls, optimizer: Optimizer, **options: Any) -> QLABWrapper:
+    def wrap(cls, optimizer: Optimizer, *, capturable: bool = False, **options: Any) -> QLABWrapper:
         """Put QLAB on top of an existing optimizer instance (``torch.optim.RAdam``, your own, ...).
 
         The result, ``QLAB.wrap(RAdam)``, shares ``optimizer.param_groups`` (the same list and
@@ -829,6 +1041,9 @@ class QLAB(_QLABFit):
                 anchors the rate to the wrapped optimizer's ``lr`` when it is one of
                 :data:`ADAPTIVE_TORCH_OPTIMIZERS` (``QLAB.wrap(torch.optim.Adam(...))``: at most
                 1× its ``lr``), else it is the plain rule; pass a number to anchor any other.
+            capturable: refused (``ValueError``): the wrapped optimizer's ``step()`` runs whatever the
+                step's outcome, so a step skipped on the device could not be undone.  Use
+                ``QLAB(params, base=..., capturable=True)`` with a built-in base.
 
         Example:
             >>> import torch
@@ -845,6 +1060,14 @@ class QLAB(_QLABFit):
             >>> repr(opt).startswith("QLAB.wrap(SGD)"), "momentum_buffer" in base.state[model.weight]
             (True, True)
         """
+        check_flag("QLAB.wrap", "capturable", capturable)
+        if capturable:
+            raise ValueError(
+                "QLAB.wrap: `capturable=True` is not supported: the wrapped optimizer's step() runs (and writes its "
+                "buffers and the parameters) whatever the step's outcome, so a step refused on the device could not "
+                "be undone. Use QLAB(params, base='sgd' | 'sgdm' | 'adam' | 'adamw', capturable=True) for a "
+                "device-side step, or QLAB.wrap(optimizer) without `capturable`."
+            )
         return QLABWrapper(optimizer, **options)
 
     def _update(self, loss: Tensor | None) -> None:
@@ -855,11 +1078,19 @@ class QLAB(_QLABFit):
         if self._is_state_initialization():
             # torch.distributed.checkpoint lays out the state (lr = 0, zero gradients, no loss, no
             # probe): the base rule's buffers are created; nothing moves, there is nothing to fit.
-            for group, params, grads in groups:
-                _base_direction(group, self.state, params, grads)
-            self._record_unfitted(groups)
+            # A capturable optimizer's layout is the one its steps write: device tensors.
+            if self._capturable:
+                self._device_layout(groups, loss.device)
+            else:
+                for group, params, grads in groups:
+                    _base_direction(group, self.state, params, grads)
+            self._record_unfitted(groups, loss.device if self._capturable else None)
             return
         self._require_probe()  # before anything changes
+        if self._capturable:
+            self._device_step(loss, groups)
+            return
+        self._host_group_state()  # the counts of a capturable optimizer's state dict: numbers again
         self._warn_below_floor()
         device = loss.device
         if any(group.get("compiled") and group["base"] != "sgd" for group, _, _ in groups):
@@ -867,7 +1098,7 @@ class QLAB(_QLABFit):
         values = self._gate(loss=loss, grad_sqnorms=torch.stack([sqnorm(grads, device) for _, _, grads in groups]))
         if values is None:
             return
-        rates = [_trial_rate(group) for group, _, _ in groups]
+        rates = [_trial_rate(group, *_host_rates(group)) for group, _, _ in groups]
         # The outcome, before anything is written: screened on the host, and where the screen asks
         # for it the base rule's step is taken on copies, up to the longest step the fit may choose.
         if _may_overflow(groups, rates, values["grad_sqnorms"]) and not self._agree(self._trial_is_finite(groups, rates)):
@@ -908,6 +1139,180 @@ class QLAB(_QLABFit):
                 extrema.extend(tensor_extrema([x.add_(d, alpha=-longest), d, *buffers], p.device))
         device = extrema[0].device
         return bool(torch.isfinite(torch.stack([e.to(device) for e in extrema])).all())
+
+    # ------------------------------------------------------------------ the device-side step
+
+    def _device_step(self, loss: Tensor, groups: list[Group]) -> None:
+        """``capturable``: the step with every decision on the device (no host read).  The base rule's
+        new buffers and directions are formed next to the state; the gate takes the loss, ‖g‖², the
+        slope a1 and the range of everything the step could write (:func:`_outcome_range`); then the
+        trial step, the probe, the fit and the move, every value kept only ``where`` the gate's
+        values are all finite (``ok``).  The probe is called also when the step is refused (at the
+        unchanged parameters; its value is not used)."""
+        for group in self.param_groups:
+            _refuse_compiled(self._name, group)
+        device = loss.device
+        self._device_group_state(device)
+        self._record_below_floor(device)
+        trials = [self._device_trial(group, params, grads, device) for group, params, grads in groups]
+        grad_sqnorms = [sqnorm(grads, device) for _, _, grads in groups]
+        values, ok = self._device_gate(
+            loss=loss,
+            grad_sqnorms=torch.stack(grad_sqnorms),
+            directional_derivative=_device_slope(trials, grad_sqnorms, device),
+            trial_step=_outcome_range(trials, device),
+        )
+        self._store_on_device(trials, ok)
+        for trial in trials:  # a refused step moves nothing, whatever its directions hold
+            trial.directions = [torch.where(ok, d, 0.0) for d in trial.directions]
+        _move_on_device(trials, [-trial.rate for trial in trials])  # the trial point x + Δ, Δ = −η·d
+        try:
+            trial_loss = self._probe_at_trial_point(device)
+        except BaseException:
+            _move_on_device(trials, [trial.rate for trial in trials])  # back to x (the buffers keep their update)
+            raise
+        self._fit_on_device(trials, values, ok, trial_loss)
+        self._count_device_step(ok)
+
+    def _device_layout(self, groups: list[Group], device: torch.device) -> None:
+        """The state a ``capturable`` step writes, at its starting values (the state initialization of
+        ``torch.distributed.checkpoint``): the shared counts, the rate state and the base rule's
+        buffers on the device (the checkpoint code then puts back the ``lr`` it set aside)."""
+        self._device_group_state(device)
+        for group, params, _ in groups:
+            self._rates_on_device(group, device)
+            if group["base"] != "sgd":
+                for p in params:
+                    self._buffers_on_device(group, p)
+
+    def _device_trial(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], device: torch.device
+    ) -> _DeviceTrial:
+        """A group's rate state (:meth:`_rates_on_device`), trial rate η and base-rule direction."""
+        lr, scale = self._rates_on_device(group, device)
+        rate = _on_device(_trial_rate(group, lr, scale), device)
+        directions, buffers = self._device_direction(group, params, grads)
+        return _DeviceTrial(group, lr, scale, rate, params, grads, directions, buffers)
+
+    @staticmethod
+    def _rates_on_device(group: dict[str, Any], device: torch.device) -> tuple[Scalar, Scalar]:
+        """The group's ``lr`` and ``lr_scale`` for a ``capturable`` step, the one the step writes as a
+        0-d tensor on ``device`` (made at the first step, then written in place): ``lr`` under the
+        plain rule (the fitted rate), ``lr_scale`` under the anchored rule, whose ``lr`` is the anchor
+        the user (or a scheduler) sets and stays as it is."""
+        if _anchored(group):
+            group[LR_SCALE] = _on_device(group.get(LR_SCALE, 1.0), device)
+            return group["lr"], group[LR_SCALE]
+        group["lr"] = _on_device(group["lr"], device)
+        return group["lr"], 1.0
+
+    def _device_direction(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+        """:func:`_base_direction` for a ``capturable`` step, without the trial step: the unit-rate
+        direction and the base rule's new buffers by state key, formed on copies next to the state."""
+        base, foreach = group["base"], _uses_foreach(group)
+        coupled = with_l2(params, grads, 0.0 if base == "adamw" else group["weight_decay"], foreach=foreach)
+        if base == "sgd":
+            return coupled, {}
+        states = [self._buffers_on_device(group, p) for p in params]
+        if base == "sgdm":
+            copies = clone([state["momentum_buffer"] for state in states], foreach=foreach)
+            beside = [{"momentum_buffer": b} for b in copies]  # the buffers updated on copies
+            buffers = momentum_(beside, coupled, group["momentum"], foreach=foreach)
+            return buffers, {"momentum_buffer": buffers}
+        return _device_adam_direction(group, states, params, coupled)
+
+    def _buffers_on_device(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        """``state[p]`` with the base rule's buffers there from the first step on (``capturable``),
+        so that every step writes them in place: zeros, where each starts (``μ·0 + g`` is the copy
+        ``torch.optim.SGD`` starts its buffer with), and Adam's count an int64 0-d tensor."""
+        state = self.state[p]
+        if group["base"] == "sgdm" and "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["base"] in ADAPTIVE_BASES:
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                wide = work_dtype(p.dtype)  # as the default step keeps Adam's v
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=wide, memory_format=torch.preserve_format)
+            state["step"] = _count_on_device(state.get("step", 0), p.device)
+        return state
+
+    def _store_on_device(self, trials: list[_DeviceTrial], ok: Tensor) -> None:
+        """The base rule's new buffers into the state, in place, ``where`` the step is taken; Adam's
+        counts advance with it."""
+        taken = ok.to(torch.int64)
+        for trial in trials:
+            for key, values in trial.buffers.items():
+                for p, value in zip(trial.params, values):
+                    old = self.state[p][key]
+                    old.copy_(torch.where(ok, value, old))
+            if trial.group["base"] in ADAPTIVE_BASES:
+                for p in trial.params:
+                    self.state[p]["step"].add_(taken)
+
+    def _fit_on_device(
+        self, trials: list[_DeviceTrial], values: dict[str, Tensor], ok: Tensor, trial_loss: Tensor
+    ) -> None:
+        """:meth:`_fit_and_move` on the device: ``t*`` from the gate's loss and slope and the probe's
+        loss (:func:`qlab_step_factor`), then per group the bounded rate (:func:`qlab_rate`), the move
+        from the trial point to the fitted one, the rate kept for the next step and the records, each
+        ``where`` the step is taken (a frozen group stays, its rate 0)."""
+        loss, a1 = values["loss"], values["directional_derivative"]
+        moving = torch.stack([trial.rate != 0.0 for trial in trials]).any()  # else the host path probes nothing
+        f_trial = torch.where(moving, trial_loss, loss)
+        a2 = torch.where(moving, f_trial - loss - a1, 0.0)
+        t_star = qlab_step_factor(a1, a2)
+        for trial in trials:
+            group, frozen = trial.group, trial.rate == 0.0
+            taken = ok & ~frozen
+            upper = _upper_rate(group, trial.lr)
+            bounded = qlab_rate(
+                t_star, trial.rate, max_growth=group["max_growth"], min_lr=group["min_lr"], max_lr=upper
+            )
+            new_rate = torch.where(frozen, 0.0, bounded)
+            # from the trial point x + Δ to x + (η′/η)·Δ: a further −(η′ − η)·d
+            _move_on_device([trial], [torch.where(taken, trial.rate - new_rate, 0.0)])
+            if _anchored(group):  # lr stays the user's (or the scheduler's): the multiplier is kept
+                group[LR_SCALE] = written_into(trial.scale, where(taken, new_rate / trial.lr, trial.scale))
+            else:
+                group["lr"] = written_into(trial.lr, torch.where(taken, new_rate, trial.lr))
+            records = {
+                "effective_lr": new_rate,
+                "fitted_lr": torch.where(frozen, 0.0, t_star * trial.rate),
+                "trial_loss": f_trial,
+                "directional_derivative": a1,
+                "curvature": a2,
+            }
+            self._record_on_device(group, **{key: _kept(group, key, ok, value) for key, value in records.items()})
+
+    def _record_below_floor(self, device: torch.device) -> None:
+        """:meth:`_warn_below_floor`'s test on the device (``capturable``), kept for
+        :meth:`sync_warnings`: ``(index, lr)`` of the first group whose ``lr`` was set below its trial
+        floor (NaN while none was), written in place."""
+        if self._warned_floor:
+            return
+        record = self._floor_record
+        if record is None:
+            record = torch.full((2,), math.nan, dtype=accumulation_dtype(device), device=device)
+        for i, group in enumerate(self.param_groups):
+            below = _below_floor(group, group["lr"])
+            if below is False:
+                continue
+            entry = torch.stack([_on_device(float(i), device), _on_device(group["lr"], device)])
+            record = where(below & torch.isnan(record[0]), entry, record)
+        self._floor_record = written_into(self._floor_record, record)
+
+    def sync_warnings(self) -> None:
+        """:meth:`~._base.AdaptiveOptimizer.sync_warnings`, and the warning that an ``lr`` was set below
+        ``min_trial_lr`` (:meth:`_warn_below_floor`), which a ``capturable`` step keeps on the device."""
+        super().sync_warnings()
+        record = self._floor_record
+        if not self._capturable or record is None or self._warned_floor:
+            return
+        index, lr = record.tolist()
+        if not math.isnan(index):
+            self._warn_floor(int(index), lr, stacklevel=3)
 
 
 class QLABWrapper(_QLABFit):
@@ -965,6 +1370,12 @@ class QLABWrapper(_QLABFit):
 
     def _adaptive_base(self, group: dict[str, Any]) -> bool:
         return isinstance(self.base_optimizer, ADAPTIVE_TORCH_OPTIMIZERS)
+
+    @property
+    def _capturable(self) -> bool:
+        """Never: the wrapper steps on the host.  (The wrapped optimizer's groups may hold its own
+        ``capturable`` option, ``torch.optim.Adam(capturable=True)``'s, which is not this one.)"""
+        return False
 
     def _share_base(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
@@ -1043,7 +1454,7 @@ class QLABWrapper(_QLABFit):
         values = self._gate(loss=loss, grad_sqnorms=torch.stack([sqnorm(grads, device) for _, _, grads in groups]))
         if values is None:
             return
-        rates = [_trial_rate(group) for group, _, _ in groups]
+        rates = [_trial_rate(group, *_host_rates(group)) for group, _, _ in groups]
         # The wrapped optimizer's step cannot be tried on copies: where the screen asks for it, the
         # starting point is kept until the trial point and the longest fitted step are known finite.
         exact = _may_overflow(groups, rates, values["grad_sqnorms"])
