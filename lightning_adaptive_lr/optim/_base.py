@@ -930,11 +930,12 @@ class AdaptiveOptimizer(Optimizer):
         """Whether steps keep every decision on the device (the ``capturable`` option)."""
         return bool(self.param_groups[0].get("capturable", False))
 
-    def _device_gate(self, **scalars: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def _device_gate(self, outcomes: Sequence[str] = (), **scalars: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """The ``capturable`` gate: :meth:`_gate`'s values as device tensors (completed over shards
         alike) and whether all are finite, a 0-d bool tensor; nothing is read to the host.  Which
         values were not finite at the last skipped step is kept on the device for
-        :meth:`sync_warnings` to name."""
+        :meth:`sync_warnings` to name, with a place for each of the step's ``outcomes``: the names of
+        the checks :meth:`_device_outcome` folds in after the gate (in its :attr:`outcome_scalars`)."""
         flat, joined = self._gate_vector(scalars)
         assert joined is not None
         out, finite, offset = {}, [], 0
@@ -945,12 +946,27 @@ class AdaptiveOptimizer(Optimizer):
             offset += piece.numel()
         finite_t = torch.stack(finite)
         ok = finite_t.all()
-        names = tuple(scalars)
+        if outcomes:  # their places: not failed yet (a fill kernel, nothing copied from the host)
+            finite_t = torch.cat([finite_t, torch.ones(len(outcomes), dtype=torch.bool, device=finite_t.device)])
+        names = (*scalars, *outcomes)
         if self._skip_record and self._skip_record[0] == names:  # in place: see _set_shared_on_device
             self._skip_record[1].copy_(torch.where(ok, self._skip_record[1], ~finite_t))
         else:
             self._skip_record = (names, torch.where(ok, torch.zeros_like(finite_t), ~finite_t))
         return out, ok
+
+    def _device_outcome(self, ok: Tensor, *failed: Tensor) -> Tensor:
+        """``ok`` with the step's outcome checks folded in: the gate's ``ok`` and none of ``failed``
+        (0-d bools, "this check fails", in the order of the ``outcomes`` given to
+        :meth:`_device_gate`).  A skip they decide is written into the gate's skip record at their
+        names (in place), so that :meth:`sync_warnings` reports it as the host step's
+        ``_skip_step("outcome", ...)`` does."""
+        names, record = self._skip_record  # type: ignore[misc]
+        failures = torch.stack(failed) & ok
+        refused = failures.any()
+        noted = torch.cat([torch.zeros_like(record[: -len(failed)]), failures])
+        record.copy_(torch.where(refused, noted, record))
+        return ok & ~refused
 
     def _device_group_state(self, device: torch.device) -> None:
         """Hold the optimizer-wide state as 0-d tensors on ``device`` (``capturable``): counts as

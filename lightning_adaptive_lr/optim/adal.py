@@ -449,7 +449,7 @@ class AdaL(AdaptiveOptimizer):
     single_tensor_on_cpu = True
     per_tensor_quantities = True  # per-tensor rates/norms: see AdaptiveOptimizer
     shared_options = ("transform", "capturable")
-    #: The outcome check's name in the skip record of a ``capturable`` step (see :meth:`_fold_outcome`).
+    #: The outcome check's name in the skip record of a ``capturable`` step (see :meth:`~._base.AdaptiveOptimizer._device_outcome`).
     outcome_scalars = frozenset({OUTCOME})
 
     def __init__(
@@ -685,7 +685,7 @@ class AdaL(AdaptiveOptimizer):
 
         The same gate values (``‖g‖₁``, float16 gradients' range, the loss) come back from
         :meth:`_device_gate` as tensors with ``ok``; the per-tensor scalars are :func:`adal_scalars` of
-        them, and :func:`adal_step_fits` of those is folded into ``ok`` (:meth:`_fold_outcome`).  The
+        them, and :func:`adal_step_fits` of those is folded into ``ok`` (:meth:`~._base.AdaptiveOptimizer._device_outcome`).  The
         state, the parameters, the counters and the records then take their new values only where
         ``ok``.
         """
@@ -701,9 +701,8 @@ class AdaL(AdaptiveOptimizer):
         norms = torch.cat([l1_norms(gs, device, foreach=self._uses_foreach(group, gs)) for group, _, gs in groups if gs])
         halves = [g for _, _, gs in groups for g in gs if g.dtype == torch.float16]
         extra = {"float16_range": torch.stack(tensor_extrema(halves, device))} if halves else {}
-        previous, self._skip_record = self._skip_record, None  # the gate's record, extended below
         values, ok = self._device_gate(
-            norms=norms if per_tensor else norms.sum(), **extra, **({} if loss is None else {"loss": loss})
+            (OUTCOME,), norms=norms if per_tensor else norms.sum(), **extra, **({} if loss is None else {"loss": loss})
         )
 
         k = self._shared("step").to(accumulation_dtype(device)) + 1
@@ -720,7 +719,7 @@ class AdaL(AdaptiveOptimizer):
                 fits.append(self._fits(group, dtype, rule, bound).all())  # type: ignore[union-attr]
             recorded = (group_scales.mean() if params else 0.0) if per_tensor else scale
             plans.append((group, params, grads, buckets, lr, recorded))
-        ok = self._fold_outcome(previous, ok, torch.stack(fits).all())
+        ok = self._device_outcome(ok, ~torch.stack(fits).all())
 
         for group, params, grads, buckets, lr, recorded in plans:
             self._device_step_group(group, params, grads, buckets, lr, ok)
@@ -760,24 +759,6 @@ class AdaL(AdaptiveOptimizer):
             rule = self._rule(group, dtype, s, scale_avg, scale_sq_avg, steps.to(scale_avg.dtype) + 1, lr)
             out.append((dtype, index, rule))
         return out
-
-    def _fold_outcome(self, previous: tuple[tuple[str, ...], Tensor] | None, ok: Tensor, fits: Tensor) -> Tensor:
-        """Whether the step is taken: the gate's ``ok`` and the outcome check ``fits`` (0-d bools).
-
-        The skip record :meth:`_device_gate` just made for :meth:`sync_warnings` gains the entry
-        :data:`OUTCOME`, set where the gate's values were finite but the outcome does not fit: such a
-        skip is reported as the host path reports it (a non-finite step outcome, the step size).  The
-        record of the previous steps (``previous``) is written in place, as the gate keeps its own.
-        """
-        names, flags = self._skip_record  # type: ignore[misc]
-        taken = ok & fits
-        names, flags = (*names, OUTCOME), torch.cat([flags, (ok & ~fits).reshape(1)])
-        if previous is not None and previous[0] == names:
-            previous[1].copy_(torch.where(taken, previous[1], flags))
-            self._skip_record = previous
-        else:
-            self._skip_record = (names, torch.where(taken, torch.zeros_like(flags), flags))
-        return taken
 
     def _device_step_group(
         self,

@@ -820,7 +820,7 @@ class HierarchicalHD(AdaptiveOptimizer):
         "max_rate_growth",
         "capturable",
     )
-    #: The ``capturable`` gate's places for the step's outcome (:meth:`_note_outcome_skip`).
+    #: The ``capturable`` step's outcome checks, named in its skip record (:meth:`_device_outcome`).
     outcome_scalars: ClassVar[frozenset[str]] = frozenset({"new_rates", "new_state"})
     #: ``level_weights`` is a tuple, one weight per level: the base's conversions take single numbers,
     #: so :meth:`_device_group_state` and :meth:`_host_group_state` here convert it weight by weight.
@@ -1233,13 +1233,12 @@ class HierarchicalHD(AdaptiveOptimizer):
             self._record_all_on_device(levels, torch.ones((), dtype=torch.bool, device=device))
             return
         scalars, unit_sums = self._gate_scalars(reads, loss)
-        zero = scalars["dots"].new_zeros(())  # the outcome's places in the skip record (_note_outcome_skip)
-        values, ok = self._device_gate(**scalars, new_rates=zero, new_state=zero)
+        values, ok = self._device_gate(("new_rates", "new_state"), **scalars)
         plan = self._plan(reads, values)
         staged = self._staged_step(plan, reads, unit_sums)
         written = self._agreed_on_device(_outcome_finite(staged, device))
-        taken = ok & plan.finite & (written | ~plan.check)
-        self._note_outcome_skip(ok, plan.finite, taken)
+        # the outcome: a new scalar rate or weight not finite, or (screened) a value the step writes
+        taken = self._device_outcome(ok, ~plan.finite, plan.finite & plan.check & ~written)
         self._commit(_flat(reads, "params"), staged, taken)
         self._commit_shared(levels, plan, reads, taken)
         self._record_all_on_device(levels, taken)
@@ -1339,16 +1338,6 @@ class HierarchicalHD(AdaptiveOptimizer):
         """:meth:`_agree` on the device: ``flag`` if every process of the sharding group has it."""
         vote = flag.to(torch.float32).reshape(1)
         return self._completed(vote, [_sharding.MIN])[0] > 0
-
-    def _note_outcome_skip(self, gate_ok: Tensor, finite: Tensor, taken: Tensor) -> None:
-        """Name the step's outcome in :meth:`_device_gate`'s skip record where the gate's values were
-        finite but the step was not taken: ``new_rates`` (a new scalar rate or weight not finite)
-        or ``new_state`` (a value the screened step writes), which :meth:`sync_warnings` reports as
-        the step's outcome, as the default step does."""
-        _, mask = self._skip_record  # type: ignore[misc]
-        outcome = torch.stack([~finite, finite & ~taken])
-        cause = torch.cat([torch.zeros_like(mask[:-2]), outcome.to(mask.device)])
-        mask.copy_(torch.where(gate_ok & ~taken, cause, mask))
 
     def _commit(self, params: list[Tensor], staged: list[tuple[Tensor, dict[str, Any]]], taken: Tensor) -> None:
         """Parameters and states ``where`` the step is ``taken``, each :func:`~._base.written_into`

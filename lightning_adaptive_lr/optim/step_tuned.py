@@ -445,7 +445,7 @@ class StepTunedSGD(AdaptiveOptimizer):
     requires_loss = False
     shared_options = ("nu", "beta", "momentum", "gain_bounds", "delta", "same_batch", "capturable")
     group_state = {**AdaptiveOptimizer.group_state, "iteration": 0, "phase": 0, "gamma": 1.0}
-    #: The ``capturable`` step's outcome checks, named in its skip record (:meth:`_note_outcome`).
+    #: The ``capturable`` step's outcome checks, named in its skip record (:meth:`_device_outcome`).
     outcome_scalars = frozenset(OUTCOMES)
 
     def __init__(
@@ -715,8 +715,7 @@ class StepTunedSGD(AdaptiveOptimizer):
         self._device_group_state(device)
         self._device_pending_state(halves, device)
         first = self._shared("phase") == 0
-        placeholders = dict.fromkeys(OUTCOMES, torch.zeros((), device=device, dtype=accumulation_dtype(device)))
-        values, finite = self._device_gate(**self._device_sums(halves, first), **_loss(loss), **placeholders)
+        values, finite = self._device_gate(OUTCOMES, **self._device_sums(halves, first), **_loss(loss))
         now = self._step_sizes()
         kept = [where(torch.isinf(g["half_step_lr"]), lr, g["half_step_lr"]) for g, lr in zip(self.param_groups, now)]
         paired = (values["paired_avg_dots"], values["paired_sqnorms"], values["cross_dots"])
@@ -729,7 +728,7 @@ class StepTunedSGD(AdaptiveOptimizer):
         if "float16_range" in values:
             second_fits = self._float16_fits(halves, kept, values["paired_sqnorms"], values["float16_range"])
         gain_finite = torch.isfinite(curvature) & torch.isfinite(dx_sqnorm)
-        ok = self._note_outcome(  # in the order of the default step's checks
+        ok = self._device_outcome(  # in the order of the default step's checks (OUTCOMES)
             finite,
             first & ~_as_flag(self._first_fits(halves, now, values["sqnorms"]), device),
             ~first & ~gain_finite,
@@ -766,20 +765,6 @@ class StepTunedSGD(AdaptiveOptimizer):
         sums["unpaired_sqnorm"] = torch.where(first, 0.0, torch.stack(alone).sum())
         sums.update((name, torch.where(first, 0.0, value)) for name, value in self._float16_range(halves).items())
         return sums
-
-    def _note_outcome(self, finite: Tensor, *failed: Tensor) -> Tensor:
-        """``ok``: the gate's values finite and none of the outcome checks :data:`OUTCOMES` ``failed``.
-
-        A skip the outcome decides is written into the skip record the gate keeps (in place), at the
-        places of the outcome names, so that :meth:`sync_warnings` names the check.
-        """
-        failures = torch.stack(failed) & finite
-        refused = failures.any()
-        names, record = self._skip_record  # type: ignore[misc]
-        assert names[-len(OUTCOMES) :] == OUTCOMES
-        noted = torch.cat([torch.zeros_like(record[: -len(OUTCOMES)]), failures])
-        record.copy_(torch.where(refused, noted, record))
-        return finite & ~refused
 
     def _device_move(self, halves: list[_Half], rates: list[Tensor], first: Tensor, ok: Tensor) -> None:
         """Where ``ok``: ``x ← x − η·g``; a first half keeps ``g`` as ``g_a`` and marks it pending; a
