@@ -149,6 +149,16 @@ ROWS: list[Row] = [
         None,
         _with_loss,
     ),
+    Row("AdaL (capturable)", lambda p: lalr.AdaL(p, lr=1e-3, capturable=True), ADAM_FUSED),
+    Row(
+        "QLAB-adam (capturable)",
+        lambda p: lalr.QLAB(p, base="adam", capturable=True),
+        ADAM_FUSED,
+        None,
+        lambda: {"loss": torch.tensor(2.3), "probe": lambda: torch.tensor(2.3)},
+    ),
+    Row("HierarchicalHD-adam (capturable)", lambda p: lalr.HierarchicalHD(p, base="adam", lr=1e-3, capturable=True), ADAM_FUSED),
+    Row("StepTunedSGD (capturable)", lambda p: lalr.StepTunedSGD(p, lr=0.1, capturable=True), SGD_FUSED),
 ]
 
 
