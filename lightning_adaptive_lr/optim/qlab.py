@@ -54,6 +54,7 @@ from ._base import (
     POSITIVE,
     AdaptiveOptimizer,
     LossClosure,
+    _constructor_options,
     check_flag,
     checked,
     one_of,
@@ -102,6 +103,16 @@ ADAPTIVE_TORCH_OPTIMIZERS: tuple[type[Optimizer], ...] = tuple(
 
 #: Param-group key of the anchored rule's multiplier: the next trial rate is ``lr·lr_scale``.
 LR_SCALE = "lr_scale"
+
+#: Param-group keys of the bounds of the fitted rate (the options ``min_lr`` and ``max_lr``): QLAB's
+#: own, because torch's ``OneCycleLR`` writes its schedule's ``min_lr`` and ``max_lr`` into every
+#: param group and reads them back at every step (under those names QLAB's bounds would become the
+#: schedule's, and a repaired bound would change the schedule).
+MIN_LR_KEY = "qlab_min_lr"
+MAX_LR_KEY = "qlab_max_lr"
+#: The options kept in the param groups under another key: option name → group key.  State dicts
+#: saved before the keys existed hold the bounds under the option names (:meth:`_QLABFit._convert_legacy`).
+BOUND_KEYS = {"min_lr": MIN_LR_KEY, "max_lr": MAX_LR_KEY}
 
 #: Key under which a release-0.1 state dict of ``QLAB.wrap`` kept the ``state["global"]`` of a
 #: wrapped optimizer of this package (its own ``"global"`` held the wrapper's scalars).
@@ -432,14 +443,14 @@ def _host_rates(group: dict[str, Any]) -> tuple[float, float]:
 def _upper_rate(group: dict[str, Any], anchor: Scalar) -> Scalar:
     """The upper bound of the group's fitted rate: ``max_lr``, and ``max_lr_scale·anchor`` when set."""
     cap = _scale_cap(group)
-    return group["max_lr"] if cap is None else smin(group["max_lr"], cap * anchor)
+    return group[MAX_LR_KEY] if cap is None else smin(group[MAX_LR_KEY], cap * anchor)
 
 
 def _longest_rate(group: dict[str, Any], rate: Scalar, anchor: Scalar | None = None) -> Scalar:
     """The largest rate the fit can give a group tried at ``rate`` (:func:`qlab_rate`'s bounds);
     ``anchor``: the group's ``lr`` (read from the group when not given)."""
     upper = _upper_rate(group, float(group["lr"]) if anchor is None else anchor)
-    longest = smax(rate, smin(smax(group["max_growth"] * rate, group["min_lr"]), upper))
+    longest = smax(rate, smin(smax(group["max_growth"] * rate, group[MIN_LR_KEY]), upper))
     return where(rate == 0.0, 0.0, longest)
 
 
@@ -486,8 +497,9 @@ def _set_lr(group: dict[str, Any], rate: float) -> None:
         group["lr"] = rate
 
 
-def _checked_bounds(owner: str, values: dict[str, Any]) -> dict[str, float]:
-    """QLAB's rate bounds from a constructor's ``values``, validated and as floats."""
+def _checked_bounds(owner: str, values: dict[str, Any]) -> dict[str, Any]:
+    """QLAB's rate bounds from a constructor's ``values``, validated and as floats, by param-group
+    key: ``min_lr`` and ``max_lr`` under :data:`BOUND_KEYS`."""
     bounds = checked(owner, values, min_lr=NONNEGATIVE, max_lr=POSITIVE, min_trial_lr=POSITIVE)
     if bounds["min_lr"] > bounds["max_lr"]:
         raise ValueError(
@@ -496,7 +508,24 @@ def _checked_bounds(owner: str, values: dict[str, Any]) -> dict[str, float]:
     max_growth = real_number(values["max_growth"])
     if max_growth is None or not max_growth >= 1.0:  # inf allowed: no growth limit
         raise ValueError(f"{owner}: `max_growth` must be a number in [1, inf], got {values['max_growth']!r}")
-    return {**bounds, "max_growth": max_growth, "max_lr_scale": _checked_scale_cap(owner, values["max_lr_scale"])}
+    own = {BOUND_KEYS.get(name, name): value for name, value in bounds.items()}
+    return {**own, "max_growth": max_growth, "max_lr_scale": _checked_scale_cap(owner, values["max_lr_scale"])}
+
+
+def _take_bounds(group: dict[str, Any]) -> None:
+    """A param group given with its own bounds under the option names (``{"params": ..., "min_lr":
+    0.01}``): moved, in place, to QLAB's keys (:data:`BOUND_KEYS`; a value given there wins)."""
+    for option, key in BOUND_KEYS.items():
+        if option in group:
+            group.setdefault(key, group.pop(option))
+
+
+def _with_own_bounds(group: dict[str, Any]) -> dict[str, Any]:
+    """A saved param group (or one of an optimizer pickled) from before the bounds had their own
+    keys: ``min_lr`` and ``max_lr`` copied to :data:`BOUND_KEYS`, so that it continues with the same
+    bounds.  The old keys stay: a scheduler may own them (``OneCycleLR`` reads them at every step)."""
+    missing = {key: group[option] for option, key in BOUND_KEYS.items() if key not in group and option in group}
+    return {**group, **missing} if missing else group
 
 
 def _checked_scale_cap(owner: str, value: Any) -> float | str | None:
@@ -589,12 +618,39 @@ class _QLABFit(AdaptiveOptimizer):
 
     def _convert_legacy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A state dict saved before ``max_lr_scale`` existed continues under the plain rule it was
-        saved with (its ``lr`` is a fitted rate, not an anchor): its groups get ``None``."""
+        saved with (its ``lr`` is a fitted rate, not an anchor): its groups get ``None``.  One saved
+        before the bounds had their own keys holds them as ``min_lr`` and ``max_lr``: they are
+        copied to :data:`BOUND_KEYS` (the run continues with the bounds it had; the old keys stay
+        for a scheduler that owns them).  Both before the check (:meth:`_check_compatible`)."""
         groups = state_dict.get("param_groups")
         if isinstance(groups, (list, tuple)) and all(isinstance(g, dict) for g in groups):
-            groups = [g if "max_lr_scale" in g else {**g, "max_lr_scale": None} for g in groups]
+            groups = [_with_own_bounds(g if "max_lr_scale" in g else {**g, "max_lr_scale": None}) for g in groups]
             state_dict = {**state_dict, "param_groups": groups}
         return super()._convert_legacy(state_dict)
+
+    def _option_names(self) -> set[str]:
+        """:meth:`~._base.AdaptiveOptimizer._option_names` with ``min_lr`` and ``max_lr``, which the
+        groups keep under :data:`BOUND_KEYS`: the options by which a state dict without the class
+        name (saved before the keys existed, so holding the bounds under these names) is told to
+        be QLAB's, by this optimizer (:meth:`_check_compatible`) and by the others."""
+        taken = _constructor_options(type(self))  # as the base class finds the others
+        return super()._option_names() | {o for o, key in BOUND_KEYS.items() if o in taken and key in self.defaults}
+
+    def _check_compatible(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`~._base.AdaptiveOptimizer._check_compatible`, the bounds a group holds under
+        :data:`BOUND_KEYS` counting as the options ``min_lr`` and ``max_lr`` (:meth:`_option_names`)."""
+        groups = state_dict.get("param_groups")
+        if isinstance(groups, (list, tuple)) and all(isinstance(g, dict) for g in groups):
+            named = [{**{option: g[key] for option, key in BOUND_KEYS.items() if key in g}, **g} for g in groups]
+            state_dict = {**state_dict, "param_groups": named}  # a group's own min_lr/max_lr (a scheduler's) kept
+        super()._check_compatible(state_dict)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # pickled before the bounds had their own keys: the groups and the defaults get them
+        _take_bounds(self.defaults)
+        for group in self.param_groups:
+            group.update(_with_own_bounds(group))
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -711,7 +767,7 @@ class _QLABFit(AdaptiveOptimizer):
                 t_star,
                 trial.rate,
                 max_growth=group["max_growth"],
-                min_lr=group["min_lr"],
+                min_lr=group[MIN_LR_KEY],
                 max_lr=_upper_rate(group, trial.anchor),
             )
             trial.move(new_rate)
@@ -869,8 +925,8 @@ class QLAB(_QLABFit):
         betas: Adam's ``(β1, β2)``, each in [0, 1) (``"adam"``, ``"adamw"``).
         eps: Adam's denominator term, outside the square root.
         weight_decay: coupled L2 for ``"sgd"``, ``"sgdm"``, ``"adam"``; decoupled for ``"adamw"``.
-        min_lr: lower bound of the fitted rate η'.
-        max_lr: upper bound of the fitted rate η'.
+        min_lr: lower bound of the fitted rate η' (kept in the param groups as ``qlab_min_lr``).
+        max_lr: upper bound of the fitted rate η' (kept in the param groups as ``qlab_max_lr``).
         min_trial_lr: lower bound of the trial step's rate (the step taken is still η').
         max_growth: upper bound of ``t*``: the step is at most this many trial steps long.
         max_lr_scale: ``"auto"`` (default), ``None`` (the plain rule) or a number c in [1, inf]:
@@ -915,6 +971,15 @@ class QLAB(_QLABFit):
     Every param group also holds ``step`` and ``skipped_steps`` (equal in all groups); ``state[p]``
     holds the base rule's buffers under ``torch.optim``'s names (``momentum_buffer``; ``step``,
     ``exp_avg``, ``exp_avg_sq``).
+
+    The bounds ``min_lr`` and ``max_lr`` are kept in every param group as ``qlab_min_lr`` and
+    ``qlab_max_lr`` (change them there; a param group given with its own ``min_lr``/``max_lr``
+    keeps them under those keys), not under their option names: ``OneCycleLR`` writes its
+    schedule's ``min_lr`` and ``max_lr`` into every param group and reads them back at each step,
+    and QLAB reads only its own keys, so neither moves the other's numbers.  A state dict saved
+    before these keys existed holds the bounds as ``min_lr`` and ``max_lr``: they are taken as
+    ``qlab_min_lr`` and ``qlab_max_lr`` and the run continues with the bounds it had (the old
+    keys stay, for a scheduler that owns them).
 
     Example:
         >>> import torch
@@ -990,7 +1055,10 @@ class QLAB(_QLABFit):
         super().__init__(params, defaults, **runtime_options(locals()))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; its own ``min_lr``/``max_lr``, if given, are kept as its
+        :data:`BOUND_KEYS` (``qlab_min_lr``/``qlab_max_lr``)."""
         _refuse_compiled(self._name, {**self.defaults, **param_group})
+        _take_bounds(param_group)
         super().add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
@@ -1268,7 +1336,7 @@ class QLAB(_QLABFit):
             taken = ok & ~frozen
             upper = _upper_rate(group, trial.lr)
             bounded = qlab_rate(
-                t_star, trial.rate, max_growth=group["max_growth"], min_lr=group["min_lr"], max_lr=upper
+                t_star, trial.rate, max_growth=group["max_growth"], min_lr=group[MIN_LR_KEY], max_lr=upper
             )
             new_rate = torch.where(frozen, 0.0, bounded)
             # from the trial point x + Δ to x + (η′/η)·Δ: a further −(η′ − η)·d
@@ -1319,7 +1387,8 @@ class QLABWrapper(_QLABFit):
     """``QLAB.wrap(optimizer)``: QLAB on top of an existing optimizer instance (see :meth:`QLAB.wrap`).
 
     Holds the wrapped optimizer as ``base_optimizer`` and shares its ``param_groups`` and
-    ``state``: its groups gain the keys ``min_lr``, ``max_lr``, ``min_trial_lr``, ``max_growth``,
+    ``state``: its groups gain the keys ``qlab_min_lr``, ``qlab_max_lr`` (the options ``min_lr``
+    and ``max_lr``, see :class:`QLAB`), ``min_trial_lr``, ``max_growth``,
     ``max_lr_scale``, ``average_across_ranks``, ``step``, ``skipped_steps`` and the recorded
     quantities (``lr_scale`` under the anchored rule, which sets the wrapped optimizer's ``lr`` to
     the trial rate for its step only and puts the anchor back right after), so that
@@ -1394,10 +1463,16 @@ class QLABWrapper(_QLABFit):
         return state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add the group to the wrapped optimizer (with its defaults), then QLAB's options."""
+        """Add the group to the wrapped optimizer (with its defaults), then QLAB's options (its own
+        ``min_lr``/``max_lr``, if given, kept as its ``qlab_min_lr``/``qlab_max_lr``).
+
+        The wrapped optimizer's groups at construction keep their ``min_lr``/``max_lr``, if any, as
+        they are: they are not QLAB's (``OneCycleLR`` writes them), which takes the bounds passed to
+        :meth:`QLAB.wrap`."""
         if any(param_group is group for group in self.base_optimizer.param_groups):
             super().add_param_group(param_group)  # one of the wrapped optimizer's groups, at construction
             return
+        _take_bounds(param_group)
         self.base_optimizer.add_param_group(param_group)
         self._adopt(self.param_groups[-1])
 
