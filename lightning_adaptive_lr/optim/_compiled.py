@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ._tensorlists import group_by_device_and_dtype
 
-__all__ = ["ensure_inductor_works", "run_compiled", "run_on_buckets", "run_with_table", "scalar", "state_or_zeros"]
+__all__ = ["ensure_inductor_works", "run_compiled", "run_on_buckets", "run_sums", "run_with_table", "scalar", "state_or_zeros"]
 
 _COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
 #: Compiled variants (sets of shapes, dtypes, devices) one step function may have in a process.
@@ -92,6 +92,22 @@ def run_on_buckets(
         ensure_inductor_works(owner, bucket[0][0].device)
         results.append(run_compiled(owner, function, *bucket, *scalars))
     return results
+
+
+def run_sums(owner: str, function: Callable[..., Any], columns: tuple[list[Tensor], ...], rows: int, *scalars: Tensor) -> list[Tensor]:
+    """``function`` compiled on each device-and-dtype bucket of ``columns`` (then ``scalars``), given a
+    ``rows`` × tensors table to write its per-tensor sums into (in the work dtype of the bucket's
+    last column, the parameters'); returns the tables.  The table is allocated here, once per call:
+    sums a compiled function returned would each be a new tensor."""
+    tables = []
+    for bucket in group_by_device_and_dtype(*columns):
+        params = bucket[-1]
+        ensure_inductor_works(owner, params[0].device)
+        work = torch.promote_types(params[0].dtype, torch.float32)  # _reduce.work_dtype (which imports this module)
+        table = torch.empty((rows, len(params)), device=params[0].device, dtype=work)
+        run_compiled(owner, function, *bucket, *scalars, table)
+        tables.append(table)
+    return tables
 
 
 def run_with_table(

@@ -4,10 +4,12 @@ The math is the eager path's (:mod:`.momo`, docs/algorithms.md §1); only the me
 differs.  Each step runs, per device-and-dtype bucket (see :mod:`._compiled`):
 
 1. a **read-only** pass over the state *before* the step: the averages after the step are formed
-   in registers and only the sums the step size needs come out, added over the bucket inside the
-   kernel (``⟨g, x⟩``, ``⟨d', x⟩`` and ``‖d'‖²`` for MoMo; ``⟨g, x⟩``, ``⟨d', x⟩``, ``⟨d', u⟩``
-   and the largest ``v'`` as stored for MoMo-Adam; returning them per tensor instead cost 0.2 ms of
-   output allocations a step over ResNet-18's 62 tensors); the gate reads them, so a step whose new state would not be finite is skipped before anything
+   in registers and only the per-tensor partial sums the step size needs come out (``⟨g, x⟩``,
+   ``⟨d', x⟩`` and ``‖d'‖²`` for MoMo; ``⟨g, x⟩``, ``⟨d', x⟩``, ``⟨d', u⟩`` and the largest ``v'``
+   as stored for MoMo-Adam), written into a table the caller allocates (:func:`~._compiled.run_sums`:
+   returned as new tensors they cost an allocation each, 0.15 ms a step over ResNet-18's 62
+   tensors; added over the bucket inside the kernel, they split each tensor's loop in three), to be
+   added by :func:`~._reduce.sum_partials`; the gate reads them, so a step whose new state would not be finite is skipped before anything
    is written;
 2. after the gate, a **pointwise** pass that forms the same averages again, writes them and moves
    the parameters.  Under ``capturable=True`` the gate's decision is a device tensor ``ok`` and
@@ -25,10 +27,10 @@ import torch
 from torch import Tensor
 
 from ._adam_compiled import adam_terms
-from ._compiled import run_on_buckets, state_or_zeros
+from ._compiled import run_on_buckets, run_sums, state_or_zeros
 from ._reduce import work_dtype
 
-__all__ = ["momo_adam_sums", "momo_adam_update", "momo_sums", "momo_update", "run_on_buckets", "state_or_zeros"]
+__all__ = ["momo_adam_sums", "momo_adam_update", "momo_sums", "momo_update", "run_on_buckets", "run_sums", "state_or_zeros"]
 
 
 def _work(t: Tensor) -> Tensor:
@@ -36,25 +38,18 @@ def _work(t: Tensor) -> Tensor:
     return t.to(work_dtype(t.dtype))
 
 
-def _total(t: Tensor) -> Tensor:
-    """``Σ t`` in ``t``'s dtype, then in float64 (to be added to the bucket's total)."""
-    return t.sum().to(torch.float64)
-
-
 # --------------------------------------------------------------------------- MoMo
 
 
-def momo_sums(avgs: list[Tensor], grads: list[Tensor], params: list[Tensor], weight: Tensor) -> Tensor:
-    """``⟨g, x⟩``, ``⟨d', x⟩`` and ``‖d'‖²`` over the bucket (a 3 × 1 float64 array; writes
-    nothing); ``d' = d + weight·(g − d)``."""
-    gx = d_dot_x = d_sqnorm = weight.new_zeros((), dtype=torch.float64)  # one sum each: see the module
-    for d, g, x in zip(avgs, grads, params):
+def momo_sums(avgs: list[Tensor], grads: list[Tensor], params: list[Tensor], weight: Tensor, out: Tensor) -> None:
+    """Per tensor ``⟨g, x⟩``, ``⟨d', x⟩`` and ``‖d'‖²`` into the columns of ``out`` (3 × n; nothing else is
+    written); ``d' = d + weight·(g − d)``."""
+    for i, (d, g, x) in enumerate(zip(avgs, grads, params)):
         d, g, x = _work(d), _work(g), _work(x)
         d_next = d + weight * (g - d)
-        gx = gx + _total(g * x)
-        d_dot_x = d_dot_x + _total(d_next * x)
-        d_sqnorm = d_sqnorm + _total(d_next * d_next)
-    return torch.stack([gx, d_dot_x, d_sqnorm])[:, None]
+        out[0, i] = (g * x).sum()
+        out[1, i] = (d_next * x).sum()
+        out[2, i] = (d_next * d_next).sum()
 
 
 def momo_update(
@@ -86,21 +81,19 @@ def momo_adam_sums(
     weight2: Tensor,
     root: Tensor,
     eps: Tensor,
-) -> Tensor:
-    """``⟨g, x⟩``, ``⟨d', x⟩``, ``⟨d', u⟩`` over the bucket and its largest ``v'`` in ``v``'s dtype,
-    where it is stored (infinite if it overflows there); a 4 × 1 float64 array; writes nothing."""
-    gx = d_dot_x = d_dot_u = v_max = weight1.new_zeros((), dtype=torch.float64)
-    for d, v, g, x in zip(avgs, sq_avgs, grads, params):
+    out: Tensor,
+) -> None:
+    """Per tensor ``⟨g, x⟩``, ``⟨d', x⟩``, ``⟨d', u⟩`` and ``max v'`` in ``v``'s dtype, where it is
+    stored (infinite if it overflows there), into the columns of ``out`` (4 × n; nothing else is written)."""
+    for i, (d, v, g, x) in enumerate(zip(avgs, sq_avgs, grads, params)):
         stored = v.dtype
         d, v, g, x = _work(d), _work(v), _work(g), _work(x)
         d_next, v_next, u = adam_terms(d, v, g, weight1, weight2, root, eps)
+        out[0, i] = (g * x).sum()
+        out[1, i] = (d_next * x).sum()
+        out[2, i] = (d_next * u).sum()
         # An empty shard (FSDP2 shards unevenly) has no largest element: 0 (shapes are fixed per compile).
-        if v_next.numel():
-            v_max = torch.maximum(v_max, v_next.to(stored).amax().to(v_max.dtype))
-        gx = gx + _total(g * x)
-        d_dot_x = d_dot_x + _total(d_next * x)
-        d_dot_u = d_dot_u + _total(d_next * u)
-    return torch.stack([gx, d_dot_x, d_dot_u, v_max])[:, None]
+        out[3, i] = v_next.to(stored).amax() if v_next.numel() else 0.0
 
 
 def momo_adam_update(

@@ -811,7 +811,7 @@ class MoMo(_MoMoBase):
             # A restart takes the gradient whole into the zero average: the eager path's copy.
             weight = scalar(1.0 if restart else 1.0 - beta)
             avgs = [kernels.state_or_zeros(self.state.get(p, {}), p, "grad_avg") for p in params]
-        partials = kernels.run_on_buckets(name, kernels.momo_sums, (avgs, grads, params), weight)
+        partials = kernels.run_sums(name, kernels.momo_sums, (avgs, grads, params), 3, weight)
         gx, d_dot_x, d_sqnorm = sum_partials(partials, device)
         if on_device:
             values, ok = self._device_gate(loss=loss, gx=gx, d_dot_x=d_dot_x, d_sqnorm=d_sqnorm)
@@ -1054,7 +1054,7 @@ class MoMoAdam(_MoMoBase):
             eps = scalar(group["eps"], at)
             moments.append((ds, vs, eps))
             columns = (ds, vs, gs, ps)
-            partials += kernels.run_on_buckets(name, kernels.momo_adam_sums, columns, weight1, weight2, root_t, eps)
+            partials += kernels.run_sums(name, kernels.momo_adam_sums, columns, 4, weight1, weight2, root_t, eps)
         gx, d_dot_x, d_dot_u, v_max = sum_partials(partials, device)
         if on_device:
             values, ok = self._device_gate(loss=loss, gx=gx, d_dot_x=d_dot_x, d_dot_u=d_dot_u, v_max=v_max)
