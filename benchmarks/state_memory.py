@@ -53,6 +53,7 @@ ROWS: list[MemoryRow] = [
     MemoryRow("QLAB-sgd", lambda p: lalr.QLAB(p, base="sgd"), "torch SGD", "probe", math=0),
     MemoryRow("QLAB-sgdm", lambda p: lalr.QLAB(p, base="sgdm"), SGDM, "probe", math=1),
     MemoryRow("QLAB-adam", lambda p: lalr.QLAB(p, base="adam", lr=1e-3), ADAM, "probe", math=2),
+    MemoryRow("QLAB-adam (capturable)", lambda p: lalr.QLAB(p, base="adam", lr=1e-3, capturable=True), ADAM, "probe", math=2),
     MemoryRow("QLAB.wrap(Adam)", lambda p: lalr.QLAB.wrap(torch.optim.Adam(p, lr=1e-3)), ADAM, "probe", math=2),
     MemoryRow("HierarchicalHD-sgd", lambda p: lalr.HierarchicalHD(p, base="sgd", lr=0.1), "torch SGD", "", math=1),
     MemoryRow("HierarchicalHD-sgdn", lambda p: lalr.HierarchicalHD(p, base="sgdn", lr=0.1), SGDM, "", math=2),
@@ -64,9 +65,12 @@ ROWS: list[MemoryRow] = [
         "",
         math=4,
     ),
+    MemoryRow("HierarchicalHD-adam (capturable)", lambda p: lalr.HierarchicalHD(p, base="adam", lr=1e-3, capturable=True), ADAM, "", math=3),
     MemoryRow("AdaL", lambda p: lalr.AdaL(p, lr=1e-3), ADAM, "", math=2),
     MemoryRow("AdaL (compiled)", lambda p: lalr.AdaL(p, lr=1e-3, compiled=True), ADAM, "", math=2),
+    MemoryRow("AdaL (capturable)", lambda p: lalr.AdaL(p, lr=1e-3, capturable=True), ADAM, "", math=2),
     MemoryRow("StepTunedSGD", lambda p: lalr.StepTunedSGD(p, lr=0.1), "torch SGD", "", math=2),
+    MemoryRow("StepTunedSGD (capturable)", lambda p: lalr.StepTunedSGD(p, lr=0.1, capturable=True), "torch SGD", "", math=2),
 ]
 
 

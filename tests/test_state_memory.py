@@ -23,6 +23,11 @@ def _params() -> list[torch.Tensor]:
         ("MoMo", 2.0),
         ("MoMo (capturable)", 1.0),
         ("MoMoAdam (capturable)", 2.0),
+        # the other device-side steps keep what the math needs too (no spare for the skipped step)
+        ("QLAB-adam (capturable)", 2.0),
+        ("HierarchicalHD-adam (capturable)", 3.0),
+        ("AdaL (capturable)", 2.0),
+        ("StepTunedSGD (capturable)", 2.0),
         ("QLAB-sgd", 0.0),
     ],
 )
