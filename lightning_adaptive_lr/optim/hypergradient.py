@@ -753,7 +753,8 @@ class HierarchicalHD(AdaptiveOptimizer):
             ``lr``; ``low`` may be ``-inf`` and ``high`` ``inf``.
         max_rate_growth: the factor by which a rate may grow per step after the first 5 (see
             Safeguards), in (1, inf]; ``inf`` turns the cap off.
-        foreach: use the multi-tensor path; ``False`` updates tensor by tensor.
+        foreach: use the multi-tensor path on accelerators; ``False`` updates tensor by tensor (as the
+            CPU always does, where that was measured faster).
         average_across_ranks: average a given loss across ``torch.distributed`` ranks (the method
             needs only gradients, which data parallelism already averages).
         compiled: the base rule's update as one ``torch.compile``\ d (TorchInductor) loop per
@@ -807,6 +808,9 @@ class HierarchicalHD(AdaptiveOptimizer):
     """
 
     requires_loss = False
+    #: Tensor by tensor on the CPU: 0.93-0.97x the multi-tensor body's time on ResNet-18 (adam base,
+    #: five runs; docs/benchmarks.md).
+    single_tensor_on_cpu = True
     per_tensor_quantities = True  # per-tensor rates/norms: see AdaptiveOptimizer
     shared_options = (
         "base",
