@@ -1,7 +1,8 @@
 """GPU check of the device-side step (``capturable=True``): no stall, a CUDA graph, the same numbers.
 
 For every optimizer with ``capturable=True`` (MoMo and MoMo-Adam also with ``compiled=True``: rows
-``-c``), this checks, on one CUDA device:
+``-c``; QLAB with its probe, a forward pass of the model, inside the captured step), this checks,
+on one CUDA device:
 
 1. **no host synchronization**: steps run under ``torch.cuda.set_sync_debug_mode("error")``, which
    raises on any device-to-host wait (the default path, which reads its gate once per step, is
@@ -45,7 +46,23 @@ METHODS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "AdaL": lambda params, **kw: lalr.AdaL(params, lr=1e-3, **kw),
     # each step() one half-step; which half is due is a device value, so one captured step does both
     "StepTuned": lambda params, **kw: lalr.StepTunedSGD(params, lr=0.1, **kw),
+    "HD-adam": lambda params, **kw: lalr.HierarchicalHD(params, base="adam", lr=1e-3, **kw),
+    "HD-sgdn": lambda params, **kw: lalr.HierarchicalHD(params, base="sgdn", lr=0.05, **kw),
+    # QLAB's step also calls the probe (the loss at the trial point: a forward pass, in the graph too)
+    "QLAB-sgdm": lambda params, **kw: lalr.QLAB(params, base="sgdm", lr=0.05, **kw),
+    "QLAB-adam": lambda params, **kw: lalr.QLAB(params, base="adam", lr=1e-3, **kw),
 }
+#: The methods whose step takes a probe.
+PROBED = frozenset(name for name in METHODS if name.startswith("QLAB"))
+
+
+def _step(name: str, opt: torch.optim.Optimizer, loss: torch.Tensor, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """One ``step(loss=...)``, with QLAB's probe on ``batch`` (the tensors themselves, so that a graph
+    captured with them reads what is copied into them before each replay)."""
+    if name in PROBED:
+        opt.step(loss=loss, probe=lambda: nn.functional.mse_loss(model(batch[0]), batch[1]))
+    else:
+        opt.step(loss=loss)
 #: Steps whose gradient (5) or loss (9) is not finite: skipped by both paths.
 BAD = {5: "grad", 9: "loss"}
 
@@ -78,7 +95,7 @@ def parity(name: str, device: torch.device, steps: int = 30) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             for k, batch in enumerate(_batches(device, steps)):
-                opt.step(loss=_loss_and_grads(model, batch, k))
+                _step(name, opt, _loss_and_grads(model, batch, k), model, batch)
         results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), int(opt.param_groups[0]["skipped_steps"])))
     (a, skipped_a), (b, skipped_b) = results
     diff = ((a - b).abs().max() / a.abs().max()).item()
@@ -92,12 +109,12 @@ def no_sync(name: str, device: torch.device) -> dict[str, Any]:
         model = _mlp(device)
         opt = METHODS[name](model.parameters(), capturable=capturable)
         batch = _batches(device, 1)[0]
-        opt.step(loss=_loss_and_grads(model, batch, 0))  # the first step creates the state
+        _step(name, opt, _loss_and_grads(model, batch, 0), model, batch)  # the first step creates the state
         loss = _loss_and_grads(model, batch, 1)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            opt.step(loss=loss)
+            _step(name, opt, loss, model, batch)
             tripped[capturable] = False
         except RuntimeError:
             tripped[capturable] = True
@@ -114,34 +131,39 @@ def graph(name: str, device: torch.device, steps: int = 30) -> dict[str, Any]:
     inputs = []
     for k, batch in enumerate(batches):
         loss = _loss_and_grads(model, batch, k - 3)
-        inputs.append((loss, [p.grad.clone() for p in model.parameters()]))
+        inputs.append((loss, [p.grad.clone() for p in model.parameters()], batch))
     eager = _mlp(device)
     opt_e = METHODS[name](eager.parameters(), capturable=True)
-    for loss, grads in inputs:
+    for loss, grads, batch in inputs:
         for p, g in zip(eager.parameters(), grads):
             p.grad = g.clone()
-        opt_e.step(loss=loss)
+        _step(name, opt_e, loss, eager, batch)
     graphed = _mlp(device)
     opt_g = METHODS[name](graphed.parameters(), capturable=True)
     static_loss = inputs[0][0].clone()
+    static_batch = tuple(t.clone() for t in inputs[0][2])
     for p, g in zip(graphed.parameters(), inputs[0][1]):
         p.grad = g.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for loss, grads in inputs[:3]:  # eager warm-up: the state and the device numbers exist
-            static_loss.copy_(loss)
-            for p, g in zip(graphed.parameters(), grads):
-                p.grad.copy_(g)
-            opt_g.step(loss=static_loss)
-    torch.cuda.current_stream().wait_stream(side)
-    captured = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(captured):
-        opt_g.step(loss=static_loss)
-    for loss, grads in inputs[3:]:
+
+    def feed(loss: torch.Tensor, grads: list[torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         static_loss.copy_(loss)
         for p, g in zip(graphed.parameters(), grads):
             p.grad.copy_(g)
+        for static, value in zip(static_batch, batch):
+            static.copy_(value)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for loss, grads, batch in inputs[:3]:  # eager warm-up: the state and the device numbers exist
+            feed(loss, grads, batch)
+            _step(name, opt_g, static_loss, graphed, static_batch)
+    torch.cuda.current_stream().wait_stream(side)
+    captured = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(captured):
+        _step(name, opt_g, static_loss, graphed, static_batch)
+    for loss, grads, batch in inputs[3:]:
+        feed(loss, grads, batch)
         captured.replay()
     torch.cuda.synchronize()
     a = torch.cat([p.detach().flatten() for p in eager.parameters()])
@@ -176,6 +198,8 @@ def timing(device: torch.device, steps: int, shapes: list[torch.Size] | None = N
             p.grad = g
         opt = make(params)
         kwargs = {} if row.startswith("torch") else {"loss": loss}
+        if row.split(" ")[0] in PROBED:  # the probe's forward is not this benchmark's: the loss itself
+            kwargs["probe"] = lambda: loss
         run = lambda: opt.step(**kwargs)  # noqa: E731
         for _ in range(3):
             run()
