@@ -1,6 +1,6 @@
 """GPU check of the device-side step (``capturable=True``): no stall, a CUDA graph, the same numbers.
 
-For every optimizer with ``capturable=True`` (MoMo and MoMo-Adam also with ``compiled=True``: rows
+For every optimizer with ``capturable=True`` (MoMo, MoMo-Adam and AdaL also with ``compiled=True``: rows
 ``-c``; QLAB with its probe, a forward pass of the model, inside the captured step), this checks,
 on one CUDA device:
 
@@ -44,6 +44,7 @@ METHODS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "MoMo-c": lambda params, **kw: lalr.MoMo(params, lr=1.0, compiled=True, **kw),
     "MoMoAdam-c": lambda params, **kw: lalr.MoMoAdam(params, lr=1e-2, compiled=True, **kw),
     "AdaL": lambda params, **kw: lalr.AdaL(params, lr=1e-3, **kw),
+    "AdaL-c": lambda params, **kw: lalr.AdaL(params, lr=1e-3, compiled=True, **kw),
     # each step() one half-step; which half is due is a device value, so one captured step does both
     "StepTuned": lambda params, **kw: lalr.StepTunedSGD(params, lr=0.1, **kw),
     "HD-adam": lambda params, **kw: lalr.HierarchicalHD(params, base="adam", lr=1e-3, **kw),

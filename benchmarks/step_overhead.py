@@ -150,6 +150,7 @@ ROWS: list[Row] = [
         _with_loss,
     ),
     Row("AdaL (capturable)", lambda p: lalr.AdaL(p, lr=1e-3, capturable=True), ADAM_FUSED),
+    Row("AdaL (compiled, capturable)", lambda p: lalr.AdaL(p, lr=1e-3, compiled=True, capturable=True), ADAM_FUSED),
     Row(
         "QLAB-adam (capturable)",
         lambda p: lalr.QLAB(p, base="adam", capturable=True),
@@ -201,7 +202,7 @@ FLOORS: dict[str, Floor] = {
     "HierarchicalHD-adam": Floor(
         ADAM_FUSED, 10, 7, ("HierarchicalHD-adam (compiled)", "HierarchicalHD-adam", "HierarchicalHD-adam (per-tensor)")
     ),
-    "AdaL": Floor(ADAM_FUSED, 8, 7, ("AdaL (compiled)", "AdaL", "AdaL (per-tensor)")),
+    "AdaL": Floor(ADAM_FUSED, 8, 7, ("AdaL (compiled)", "AdaL", "AdaL (per-tensor)", "AdaL (compiled, capturable)")),
     "StepTunedSGD (per half-step)": Floor(
         SGD_FUSED, 7, 3, ("StepTunedSGD (compiled)", "StepTunedSGD", "StepTunedSGD (per-tensor)")
     ),

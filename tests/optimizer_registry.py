@@ -298,7 +298,7 @@ CASES: list[OptimizerCase] = [
         "AdaL-capturable",
         lalr.AdaL,
         {"lr": 1e-2, "capturable": True, "weight_decay": 1e-2},
-        ({"lr": -1e-3}, {"capturable": 1}, {"compiled": True}),
+        ({"lr": -1e-3}, {"capturable": 1}, {"compiled": 1}),
         recorded=("grad_scale",),
         momentum=("betas", 0),
     ),

@@ -368,20 +368,21 @@ def test_a_float16_state_dict_keeps_its_float64_scalars() -> None:
             assert value.dtype == resumed.state[p_b][key].dtype and torch.equal(value, resumed.state[p_b][key]), key
 
 
-def test_compiled_with_capturable_is_refused() -> None:
-    """The compiled update pass writes unconditionally: the combination is refused, saying what to use."""
-    params = [nn.Parameter(torch.zeros(2))]
-    with pytest.raises(ValueError, match=r"`capturable` and `compiled` cannot both be True.*Use capturable=True alone"):
-        AdaL(params, capturable=True, compiled=True)
-    opt = AdaL(params, capturable=True)
-    with pytest.raises(ValueError, match="`compiled`"):
-        opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "compiled": True})
-    opt.param_groups[0]["compiled"] = True  # by hand, after construction: refused at the step
-    params[0].grad = torch.ones(2)
-    with pytest.raises(ValueError, match="`compiled`"):
-        opt.step()
+@pytest.mark.parametrize("kwargs", [SETTINGS[0], SETTINGS[1], SETTINGS[2]])
+def test_compiled_and_capturable_together(kwargs: dict[str, Any]) -> None:
+    """The compiled pass under capturable=True: no host read, and the compiled host-gated path's
+    steps and skips (the same kernel; the table built on the device), skipped steps untouched."""
+    model_a, opt_a, _, _ = _quiet_train({**kwargs, "compiled": True}, capturable=False)
+    model_b, opt_b, reads, snapshots = _quiet_train({**kwargs, "compiled": True}, capturable=True)
+    assert reads == []
+    assert opt_a.param_groups[0]["skipped_steps"] == len(BAD)
+    _assert_same_run(opt_a, opt_b, model_a, model_b, params=(2e-5, 2e-6), moments=(2e-5, 2e-7), scalar_rtol=1e-5)
+    assert_skipped_steps_untouched(snapshots)
+
+
+def test_the_capturable_flag_is_checked() -> None:
     with pytest.raises(ValueError, match="capturable"):
-        AdaL(params, capturable=1)
+        AdaL([nn.Parameter(torch.zeros(2))], capturable=1)
 
 
 def test_a_group_added_between_steps_joins_the_shared_numbers() -> None:

@@ -48,8 +48,8 @@ from ._directions import (
     adam_step_,
     rsqrt_cap,
 )
-from ._adal_compiled import run_adal_update
-from ._compiled import ensure_inductor_works
+from ._adal_compiled import adal_update, run_adal_update
+from ._compiled import ensure_inductor_works, run_compiled
 from ._reduce import accumulation_dtype, l1_norms, tensor_extrema, work_dtype
 from ._scalars import Scalar, safe_div, smax, smin, where
 from ._tensorlists import multiply_
@@ -66,12 +66,6 @@ Group = tuple[dict[str, Any], list[Tensor], list[Tensor]]
 SCALAR_STATE = ("step", "scale_avg", "scale_sq_avg")
 #: What a skipped step's outcome check names (the host path's ``_skip_step("outcome", ...)`` alike).
 OUTCOME = "step size"
-_COMPILED_AND_CAPTURABLE = (
-    "AdaL: `capturable` and `compiled` cannot both be True: the compiled update pass "
-    "(optim/_adal_compiled.py) writes the moments and the parameters unconditionally, so it cannot keep "
-    "a step that the device-side gate skips. Use capturable=True alone (the device-side step, no host "
-    "read), or compiled=True alone (one host read per step)."
-)
 
 
 # --------------------------------------------------------------------------- the scalar rule
@@ -315,6 +309,17 @@ def _device_adal_(
         x.copy_(torch.where(ok, x_new, x))
 
 
+def _device_table(rule: AdaLScalars, decay: Scalar) -> Tensor:
+    """The compiled pass's ``(w1, w2, c, e, decay)`` rows (5 × tensors, float64) from a ``capturable``
+    step's per-tensor vectors; a tensor that does not move takes ``c = 0`` and ``e = 1`` (its ``0·u``
+    stays 0), as the host path's table (:meth:`AdaL._step_group`)."""
+    moves = rule.moves
+    step_size = torch.where(moves, rule.step_size, 0.0)
+    shift = torch.where(moves, rule.shift, 1.0)
+    rows = (rule.avg_weight, rule.sq_weight, step_size, shift, torch.zeros_like(step_size) + decay)
+    return torch.stack(rows).to(torch.float64)
+
+
 def _as_numbers(entry: dict[str, Any]) -> dict[str, Any]:
     """A state entry with its :data:`SCALAR_STATE` as Python numbers (a ``capturable`` step's 0-d
     tensors read back: one synchronization, where the host path or a state dict takes them)."""
@@ -397,7 +402,8 @@ class AdaL(AdaptiveOptimizer):
             :class:`~lightning_adaptive_lr.AdaptiveLRMonitor` calls when it logs).  Hyperparameters
             (``lr``, β, ...) are read as Python numbers at each call: a graph keeps the values it was
             captured with.  The device-side step goes tensor by tensor (``foreach`` does not apply);
-            ``compiled=True`` with it is refused (the compiled pass cannot keep a skipped step).
+            with ``compiled=True`` it runs the compiled pass, which keeps every value where the
+            step is not taken.
         average_across_ranks: average a given loss across ``torch.distributed`` ranks.  AdaL needs
             no loss; one passed with ``step(loss=...)`` is only checked for finiteness.
         max_consecutive_skips: raise after this many skipped steps in a row (``None``: never);
@@ -474,17 +480,7 @@ class AdaL(AdaptiveOptimizer):
             transform=one_of(*TRANSFORMS), eps_mode=one_of(*EPS_MODES), lr_decay=one_of(*LR_DECAYS), compiled=FLAG,
             capturable=FLAG,
         )  # fmt: skip
-        if defaults["compiled"] and defaults["capturable"]:
-            raise ValueError(_COMPILED_AND_CAPTURABLE)
         super().__init__(params, defaults, **runtime_options(locals()))
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """A group of a ``capturable`` optimizer may not set ``compiled=True`` (refused, as in the constructor)."""
-        if param_group.get("compiled", self.defaults["compiled"]) and param_group.get(
-            "capturable", self.defaults["capturable"]
-        ):
-            raise ValueError(_COMPILED_AND_CAPTURABLE)
-        super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """:meth:`~._base.AdaptiveOptimizer.load_state_dict`, with the per-parameter step counts and
@@ -689,9 +685,9 @@ class AdaL(AdaptiveOptimizer):
         state, the parameters, the counters and the records then take their new values only where
         ``ok``.
         """
-        if any(group["compiled"] for group in self.param_groups):  # set in a group after construction
-            raise ValueError(_COMPILED_AND_CAPTURABLE)
         device = self._device()
+        if any(group["compiled"] for group, params, _ in groups if params):
+            ensure_inductor_works("AdaL", device)  # a missing compiler: a clear error before any state changes
         self._device_group_state(device)
         for _, params, _ in groups:
             for p in params:
@@ -775,16 +771,16 @@ class AdaL(AdaptiveOptimizer):
         for _, index, rule in buckets:
             states = [self.state[params[i]] for i in index]
             self._store_scalars(states, rule, ok)
-            _device_adal_(
+            columns = (
                 [params[i] for i in index],
                 [grads[i] for i in index],
                 [state["grad_avg"] for state in states],
                 [state["grad_avg_sq"] for state in states],
-                rule,
-                decay=decay,
-                eps_in_denominator=eps_in_denominator,
-                ok=ok,
             )
+            if group["compiled"]:  # the compiled pass, its table built on the device and kept where ok
+                run_compiled("AdaL", adal_update, *columns, _device_table(rule, decay), eps_in_denominator, ok)
+            else:
+                _device_adal_(*columns, rule, decay=decay, eps_in_denominator=eps_in_denominator, ok=ok)
 
     @staticmethod
     def _store_scalars(states: list[dict[str, Any]], rule: AdaLScalars, ok: Tensor) -> None:
