@@ -81,6 +81,20 @@ def _work_dot(x: Tensor, y: Tensor) -> Tensor:
     return torch.dot(x, y)
 
 
+def _plain_dots(xs: Sequence[Tensor], ys: Sequence[Tensor | None]) -> list[Tensor] | None:
+    """``⟨xs[i], ys[i]⟩`` by one BLAS dot each when every tensor is a real float32 or float64 tensor of
+    one dtype on one device (the usual case: nothing to convert), else ``None``.  Checked once for the
+    lists, not per pair: on ResNet's 62 tensors the per-pair checks of :func:`_work_dot` were half of
+    the dots' host time."""
+    dtype, device = xs[0].dtype, xs[0].device
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    for x, y in zip(xs, ys, strict=True):
+        if y is None or x.dtype != dtype or y.dtype != dtype or x.device != device or y.device != device:
+            return None
+    return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]
+
+
 def pair_dot(x: Tensor, y: Tensor, acc: torch.dtype) -> Tensor:
     """``⟨x, y⟩`` of one pair by one BLAS dot in :func:`work_dtype`, as a 0-d ``acc`` tensor on ``x``'s device."""
     return _work_dot(x, y).to(acc)
@@ -95,6 +109,9 @@ def tensor_dots(xs: Sequence[Tensor], ys: Sequence[Tensor | None], device: torch
     acc = accumulation_dtype(device)
     if not xs:
         return torch.zeros(0, device=device, dtype=acc)
+    plain = _plain_dots(xs, ys)
+    if plain is not None:
+        return torch.stack(plain).to(device=device, dtype=acc)
     if all(y is not None for y in ys) and len({(x.device, work_dtype(x.dtype)) for x in xs}) == 1:
         # The usual case: one stack of the dots in their work dtype, converted once.
         return torch.stack([_work_dot(x, y) for x, y in zip(xs, ys, strict=True)]).to(device=device, dtype=acc)
@@ -151,7 +168,7 @@ def sqnorm(xs: Sequence[Tensor], device: torch.device) -> Tensor:
             bucket = [_real(x) for x in bucket]
         work = work_dtype(bucket[0].dtype)
         if bucket[0].device.type == "cpu":
-            sums = [_work_dot(x, x) for x in bucket]
+            sums = _plain_dots(bucket, bucket) or [_work_dot(x, x) for x in bucket]
         else:
             sums = powsum(bucket, 2, dtype=None if work == bucket[0].dtype else work)
         parts.append(torch.stack(list(sums)).to(device=device, dtype=acc).sum())
