@@ -336,7 +336,7 @@ CASES: list[OptimizerCase] = [
         "StepTunedSGD-capturable",
         lalr.StepTunedSGD,
         {"lr": 0.1, "capturable": True, "weight_decay": 1e-2},
-        ({"capturable": "yes"}, {"compiled": True}, {"same_batch": True}),
+        ({"capturable": "yes"}, {"compiled": True}),
         recorded=("gain", "curvature"),
         momentum=("beta",),
     ),

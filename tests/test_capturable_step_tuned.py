@@ -137,7 +137,7 @@ def _assert_same_run(
         assert float(group_b["curvature"]) == pytest.approx(group_a["curvature"], rel=10 * scalar_rtol, abs=1e-9)
         for key in PENDING:  # the pending iteration's η_k and sums (None: none pending)
             value = float(group_b[key])
-            assert (group_a[key] is None) == np.isnan(value), key
+            assert (group_a[key] is None) == np.isinf(value), key  # +inf: none pending
             if group_a[key] is not None:
                 assert value == pytest.approx(group_a[key], rel=10 * scalar_rtol, abs=1e-8), key  # ⟨D, g_a⟩ cancels
     return largest
@@ -275,6 +275,210 @@ def test_missing_gradients_follow_the_documented_rule_on_the_device() -> None:
             np.testing.assert_allclose(t.detach().numpy(), ref, rtol=1e-10, atol=1e-12)
 
 
+# ----------------------------------------------------------------------------- same_batch=True
+
+#: Bad steps of a same_batch run: step → (what, which closure call, 1 or 2, it poisons).  A NaN
+#: gradient and an infinite loss at either call, and a gradient of 1e30 at a first call (the
+#: first half-step's outcome; at a second call it is taken, by both paths).
+SAME_BATCH_BAD = {3: ("grad", 2), 6: ("loss", 1), 10: ("overflow", 1), 13: ("grad", 1), 16: ("loss", 2)}
+#: The numbers a skipped step leaves as they were (the skip counters aside).
+KEPT_NUMBERS = ("step", "iteration", "phase", "gamma", "effective_lr", "gain", "curvature", *PENDING)
+
+
+def _numbers(opt: lalr.StepTunedSGD) -> list[list[float]]:
+    return [[np.nan if group[key] is None else float(group[key]) for key in KEPT_NUMBERS] for group in opt.param_groups]
+
+
+def _train_same_batch(
+    kwargs: dict[str, Any],
+    capturable: bool,
+    bad: dict[int, tuple[str, int]],
+    steps: int = 20,
+    dtype: torch.dtype = torch.float32,
+):
+    """``steps`` iterations of ``step(closure)`` (two closure calls each, ``bad`` poisoning one);
+    returns the model, the optimizer, the host reads of its steps, the snapshots around the bad
+    steps (parameters and state, and the optimizer's numbers) and the first group's records
+    (``η``, ``γ``, curvature) after every step."""
+    model = _model(dtype)
+    opt = lalr.StepTunedSGD(_groups(model), **kwargs, same_batch=True, capturable=capturable)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 5, generator=gen).to(dtype), torch.randn(64, 1, generator=gen).to(dtype)
+    reads, snapshots, numbers, history = [], {}, {}, []
+    for k in range(steps):
+        if k == LR_CHANGE:
+            opt.param_groups[0]["lr"] *= 0.5
+        what, at = bad.get(k, (None, 0))
+        calls = []
+
+        def closure() -> torch.Tensor:
+            calls.append(k)
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return _poison(model, what, loss) if len(calls) == at else loss
+
+        before = [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()["state"])
+        numbers_before = _numbers(opt) if k in bad and k > 0 else None
+        with CountHostReads() as counter:
+            returned = opt.step(closure)
+        assert len(calls) == 2 and isinstance(returned, torch.Tensor)
+        reads += counter.reads
+        if k in bad:
+            snapshots[k] = before, [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()["state"])
+            numbers[k] = numbers_before, _numbers(opt)
+        history.append([float(opt.param_groups[0][key]) for key in ("effective_lr", "gain", "curvature")])
+    return model, opt, reads, snapshots, numbers, np.array(history)
+
+
+def _quiet_same_batch(*args: Any, **kwargs: Any):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _train_same_batch(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", SETTINGS)
+def test_same_batch_a_capturable_step_reads_nothing_to_the_host(kwargs: dict[str, Any]) -> None:
+    _, _, default_reads, *_ = _quiet_same_batch(kwargs, capturable=False, bad=SAME_BATCH_BAD)
+    _, _, reads, *_ = _quiet_same_batch(kwargs, capturable=True, bad=SAME_BATCH_BAD)
+    assert default_reads  # the counter does see the default path's gate
+    assert reads == []  # the closure reads nothing either
+
+
+@pytest.mark.parametrize("kwargs", SETTINGS)
+def test_same_batch_a_capturable_step_takes_the_default_paths_steps_and_skips(kwargs: dict[str, Any]) -> None:
+    model_a, opt_a, _, _, _, history_a = _quiet_same_batch(kwargs, capturable=False, bad=SAME_BATCH_BAD)
+    model_b, opt_b, _, snapshots, numbers, history_b = _quiet_same_batch(kwargs, capturable=True, bad=SAME_BATCH_BAD)
+    # every step's η, γ and curvature (NaN before the first iteration), the unclipped gains included
+    np.testing.assert_allclose(history_b, history_a, rtol=1e-4, atol=1e-9)
+    assert opt_a.param_groups[0]["skipped_steps"] == len(SAME_BATCH_BAD)
+    assert opt_a.param_groups[0]["iteration"] == opt_a.param_groups[0]["step"] == 20 - len(SAME_BATCH_BAD)
+    _assert_same_run(opt_a, opt_b, model_a, model_b, rtol=2e-5, atol=2e-6)
+    for p_a, p_b in zip(model_a.parameters(), model_b.parameters()):
+        assert set(opt_b.state[p_b]) == set(opt_a.state[p_a]) == {"neg_grad_diff_avg"}
+    assert_skipped_steps_untouched(snapshots)
+    for k, (before, after) in numbers.items():
+        assert np.array_equal(before, after, equal_nan=True), k
+
+
+def test_same_batch_float16_outcome_checks_skip_the_same_steps() -> None:
+    """float16: an iteration whose first half-step (``|g_a|``) or second (``|g_a| + |g_b|``) would
+    not fit is skipped on the device too, and ``sync_warnings`` names the check."""
+    bad = {4: ("first-fits", 1), 8: ("second-fits", 2), 11: ("grad", 2)}
+    model_a, opt_a, *_ = _quiet_same_batch({}, capturable=False, bad=bad, dtype=torch.float16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model_b, opt_b, reads, snapshots, *_ = _train_same_batch({}, capturable=True, bad=bad, dtype=torch.float16)
+        assert caught == []
+    assert reads == []
+    assert opt_a.param_groups[0]["skipped_steps"] == 3
+    _assert_same_run(opt_a, opt_b, model_a, model_b, rtol=2e-3, atol=2e-3, scalar_rtol=2e-2)
+    assert_skipped_steps_untouched(snapshots)
+    for k, named in ((4, r"step outcome \(first half-step\)"), (8, r"step outcome \(second half-step\)")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, opt, *_ = _train_same_batch({}, capturable=True, bad={k: bad[k]}, steps=k + 1, dtype=torch.float16)
+            opt.sync_warnings()
+        assert len(caught) == 1 and int(opt.param_groups[0]["skipped_steps"]) == 1
+        assert re.search(named, str(caught[0].message)), str(caught[0].message)
+
+
+def test_same_batch_missing_gradients_match_the_default_step() -> None:
+    """A parameter with a gradient at one closure call only takes that half-step and stays out of
+    the gain, as in the default step (the pairs are matched on the host: no read).  In float64: the
+    curvature of these steps is small, a difference that float32 rounding would blur."""
+    results = []
+    for capturable in (False, True):
+        model = _model(torch.float64)
+        opt = lalr.StepTunedSGD(_groups(model), same_batch=True, capturable=capturable)
+        gen = torch.Generator().manual_seed(5)
+        x, y = torch.randn(16, 5, generator=gen, dtype=torch.float64), torch.randn(16, 1, generator=gen, dtype=torch.float64)
+        for k in range(6):
+            calls = []
+
+            def closure() -> torch.Tensor:
+                calls.append(k)
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                if (k, len(calls)) in ((1, 2), (3, 1)):  # the last bias misses g_b, then g_a
+                    model[2].bias.grad = None
+                return loss
+
+            with CountHostReads() as counter:
+                opt.step(closure)
+            assert (counter.reads == []) is capturable
+        results.append((model, opt))
+    (model_a, opt_a), (model_b, opt_b) = results
+    assert opt_a.param_groups[0]["iteration"] == 6
+    _assert_same_run(opt_a, opt_b, model_a, model_b, rtol=1e-12, atol=1e-14, scalar_rtol=1e-10)
+
+
+def test_same_batch_state_dicts_move_between_capturable_and_default() -> None:
+    """Either way, a resumed same_batch run continues as the uninterrupted one (float32 rounding)."""
+    switch, kwargs = 5, {"weight_decay": 0.01, "same_batch": True}
+
+    def run(first: bool, second: bool, steps: int = 10) -> tuple[list[torch.Tensor], Any]:
+        model = _model()
+        opt = lalr.StepTunedSGD(_groups(model), capturable=first, **kwargs)
+        gen = torch.Generator().manual_seed(3)
+        for k in range(steps):
+            if k == switch:
+                saved = copy.deepcopy(opt.state_dict())
+                assert all(set(entry) == {"neg_grad_diff_avg"} for entry in saved["state"].values())
+                opt = lalr.StepTunedSGD(_groups(model), capturable=second, **kwargs)
+                opt.load_state_dict(saved)
+                for group in opt.param_groups:
+                    group["capturable"] = second
+            x, y = torch.randn(16, 5, generator=gen), torch.randn(16, 1, generator=gen)
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+
+            with CountHostReads() as counter:
+                opt.step(closure)
+            assert (counter.reads == []) is (second if k >= switch else first)
+        assert isinstance(opt.param_groups[0]["gamma"], torch.Tensor) is second
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    reference_params, reference_opt = run(False, False)
+    for first, second in ((True, False), (False, True), (True, True)):
+        params, opt = run(first, second)
+        for a, b in zip(reference_params, params):
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+        assert float(opt.param_groups[0]["gamma"]) == pytest.approx(reference_opt.param_groups[0]["gamma"], rel=1e-5)
+        assert int(opt.param_groups[0]["iteration"]) == reference_opt.param_groups[0]["iteration"] == 10
+        for group in opt.param_groups:
+            assert all((group[key] is None) is (not second) for key in PENDING)  # +inf tensors when capturable
+
+
+def test_same_batch_refuses_a_state_held_between_the_half_steps() -> None:
+    """A state saved between the two half-steps of a same_batch=False run (its phase a number) is
+    refused as by the default step."""
+    model = _model()
+    opt = lalr.StepTunedSGD(model.parameters())
+    x, y = torch.randn(8, 5), torch.randn(8, 1)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        group.update(same_batch=True, capturable=True)
+    resumed = lalr.StepTunedSGD(model.parameters(), same_batch=True, capturable=True)
+    resumed.load_state_dict(saved)
+
+    def closure() -> torch.Tensor:
+        resumed.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="between the two half-steps"):
+        resumed.step(closure)
+
+
 # ----------------------------------------------------------------------------- state
 
 
@@ -389,7 +593,6 @@ def test_a_group_added_between_the_half_steps_takes_the_current_step_size() -> N
     ("kwargs", "match"),
     [
         ({"compiled": True}, r"`compiled` and `capturable` cannot both be True.*Use capturable=True alone"),
-        ({"same_batch": True}, r"`same_batch` and `capturable` cannot both be True.*Use same_batch=False"),
         ({"capturable": "yes"}, r"`capturable` must be True or False"),
     ],
 )
@@ -397,6 +600,12 @@ def test_unsupported_combinations_are_refused(kwargs: dict[str, Any], match: str
     w = nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match=match):
         lalr.StepTunedSGD([w], **{"capturable": True, **kwargs})
+
+
+def test_same_batch_is_accepted() -> None:
+    w = nn.Parameter(torch.ones(3))
+    opt = lalr.StepTunedSGD([w], capturable=True, same_batch=True)
+    assert opt.calls_closure_twice and opt.param_groups[0]["capturable"]
 
 
 def test_a_param_group_that_asks_for_compiled_is_refused() -> None:

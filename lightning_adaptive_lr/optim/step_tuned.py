@@ -32,7 +32,8 @@ decision and the outcome checks become one 0-d bool ``ok`` that every update is 
 skipped half-step is taken again at the next call, so which half is due (``phase``) is a device
 value too: each call takes both halves' sums, the gate reads those of the half due, and the second
 half's sums over ``g_a`` are taken again from ``first_grad`` (per parameter, masked by its pending
-mark) instead of being carried over from the first half on the host.
+mark) instead of being carried over from the first half on the host.  With ``same_batch=True`` a
+call is a whole iteration: its first half-step is taken at once and undone ``where`` ``ok`` is false.
 """
 
 from __future__ import annotations
@@ -263,13 +264,6 @@ def _refuse_on_device(owner: str, options: dict[str, Any]) -> None:
             "keep a skipped half-step's values on the device. Use capturable=True alone (the device-side "
             "step) or compiled=True alone (the fused kernels, one device-to-host read per step)."
         )
-    if options.get("same_batch"):
-        raise ValueError(
-            f"{owner}: `same_batch` and `capturable` cannot both be True: the device-side step is written "
-            "for one half-step per call, the half due kept on the device (same_batch=False); the two-closure "
-            "step has no device-side form. Use same_batch=False (the default: each step() is one half-step on "
-            "its own mini-batch) with capturable=True, or same_batch=True without capturable."
-        )
 
 
 def _masked_sum(values: Tensor, mask: Tensor) -> Tensor:
@@ -296,6 +290,13 @@ def _as_number(value: float | Tensor, device: torch.device) -> Tensor:
     if isinstance(value, Tensor):
         return value if (value.dtype, value.device) == (dtype, device) else value.to(device=device, dtype=dtype)
     return torch.full((), float(value), dtype=dtype, device=device)
+
+
+def _descended(p: Tensor, g: Tensor, rate: Tensor) -> Tensor:
+    """``x − η·g`` for a ``capturable`` step: ``η`` (a 0-d tensor) in the parameters' dtype and one
+    rounding of the result (on ``copy_`` into ``p``), as the default step's add."""
+    wide = work_dtype(p.dtype)
+    return p.to(wide) - g.to(wide) * rate.to(p.dtype).to(wide)
 
 
 def _or_zero(value: float | None) -> float:
@@ -354,6 +355,8 @@ class StepTunedSGD(AdaptiveOptimizer):
         weight_decay: coupled L2 penalty: ``g + weight_decay·x`` is used as the gradient at both
             half-steps (so it enters ``Δg`` and the gain too).
         same_batch: take the second half-step on the same mini-batch (closure called twice), see above.
+            With ``capturable=True`` too, the whole iteration's decisions stay on the device (see
+            ``capturable``).
         foreach: use the multi-tensor (``torch._foreach_*``) path; ``False`` updates tensor by tensor.
         compiled: run each half-step's element-wise work as one ``torch.compile``\ d (TorchInductor)
             loop per tensor (:mod:`._sgd_compiled`): the first half-step keeps ``g_a`` and moves the
@@ -372,8 +375,16 @@ class StepTunedSGD(AdaptiveOptimizer):
             reductions instead of two or three, tensor by tensor whatever ``foreach``) and keeps the
             one ``phase`` says.  Skips are counted on the device and reported by
             :meth:`sync_warnings`.  Hyperparameters are read as Python numbers at each call: a graph
-            keeps the values it was captured with.  Not with ``compiled=True`` (its kernels take
-            host numbers) nor ``same_batch=True``: the constructor refuses both.
+            keeps the values it was captured with.  With ``same_batch=True`` one ``step(closure)``
+            is one whole iteration, so no ``phase`` is kept: it takes the first half-step (keeping
+            copies of ``x_k`` and ``g_a``), calls the closure again, and the gate over both
+            gradients and losses, the outcome checks and the gain decide on the device; the second
+            half-step and the average are written ``where`` the iteration is taken, and elsewhere
+            the parameters get ``x_k`` back bit for bit (the closure must then read nothing either:
+            no ``.item()``).  A state saved between the two half-steps of a ``same_batch=False`` run
+            is refused when its ``phase`` is a Python number (a default step's); one held on the
+            device is not read.  Not with ``compiled=True`` (its kernels take host numbers): the
+            constructor refuses it.
         average_across_ranks: average a given loss across ``torch.distributed`` ranks (one collective)
             before the finiteness check, so that all replicas skip the same steps.
         max_consecutive_skips: raise after this many skipped steps in a row (``None``: never);
@@ -642,12 +653,18 @@ class StepTunedSGD(AdaptiveOptimizer):
 
         The first half-step is taken before anything is read from the device; the one gate at the
         end checks both gradients (and losses), and a skipped step puts the saved ``x_k`` back.
+        ``capturable``: the same with every decision on the device (:meth:`_device_same_batch_step`).
         """
-        if self._shared("phase") != 0:
+        if not self._capturable:
+            self._host_state()
+        phase = self._shared("phase")
+        if not isinstance(phase, Tensor) and phase != 0:  # a device-held phase is not read
             raise RuntimeError(
                 f"{type(self).__name__}(same_batch=True) was given a state saved between the two half-steps of "
                 "a same_batch=False run; finish that iteration with same_batch=False first."
             )
+        if self._capturable:
+            return self._device_same_batch_step(closure, loss)
         self._ensure_compiler()
         with torch.enable_grad():
             first_loss = closure()
@@ -700,6 +717,78 @@ class StepTunedSGD(AdaptiveOptimizer):
         return first_loss
 
     # ------------------------------------------------------------------ the device-side step (capturable)
+
+    def _device_same_batch_step(self, closure: LossClosure, loss: Tensor | float | None) -> Any:
+        """``capturable`` and ``same_batch``: :meth:`_same_batch_step` with every decision on the device.
+
+        The first half-step is taken, as there, before anything is known; the gate over both
+        gradients and losses, the outcome checks and the gain are then 0-d device tensors, and the
+        second half-step, the average of ``g_a − g_b`` and the numbers (:meth:`_device_bookkeeping`,
+        a second half whose first was this call's) are written ``where`` the iteration is taken;
+        elsewhere every parameter gets its saved ``x_k`` back and the state keeps its bits.
+        """
+        with torch.enable_grad():
+            first_loss = closure()
+        value, reduced = self._resolve_loss(loss, first_loss)
+        device = self._device()
+        losses = {} if value is None else {"loss": self._loss_tensor(value, reduced, device)}
+
+        firsts = self._gather()
+        if not any(h.params for h in firsts):
+            return first_loss
+        self._device_group_state(device)
+        self._device_pending_state(firsts, device)
+        first_grads = [
+            h.grads if h.group["weight_decay"] != 0 else clone(h.grads, foreach=h.group["foreach"]) for h in firsts
+        ]
+        first_sums = self._first_half_sums([h.params for h in firsts], first_grads)
+        saved = {_key(p): (p, x) for h in firsts for p, x in zip(h.params, clone(h.params, foreach=h.group["foreach"]))}
+        lrs = self._step_sizes()
+        for half, grads, lr in zip(firsts, first_grads, lrs):
+            for p, g in zip(half.params, grads):
+                p.copy_(_descended(p, g, lr))
+
+        with torch.enable_grad():
+            second_loss = closure()
+        if second_loss is not None:
+            losses["second_loss"] = self._loss_tensor(second_loss, False, device)
+        halves = self._gather()
+        self._device_pending_state(halves, device)
+        first_of = {_key(p): g for h, grads in zip(firsts, first_grads) for p, g in zip(h.params, grads)}
+        pairs = [_pairs(h, first_of) for h in halves]
+        matched = [_key(p) for h in halves for p in h.params] == list(first_of)
+        values, finite = self._device_gate(
+            OUTCOMES, **losses, **first_sums, **self._pair_sums(halves, pairs, matched), **self._float16_range(halves)
+        )
+        prefix = "" if matched else "paired_"
+        avg_dots, sqnorms = values[prefix + "avg_dots"], values[prefix + "sqnorms"]
+        options = self.param_groups[0]
+        curvature, dx_sqnorm = step_tuned_curvature(
+            lrs, avg_dots, sqnorms, values["cross_dots"], beta=options["beta"], iteration=self._iteration()
+        )
+        gain = step_tuned_gain(curvature, dx_sqnorm, nu=options["nu"], bounds=options["gain_bounds"])
+        gain_finite = torch.isfinite(curvature) & torch.isfinite(dx_sqnorm)
+        second_fits: bool | Tensor = True
+        if "float16_range" in values:
+            second_fits = self._float16_fits(halves, lrs, sqnorms, values["float16_range"])
+        first_fits = _as_flag(self._first_fits(firsts, lrs, values["sqnorms"]), device)
+        ok = self._device_outcome(  # in the order of the default step's checks (OUTCOMES)
+            finite, ~first_fits, first_fits & ~gain_finite, first_fits & gain_finite & ~_as_flag(second_fits, device)
+        )
+
+        weight = 1.0 - options["beta"]
+        for half, pair, lr in zip(halves, pairs, lrs):
+            for p, g_b, g_a in zip(pair.params, pair.second, pair.first):
+                avg = self.state[p][DIFF_AVG]
+                avg.copy_(torch.where(ok, torch.lerp(avg, g_a - g_b, weight), avg))
+            for p, g in zip(half.params, half.grads):
+                x_k = saved.pop(_key(p), (p, p))[1]  # a parameter without g_a is still at x_k
+                p.copy_(torch.where(ok, _descended(p, g, lr), x_k))
+        for p, x_k in saved.values():  # g_a only: the first half-step is kept where the step is
+            p.copy_(torch.where(ok, p, x_k))
+        not_first = torch.zeros((), dtype=torch.bool, device=device)  # a fill kernel: nothing copied
+        self._device_bookkeeping(values, lrs, lrs, curvature, gain, not_first, ok)
+        return first_loss
 
     def _device_half(self, loss: Tensor | None) -> None:
         """``capturable``: the half-step ``phase`` says, with every decision on the device (no host read).
@@ -782,9 +871,7 @@ class StepTunedSGD(AdaptiveOptimizer):
                 avg.copy_(torch.where(paired, torch.lerp(avg, difference, weight), avg))
                 kept.copy_(torch.where(taken_first, g, torch.where(paired, difference, kept)))
                 pending.copy_(torch.where(ok, first, pending))
-                # η in the parameters' dtype and one rounding of the result, as the default step's add
-                wide = work_dtype(p.dtype)
-                p.copy_(torch.where(ok, p.to(wide) - g.to(wide) * rate.to(p.dtype).to(wide), p))
+                p.copy_(torch.where(ok, _descended(p, g, rate), p))
                 current.add(_key(p))
         for group in self.param_groups:
             for p in group["params"]:
@@ -804,7 +891,8 @@ class StepTunedSGD(AdaptiveOptimizer):
     ) -> None:
         """The numbers after the half-step, kept where it is skipped: a first half stores its ``η_k``
         and sums in the groups and sets ``phase``; a second half sets ``γ``, ``k`` and ``phase`` back
-        (the groups' pending values become +inf, "none"); the records; the step and skip counts."""
+        (the groups' pending values become +inf, "none"); the records; the step and skip counts.  A
+        ``same_batch`` step is a second half (``first`` false) after the first of the same call."""
         taken_second = ok & ~first
         gamma = torch.where(taken_second, gain, self._shared("gamma"))
         for i, (group, lr, rate) in enumerate(zip(self.param_groups, now, rates)):
@@ -821,7 +909,7 @@ class StepTunedSGD(AdaptiveOptimizer):
         self._set_shared_on_device(
             gamma=gamma,
             iteration=self._shared("iteration") + taken_second.to(torch.int64),
-            phase=torch.where(ok, 1 - phase, phase),
+            phase=torch.where(ok, first.to(phase.dtype), phase),  # 1 after a first half, 0 after a second
         )
         self._count_device_step(ok)
 
@@ -834,12 +922,13 @@ class StepTunedSGD(AdaptiveOptimizer):
         for half in halves:
             for p in half.params:
                 self._diff_avg(p)
-                self.state[p].setdefault(FIRST_GRAD, torch.zeros_like(p, memory_format=torch.preserve_format))
+                if not half.group["same_batch"]:  # the same_batch state is the average alone
+                    self.state[p].setdefault(FIRST_GRAD, torch.zeros_like(p, memory_format=torch.preserve_format))
         missing = {**dict.fromkeys(PENDING, math.inf), "effective_lr": 0.0, "gain": None, "curvature": math.nan}
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if state is not None and DIFF_AVG in state:
+                if state is not None and DIFF_AVG in state and not group["same_batch"]:
                     state[FIRST_GRAD_PENDING] = _as_flag(state.get(FIRST_GRAD_PENDING, False), device)
             for key, none in missing.items():
                 value = group.get(key)
