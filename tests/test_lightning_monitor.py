@@ -166,6 +166,24 @@ def test_collect_names_and_value_kinds() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10), id="OneCycleLR"),
+        pytest.param(
+            lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=2), id="CyclicLR"
+        ),
+    ],
+)
+def test_scheduler_bookkeeping_is_not_logged(make) -> None:
+    """OneCycleLR and CyclicLR write the constants of their schedule into every param group: not traced."""
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for opt in (lalr.MoMo(params), lalr.QLAB(params, base="sgdm")):
+        make(opt)
+        names = {key.rsplit("/", 1)[-1] for key in AdaptiveLRMonitor().collect([opt])}
+        assert not names & {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"}, names
+
+
 def test_constructor_validates_its_arguments() -> None:
     for kwargs in ({"logging_interval": 0}, {"check_desync_every": -1}, {"check_desync_every": 1.5}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):

@@ -36,8 +36,10 @@ __all__ = ["AdaptiveLRMonitor", "automatic_interval"]
 #: that many optimizer steps), however large ``log_every_n_steps`` is.
 MIN_POINTS = 100
 
-#: Param-group keys never logged: the parameters themselves and LR-scheduler bookkeeping.
-_NEVER = frozenset({"params", "initial_lr", "param_names"})
+#: Param-group keys never logged: the parameters themselves and LR-scheduler bookkeeping (torch's
+#: schedulers write ``initial_lr``; ``OneCycleLR`` also ``max_lr``, ``min_lr`` and, with
+#: ``CyclicLR``, ``base_momentum`` and ``max_momentum``: constants of the schedule, not the step).
+_NEVER = frozenset({"params", "initial_lr", "param_names", "max_lr", "min_lr", "base_momentum", "max_momentum"})
 #: Optimizer-wide counters, equal in every param group of this package's optimizers: logged once
 #: per optimizer (per group only where the groups differ), although they live among the defaults.
 _OPTIMIZER_WIDE = ("skipped_steps",)
