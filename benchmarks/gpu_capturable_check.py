@@ -124,8 +124,43 @@ def no_sync(name: str, device: torch.device) -> dict[str, Any]:
     return {"default path syncs": tripped[False], "capturable syncs": tripped[True], "ok": tripped[False] and not tripped[True]}
 
 
-def graph(name: str, device: torch.device, steps: int = 30) -> dict[str, Any]:
+class CudaCapture:
+    """Capture one step in a CUDA graph: eager warm-up steps on a side stream, as torch requires."""
+
+    def warm_up(self, step: Callable[[], None]) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def capture(self, step: Callable[[], None]) -> Callable[[], None]:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            step()
+        return captured.replay
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+
+class EagerCapture:
+    """The CPU stand-in the tests use: "replaying" calls the step again on the same static tensors,
+    which checks how the inputs are fed (not the CUDA graph itself)."""
+
+    def warm_up(self, step: Callable[[], None]) -> None:
+        step()
+
+    def capture(self, step: Callable[[], None]) -> Callable[[], None]:
+        return step  # a capture runs nothing: the replays do
+
+    def synchronize(self) -> None:
+        pass
+
+
+def graph(name: str, device: torch.device, steps: int = 30, capture: CudaCapture | EagerCapture | None = None) -> dict[str, Any]:
     """Part 3: one captured step replayed, against eager capturable steps on the same inputs."""
+    capture = CudaCapture() if capture is None else capture
     batches = _batches(device, steps + 3)
     # The inputs of every step, computed once: gradients and losses (NaN at the BAD steps).
     model = _mlp(device)
@@ -153,20 +188,17 @@ def graph(name: str, device: torch.device, steps: int = 30) -> dict[str, Any]:
         for static, value in zip(static_batch, batch):
             static.copy_(value)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for loss, grads, batch in inputs[:3]:  # eager warm-up: the state and the device numbers exist
-            feed(loss, grads, batch)
-            _step(name, opt_g, static_loss, graphed, static_batch)
-    torch.cuda.current_stream().wait_stream(side)
-    captured = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(captured):
+    def step() -> None:
         _step(name, opt_g, static_loss, graphed, static_batch)
+
+    for loss, grads, batch in inputs[:3]:  # eager warm-up: the state and the device numbers exist
+        feed(loss, grads, batch)
+        capture.warm_up(step)
+    replay = capture.capture(step)
     for loss, grads, batch in inputs[3:]:
         feed(loss, grads, batch)
-        captured.replay()
-    torch.cuda.synchronize()
+        replay()
+    capture.synchronize()
     a = torch.cat([p.detach().flatten() for p in eager.parameters()])
     b = torch.cat([p.detach().flatten() for p in graphed.parameters()])
     diff = ((a - b).abs().max() / a.abs().max()).item()

@@ -31,3 +31,13 @@ def lalr_momo_other_cap(params, **kw):
     import lightning_adaptive_lr as lalr
 
     return lalr.MoMo(params, lr=1e-4, **kw)
+
+
+def test_the_graph_part_feeds_every_step_its_inputs() -> None:
+    """Part 3's plumbing on the CPU, with a stand-in capture that replays by calling the step: the
+    static loss, gradients and (QLAB's probe) batch take each step's values, so the replayed run
+    equals the eager one.  A feed that missed one of them would differ."""
+    for name in ("MoMo", "StepTuned", "QLAB-adam"):
+        result = check.graph(name, torch.device("cpu"), steps=12, capture=check.EagerCapture())
+        assert result["ok"], (name, result)
+        assert result["max_rel_diff"] == 0.0, (name, result)
