@@ -447,6 +447,37 @@ def _parent_level(levels: Sequence[str], level: str) -> str | None:
     return coarser[-1] if coarser else None
 
 
+def _move_rates_(
+    plan: _Plan,
+    levels: Sequence[str],
+    reads: Sequence[_Reads],
+    states: list[dict[str, Any]],
+    unit_sums: list[Tensor | None],
+    *,
+    foreach: bool,
+) -> None:
+    """The rates a step writes into ``states`` (one per tensor of ``reads``): the tensor levels'
+    (in place, :func:`_move_tensor_rates_`), then the layer rates of ``plan``."""
+    params, grads, prevs = (_flat(reads, k) for k in ("params", "grads", "prevs"))
+    for level in ("param", "unit"):  # finest first: every pull reads its parent's previous value
+        if level in levels:
+            _move_tensor_rates_(
+                [st[_RATE_KEYS[level]] for st in states],
+                grads,
+                prevs,
+                unit_sums if level == "unit" else None,
+                plan.tensor_steps[level],
+                _parent_rates(_parent_level(levels, level), plan.old_global, plan.old_layer, states, params),
+                plan.pulls[level],
+                plan.bounds,
+                where(plan.check, plan.growth, math.inf),  # per element: on the screened steps only
+                foreach=foreach,
+            )
+    if "layer" in levels:
+        for st, rate in zip(states, plan.layer_rates):
+            st["hd_rate_layer"] = rate
+
+
 def _apply_step_(
     plan: _Plan,
     levels: Sequence[str],
@@ -461,24 +492,7 @@ def _apply_step_(
 
     ``states`` (one per tensor of ``reads``) are written; the real states, or copies to try a step on.
     """
-    params, grads, prevs = (_flat(reads, k) for k in ("params", "grads", "prevs"))
-    for level in ("param", "unit"):  # finest first: every pull reads its parent's previous value
-        if level in levels:
-            _move_tensor_rates_(
-                [st[_RATE_KEYS[level]] for st in states],
-                grads,
-                prevs,
-                unit_sums if level == "unit" else None,
-                plan.tensor_steps[level],
-                _parent_rates(_parent_level(levels, level), plan.old_global, plan.old_layer, states, params),
-                plan.pulls[level],
-                plan.bounds,
-                plan.growth if plan.check else math.inf,  # per element: on the screened steps only
-                foreach=foreach,
-            )
-    if "layer" in levels:
-        for st, rate in zip(states, plan.layer_rates):
-            st["hd_rate_layer"] = rate
+    _move_rates_(plan, levels, reads, states, unit_sums, foreach=foreach)
     offset = 0
     for r in reads:
         sts = states[offset : offset + len(r.params)]
@@ -1299,34 +1313,16 @@ class HierarchicalHD(AdaptiveOptimizer):
     ) -> list[tuple[Tensor, dict[str, Any]]]:
         """Everything the step writes, as new tensors next to the state (``capturable``): per tensor
         of all groups, its new parameter and its new state (entries the step does not write are the
-        state's own).  :func:`_apply_step_`'s order and rules: the tensor levels' rates
-        (:func:`_move_tensor_rates_` on copies), the layer rates, the base rule with the new rates
-        and weights (:func:`_device_base_step`), the tensor levels' share (:func:`_descended`)."""
+        state's own).  :func:`_apply_step_`'s order and rules: the rates (:func:`_move_rates_` on
+        copies), the base rule with the new rates and weights (:func:`_device_base_step`), the
+        tensor levels' share (:func:`_descended`)."""
         options = self.param_groups[0]
         levels: tuple[str, ...] = options["levels"]
-        params, grads, prevs, found = (_flat(reads, k) for k in ("params", "grads", "prevs", "states"))
-        states = [dict(st) for st in found]
-        for level in ("param", "unit"):  # every pull reads its parent's previous value (`found`)
-            if level in levels:
-                key = _RATE_KEYS[level]
-                rates = [st[key].clone() for st in found]
-                _move_tensor_rates_(
-                    rates,
-                    grads,
-                    prevs,
-                    unit_sums if level == "unit" else None,
-                    plan.tensor_steps[level],
-                    _parent_rates(_parent_level(levels, level), plan.old_global, plan.old_layer, found, params),
-                    plan.pulls[level],
-                    plan.bounds,
-                    where(plan.check, plan.growth, math.inf),  # per element: on the screened steps only
-                    foreach=options["foreach"],
-                )
-                for st, rate in zip(states, rates):
-                    st[key] = rate
-        if "layer" in levels:
-            for st, rate in zip(states, plan.layer_rates):
-                st["hd_rate_layer"] = rate
+        states = [dict(st) for st in _flat(reads, "states")]
+        tensor_rates = [_RATE_KEYS[level] for level in ("param", "unit") if level in levels]
+        for st in states:  # moved in place by _move_rates_: copies, the state's own stay as they are
+            st.update((key, st[key].clone()) for key in tensor_rates)
+        _move_rates_(plan, levels, reads, states, unit_sums, foreach=options["foreach"])
         new_params: list[Tensor] = []
         offset = 0
         for r in reads:
