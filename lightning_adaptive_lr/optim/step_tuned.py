@@ -666,34 +666,16 @@ class StepTunedSGD(AdaptiveOptimizer):
         if self._capturable:
             return self._device_same_batch_step(closure, loss)
         self._ensure_compiler()
-        with torch.enable_grad():
-            first_loss = closure()
-        value, reduced = self._resolve_loss(loss, first_loss)
-        device = self._device()
-        losses = {} if value is None else {"loss": self._loss_tensor(value, reduced, device)}
-
-        firsts = self._gather()
+        first_loss, losses, firsts, first_grads = self._same_batch_first(closure, loss)
         if not any(h.params for h in firsts):
             return first_loss
-        # g_a must outlive the second closure call, which overwrites `.grad`; with weight decay the
-        # effective gradients are new tensors already.
-        first_grads = [
-            h.grads if h.group["weight_decay"] != 0 else clone(h.grads, foreach=h.group["foreach"]) for h in firsts
-        ]
         first_sums = self._first_half_sums([h.params for h in firsts], first_grads)
         saved = [clone(h.params, foreach=h.group["foreach"]) for h in firsts]
         lrs = self._step_sizes()
         for half, grads, lr in zip(firsts, first_grads, lrs):
             _first_half_step(half.params, grads, lr, foreach=half.group["foreach"])
 
-        with torch.enable_grad():
-            second_loss = closure()
-        if second_loss is not None:
-            losses["second_loss"] = self._loss_tensor(second_loss, False, device)
-        halves = self._gather()
-        first_of = {_key(p): g for h, grads in zip(firsts, first_grads) for p, g in zip(h.params, grads)}
-        pairs = [_pairs(h, first_of) for h in halves]
-        matched = [_key(p) for h in halves for p in h.params] == list(first_of)
+        halves, pairs, matched = self._same_batch_second(closure, losses, firsts, first_grads)
         values = self._gate(
             **losses, **first_sums, **self._pair_sums(halves, pairs, matched), **self._float16_range(halves)
         )
@@ -716,6 +698,38 @@ class StepTunedSGD(AdaptiveOptimizer):
         self._end_iteration(lrs, curvature, gain)
         return first_loss
 
+    def _same_batch_first(
+        self, closure: LossClosure, loss: Tensor | float | None
+    ) -> tuple[Any, dict[str, Tensor], list[_Half], list[list[Tensor]]]:
+        """The first closure call of a ``same_batch`` step: its return value, the gate's loss
+        (averaged across ranks), the gathered halves and ``g_a``, kept past the second call."""
+        with torch.enable_grad():
+            first_loss = closure()
+        value, reduced = self._resolve_loss(loss, first_loss)
+        losses = {} if value is None else {"loss": self._loss_tensor(value, reduced, self._device())}
+        firsts = self._gather()
+        # g_a must outlive the second closure call, which overwrites `.grad`; with weight decay the
+        # effective gradients are new tensors already.
+        first_grads = [
+            h.grads if h.group["weight_decay"] != 0 else clone(h.grads, foreach=h.group["foreach"]) for h in firsts
+        ]
+        return first_loss, losses, firsts, first_grads
+
+    def _same_batch_second(
+        self, closure: LossClosure, losses: dict[str, Tensor], firsts: list[_Half], first_grads: list[list[Tensor]]
+    ) -> tuple[list[_Half], list[_Pairs], bool]:
+        """The second closure call of a ``same_batch`` step (its loss added to ``losses``): the
+        gathered halves, their pairs with ``g_a`` and whether every parameter has both gradients."""
+        with torch.enable_grad():
+            second_loss = closure()
+        if second_loss is not None:
+            losses["second_loss"] = self._loss_tensor(second_loss, False, self._device())
+        halves = self._gather()
+        first_of = {_key(p): g for h, grads in zip(firsts, first_grads) for p, g in zip(h.params, grads)}
+        pairs = [_pairs(h, first_of) for h in halves]
+        matched = [_key(p) for h in halves for p in h.params] == list(first_of)
+        return halves, pairs, matched
+
     # ------------------------------------------------------------------ the device-side step (capturable)
 
     def _device_same_batch_step(self, closure: LossClosure, loss: Tensor | float | None) -> Any:
@@ -727,20 +741,12 @@ class StepTunedSGD(AdaptiveOptimizer):
         a second half whose first was this call's) are written ``where`` the iteration is taken;
         elsewhere every parameter gets its saved ``x_k`` back and the state keeps its bits.
         """
-        with torch.enable_grad():
-            first_loss = closure()
-        value, reduced = self._resolve_loss(loss, first_loss)
-        device = self._device()
-        losses = {} if value is None else {"loss": self._loss_tensor(value, reduced, device)}
-
-        firsts = self._gather()
+        first_loss, losses, firsts, first_grads = self._same_batch_first(closure, loss)
         if not any(h.params for h in firsts):
             return first_loss
+        device = self._device()
         self._device_group_state(device)
         self._device_pending_state(firsts, device)
-        first_grads = [
-            h.grads if h.group["weight_decay"] != 0 else clone(h.grads, foreach=h.group["foreach"]) for h in firsts
-        ]
         first_sums = self._first_half_sums([h.params for h in firsts], first_grads)
         saved = {_key(p): (p, x) for h in firsts for p, x in zip(h.params, clone(h.params, foreach=h.group["foreach"]))}
         lrs = self._step_sizes()
@@ -748,15 +754,8 @@ class StepTunedSGD(AdaptiveOptimizer):
             for p, g in zip(half.params, grads):
                 p.copy_(_descended(p, g, lr))
 
-        with torch.enable_grad():
-            second_loss = closure()
-        if second_loss is not None:
-            losses["second_loss"] = self._loss_tensor(second_loss, False, device)
-        halves = self._gather()
+        halves, pairs, matched = self._same_batch_second(closure, losses, firsts, first_grads)
         self._device_pending_state(halves, device)
-        first_of = {_key(p): g for h, grads in zip(firsts, first_grads) for p, g in zip(h.params, grads)}
-        pairs = [_pairs(h, first_of) for h in halves]
-        matched = [_key(p) for h in halves for p in h.params] == list(first_of)
         values, finite = self._device_gate(
             OUTCOMES, **losses, **first_sums, **self._pair_sums(halves, pairs, matched), **self._float16_range(halves)
         )
